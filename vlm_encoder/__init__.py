@@ -1,0 +1,25 @@
+"""vlm-encoder: the vision side of vision-language models.
+
+A ViT encoder with a multi-layer feature API, loaders for pretrained towers, projectors to an
+LLM's width, and contrastive image-text training.
+"""
+
+from .config import VisionConfig
+from .encoder import VisionEncoder
+from .output import EncoderOutput
+from .presets import PRESETS, create_encoder, list_presets, preset_config
+from .weights import WeightsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "EncoderOutput",
+    "VisionConfig",
+    "VisionEncoder",
+    "WeightsError",
+    "create_encoder",
+    "list_presets",
+    "preset_config",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Subcommands of the `vlm-encoder` console script, one module each."""

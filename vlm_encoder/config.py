@@ -1,0 +1,210 @@
+"""`VisionConfig`: the one validated, frozen description of a ViT vision encoder.
+
+Every family the package loads (CLIP, SigLIP, DINOv2, plain ViT, hybrid ResNet-ViT) is
+expressed by one `VisionConfig`; converters produce a config plus a state dict, never a
+different module class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
+PosEmbedKind = Literal["learned", "sincos", "none"]
+PoolKind = Literal["cls", "gap", "map", "none"]
+MlpKind = Literal["mlp", "swiglu"]
+ProjectionActivation = Literal["none", "tanh"]
+
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+POS_EMBED_KINDS: tuple[str, ...] = get_args(PosEmbedKind)
+POOL_KINDS: tuple[str, ...] = get_args(PoolKind)
+MLP_KINDS: tuple[str, ...] = get_args(MlpKind)
+PROJECTION_ACTIVATIONS: tuple[str, ...] = get_args(ProjectionActivation)
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    """Normalise an int or a 2-sequence (JSON gives lists) to `(h, w)`."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+
+
+def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Configuration of a `VisionEncoder`.
+
+    Attributes:
+        image_size: Native input size `(H, W)` (an int means square). The learned position
+            table has one row per patch of this size.
+        patch_size: Side of the square patch in pixels of the patch-embedding input (the
+            stem's feature map for a hybrid model).
+        in_channels: Input image channels.
+        width: Token width `D`.
+        depth: Number of transformer blocks `L`.
+        num_heads: Attention heads; must divide `width`.
+        mlp_dim: Hidden width of each block's MLP (default `4 * width`).
+        mlp_type: `mlp` (Linear, act, Linear) or `swiglu` (packed SwiGLU, as DINOv2-g).
+        act: MLP activation: `gelu` (exact erf), `quick_gelu` (OpenAI CLIP) or `gelu_tanh`
+            (SigLIP).
+        qkv_bias: Bias on the query/key/value projection.
+        patch_bias: Bias on the patch-embedding convolution (CLIP has none).
+        class_token: Prepend a learned CLS token.
+        num_register_tokens: Learned register tokens inserted after the CLS token
+            (DINOv2 with registers); they get no position embedding.
+        pos_embed: `learned` 1D table over the patch grid (resampled for other sizes),
+            fixed 2D `sincos`, or `none`. The CLS token's own position embedding, when a
+            checkpoint has one, is folded into the CLS token by the converters.
+        norm_pre: LayerNorm on the tokens before the first block (CLIP's `ln_pre`).
+        final_norm: LayerNorm after the last block, applied to every token.
+        pooled_norm: LayerNorm applied to the pooled vector (timm/MAE `fc_norm`, used with
+            `gap`).
+        norm_eps: Epsilon of every LayerNorm.
+        layer_scale_init: Initial value of per-channel LayerScale (DINOv2), or `None`.
+        pool: Pooled output: `cls`, `gap` (mean of patch tokens), `map` (attention
+            pooling with a learned query, as SigLIP) or `none`.
+        map_mlp_dim: Hidden width of the MAP head's MLP (default `mlp_dim`).
+        embed_dim: Width of the projected image embedding (CLIP's visual projection),
+            or `None` for no projection.
+        proj_bias: Bias on that projection.
+        proj_act: Activation after the projection (`tanh` for HF ViT's pooler).
+        stem_layers: Bottleneck blocks per ResNet stage of a hybrid convolutional stem
+            (e.g. `(3, 4, 9)` for R50 at stride 16); empty for a plain ViT.
+        stem_width: Channels of the stem's first convolution.
+        drop_path_rate: Stochastic-depth rate, rising linearly over the blocks.
+    """
+
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    in_channels: int = 3
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int | None = None
+    mlp_type: MlpKind = "mlp"
+    act: Activation = "gelu"
+    qkv_bias: bool = True
+    patch_bias: bool = True
+    class_token: bool = True
+    num_register_tokens: int = 0
+    pos_embed: PosEmbedKind = "learned"
+    norm_pre: bool = False
+    final_norm: bool = True
+    pooled_norm: bool = False
+    norm_eps: float = 1e-6
+    layer_scale_init: float | None = None
+    pool: PoolKind = "cls"
+    map_mlp_dim: int | None = None
+    embed_dim: int | None = None
+    proj_bias: bool = False
+    proj_act: ProjectionActivation = "none"
+    stem_layers: tuple[int, ...] = field(default_factory=tuple)
+    stem_width: int = 64
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("image_size", _pair(self.image_size, "image_size"))
+        if isinstance(self.stem_layers, list):
+            set_("stem_layers", tuple(self.stem_layers))
+        if self.mlp_dim is None:
+            set_("mlp_dim", 4 * self.width)
+
+        for name in ("patch_size", "in_channels", "width", "depth", "num_heads", "mlp_dim", "stem_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if min(self.image_size) <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"width={self.width} must be divisible by num_heads={self.num_heads} "
+                f"(head dim = width / num_heads)"
+            )
+        if self.num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        _choice(self.mlp_type, MLP_KINDS, "mlp_type")
+        _choice(self.act, ACTIVATIONS, "act")
+        _choice(self.pos_embed, POS_EMBED_KINDS, "pos_embed")
+        _choice(self.pool, POOL_KINDS, "pool")
+        _choice(self.proj_act, PROJECTION_ACTIVATIONS, "proj_act")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("pool='cls' needs class_token=True; use 'gap', 'map' or 'none' without a CLS token")
+        if self.pos_embed == "sincos" and self.width % 4:
+            raise ValueError(f"pos_embed='sincos' needs width divisible by 4, got width={self.width}")
+        if self.embed_dim is not None and self.embed_dim <= 0:
+            raise ValueError(f"embed_dim must be positive or None, got {self.embed_dim}")
+        if self.proj_act != "none" and self.embed_dim is None:
+            raise ValueError("proj_act needs a projection: set embed_dim")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if any((not isinstance(n, int)) or n <= 0 for n in self.stem_layers):
+            raise ValueError(f"stem_layers must be positive ints, got {self.stem_layers}")
+        stride = self.input_stride
+        for side, name in zip(self.image_size, ("height", "width")):
+            if side % stride:
+                raise ValueError(
+                    f"image {name} {side} is not a multiple of the patch stride {stride} "
+                    f"(patch_size={self.patch_size}"
+                    + (f" x stem stride {self.stem_stride}" if self.stem_layers else "")
+                    + ")"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def stem_stride(self) -> int:
+        """Downsampling of the hybrid stem (1 without one): 4 for the root, x2 per later stage."""
+        if not self.stem_layers:
+            return 1
+        return 4 * 2 ** (len(self.stem_layers) - 1)
+
+    @property
+    def input_stride(self) -> int:
+        """Pixels per patch side in the input image."""
+        return self.patch_size * self.stem_stride
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid `(h, w)` at the native image size."""
+        return (self.image_size[0] // self.input_stride, self.image_size[1] // self.input_stride)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.num_register_tokens
+
+    def replace(self, **changes: Any) -> "VisionConfig":
+        """A copy with `changes` applied and validated again."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown VisionConfig fields: {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VisionConfig":
+        """Build from a dict (e.g. `config.json`); unknown keys are an error, `model_type` is skipped."""
+        data = {k: v for k, v in data.items() if k != "model_type"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown VisionConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,26 @@
+"""Building blocks of the encoder, one concept per module. Layers never import models."""
+
+from .attention import Attention
+from .block import Block, DropPath, LayerScale
+from .map_head import AttentionPoolHead
+from .mlp import Mlp, SwiGLU, build_mlp, get_activation
+from .patch_embed import PatchEmbed, resample_patch_projection
+from .pos_embed import resample_pos_embed, sincos_2d_pos_embed
+from .stem import ResNetStem
+
+__all__ = [
+    "Attention",
+    "AttentionPoolHead",
+    "Block",
+    "DropPath",
+    "LayerScale",
+    "Mlp",
+    "PatchEmbed",
+    "ResNetStem",
+    "SwiGLU",
+    "build_mlp",
+    "get_activation",
+    "resample_patch_projection",
+    "resample_pos_embed",
+    "sincos_2d_pos_embed",
+]

@@ -1,0 +1,84 @@
+"""The pre-norm transformer block: `x + attn(LN(x))`, then `x + mlp(LN(x))`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .mlp import build_mlp
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (CaiT, DINOv2)."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample while training."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block.
+
+    Args:
+        dim: Token width `D`.
+        num_heads: Attention heads.
+        mlp_dim: MLP hidden width.
+        mlp_type: `mlp` or `swiglu`.
+        act: MLP activation name.
+        qkv_bias: Bias on the fused qkv projection.
+        norm_eps: LayerNorm epsilon.
+        layer_scale_init: LayerScale initial value, or `None` for no LayerScale.
+        drop_path: Stochastic-depth rate of this block.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        mlp_type: str = "mlp",
+        act: str = "gelu",
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        layer_scale_init: float | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = build_mlp(mlp_type, dim, mlp_dim, act)
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(B, T, D) -> (B, T, D)`, plus attention weights `(B, heads, T, T)` when asked."""
+        attended, weights = self.attn(self.norm1(x), attn_mask=attn_mask, return_weights=return_weights)
+        x = x + self.drop_path(self.ls1(attended))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        return x, weights

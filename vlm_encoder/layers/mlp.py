@@ -1,0 +1,73 @@
+"""Feed-forward networks of a transformer block, and the activations they use."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation `x * sigmoid(1.702 x)`."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class _Activation(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str) -> None:
+        super().__init__()
+        self.fn = fn
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def get_activation(name: str) -> nn.Module:
+    """The activation module for a `VisionConfig.act` name."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return _Activation(quick_gelu, "quick_gelu")
+    raise ValueError(f"unknown activation {name!r}; allowed: gelu, quick_gelu, gelu_tanh")
+
+
+class Mlp(nn.Module):
+    """Linear, activation, Linear: `(B, T, D) -> (B, T, D)`."""
+
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu") -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = get_activation(act)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """Packed SwiGLU (DINOv2 giant): `fc2(silu(a) * b)` with `a, b = fc1(x).chunk(2)`."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+def build_mlp(kind: str, dim: int, hidden_dim: int, act: str) -> nn.Module:
+    """The block MLP for `VisionConfig.mlp_type`."""
+    if kind == "mlp":
+        return Mlp(dim, hidden_dim, act)
+    if kind == "swiglu":
+        return SwiGLU(dim, hidden_dim)
+    raise ValueError(f"unknown mlp_type {kind!r}; allowed: mlp, swiglu")

@@ -1,0 +1,139 @@
+"""`save_pretrained` / `from_pretrained` for the package's modules: `config.json` +
+`model.safetensors`, written atomically, read strictly.
+
+The transformers on-disk convention, so what users train can be versioned and shared. The
+hub is reached only through `huggingface_hub`'s own download and cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from safetensors.torch import save_model
+
+from .weights import WeightsError, load_state_dict_strict, read_state_dict
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+T = TypeVar("T", bound="PretrainedMixin")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_pretrained_dir(source: str | os.PathLike, files: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME), revision: str | None = None) -> Path:
+    """A local directory holding `files`: `source` itself, or the hub cache of a repo id.
+
+    Raises:
+        FileNotFoundError: A local directory without the files, or a hub id whose files are
+            not in the cache while offline (with how to point at a local directory).
+    """
+    path = Path(source)
+    if path.is_dir():
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path} has no {', '.join(missing)} (expected a directory written by save_pretrained)")
+        return path
+    if path.exists() or str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{source} is not a directory")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        local = [hf_hub_download(str(source), f, revision=revision) for f in files]
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{source}: the files {list(files)} are not in the Hugging Face cache and the hub cannot be reached "
+            "(offline). Download them where a network is, or pass a local directory path instead."
+        ) from None
+    return Path(local[0]).parent
+
+
+class PretrainedMixin:
+    """Adds `save_pretrained(dir)` and `from_pretrained(dir)` to an `nn.Module` whose only
+    constructor argument is a frozen dataclass config with `to_dict` / `from_dict`."""
+
+    config_class: ClassVar[type]
+    model_type: ClassVar[str]
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write `config.json` and `model.safetensors` into `save_directory`.
+
+        The files are written to a temporary directory beside it and moved into place, so an
+        interrupted save never leaves a half-written model behind.
+
+        Returns:
+            The directory.
+        """
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            config = {"model_type": self.model_type, **self.config.to_dict()}
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+            save_model(self, str(staging / WEIGHTS_NAME))
+            target.mkdir(exist_ok=True)
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                os.replace(staging / name, target / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    @classmethod
+    def read_config(cls, directory: Path) -> Any:
+        try:
+            data = json.loads((directory / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as err:
+            raise WeightsError(f"{directory / CONFIG_NAME}: not valid JSON ({err})") from None
+        model_type = data.get("model_type")
+        if model_type != cls.model_type:
+            raise WeightsError(
+                f"{directory / CONFIG_NAME} has model_type={model_type!r}; {cls.__name__} reads {cls.model_type!r}. "
+                "For HF, open_clip or timm checkpoints use vlm_encoder.load_encoder."
+            )
+        return cls.config_class.from_dict(data)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[T],
+        source: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+    ) -> T:
+        """Load a model written by `save_pretrained` (a local directory or a hub repo id).
+
+        Args:
+            source: Directory, or hub repo id (downloaded through the HF cache).
+            device: Where to put the model.
+            dtype: Floating dtype to cast to.
+            revision: Hub revision.
+
+        Returns:
+            The model in eval mode.
+        """
+        directory = resolve_pretrained_dir(source, revision=revision)
+        model = cls(cls.read_config(directory))
+        load_state_dict_strict(model, read_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        model.to(device=device, dtype=dtype)
+        return model.eval()
