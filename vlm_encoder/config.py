@@ -84,6 +84,9 @@ class VisionConfig:
             (e.g. `(3, 4, 9)` for R50 at stride 16); empty for a plain ViT.
         stem_width: Channels of the stem's first convolution.
         drop_path_rate: Stochastic-depth rate, rising linearly over the blocks.
+        pos_resample_antialias: Antialias when the position table is shrunk for a smaller
+            image (timm does; HF's `interpolate_pos_encoding` does not, so its converters
+            turn this off for parity).
     """
 
     image_size: tuple[int, int] = (224, 224)
@@ -113,6 +116,7 @@ class VisionConfig:
     stem_layers: tuple[int, ...] = field(default_factory=tuple)
     stem_width: int = 64
     drop_path_rate: float = 0.0
+    pos_resample_antialias: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
