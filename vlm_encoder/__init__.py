@@ -7,6 +7,7 @@ LLM's width, and contrastive image-text training.
 from .config import VisionConfig
 from .encoder import VisionEncoder
 from .output import EncoderOutput
+from .processing import ImageProcessor
 from .presets import PRESETS, create_encoder, list_presets, preset_config
 from .weights import WeightsError
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "EncoderOutput",
+    "ImageProcessor",
     "VisionConfig",
     "VisionEncoder",
     "WeightsError",

@@ -1,0 +1,164 @@
+"""HF `preprocessor_config.json` -> `ProcessorConfig`, for the image processors of the encoders
+this package loads: `CLIPImageProcessor`, `SiglipImageProcessor`, `ViTImageProcessor` and
+`BitImageProcessor` (DINOv2), in their default (torchvision), `...Fast` and `...Pil` forms.
+
+Strict: an unknown processor class, an unsupported size form or a field that would change the
+output in a way this package does not reproduce (e.g. `do_pad`) is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import HALF_MEAN, HALF_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ProcessorConfig, ResizeBackend
+
+# transformers 5 class attributes (what a dict without the field means).
+_CLIP_LIKE = {
+    "size": {"shortest_edge": 224},
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "resample": 3,
+    "image_mean": OPENAI_CLIP_MEAN,
+    "image_std": OPENAI_CLIP_STD,
+    "default_to_square": False,
+}
+HF_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CLIPImageProcessor": _CLIP_LIKE,
+    "BitImageProcessor": _CLIP_LIKE,
+    "SiglipImageProcessor": {
+        "size": {"height": 224, "width": 224},
+        "do_center_crop": False,
+        "resample": 3,
+        "image_mean": HALF_MEAN,
+        "image_std": HALF_STD,
+        "default_to_square": False,
+    },
+    "ViTImageProcessor": {
+        "size": {"height": 224, "width": 224},
+        "do_center_crop": False,
+        "resample": 2,
+        "image_mean": HALF_MEAN,
+        "image_std": HALF_STD,
+        "default_to_square": True,
+    },
+}
+_COMMON_DEFAULTS = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True}
+
+# PIL resampling codes, as HF stores `resample`.
+PIL_CODES: dict[int, str] = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+_USED_KEYS = {
+    "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+    "do_normalize", "image_mean", "image_std", "default_to_square", "use_square_size", "do_pad",
+}
+# Metadata or options that do not change the pixels of an RGB image.
+_IGNORED_KEYS = {
+    "image_processor_type", "feature_extractor_type", "processor_class", "auto_map", "do_convert_rgb",
+    "image_seq_length", "input_data_format", "data_format", "return_tensors", "device", "disable_grouping",
+}
+
+
+def hf_class_name(data: dict[str, Any]) -> tuple[str, str | None]:
+    """The base processor class (`CLIPImageProcessor`, ...) and the backend its name implies.
+
+    Raises:
+        ValueError: No class field, or a class this package does not reproduce.
+    """
+    raw = data.get("image_processor_type") or data.get("feature_extractor_type")
+    if not raw:
+        raise ValueError(
+            "preprocessor config has no image_processor_type (or feature_extractor_type); "
+            f"add one of {sorted(HF_CLASS_DEFAULTS)} to say which processor it describes"
+        )
+    name, backend = str(raw), None
+    if name.endswith("FeatureExtractor"):
+        name = name[: -len("FeatureExtractor")] + "ImageProcessor"
+    if name.endswith("Fast"):
+        name, backend = name[:-4], "torchvision"
+    elif name.endswith("Pil"):
+        name, backend = name[:-3], "pil"
+    if name not in HF_CLASS_DEFAULTS:
+        raise ValueError(f"image processor {raw!r} is not supported; supported: {sorted(HF_CLASS_DEFAULTS)}")
+    return name, backend
+
+
+def _size(value: Any, default_to_square: bool) -> tuple[str, tuple[int, int]]:
+    """HF `size` as `(resize_mode, (h, w))`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ("exact", (value, value)) if default_to_square else ("shortest_edge", (value, value))
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return "exact", (value[0], value[1])
+    if isinstance(value, dict):
+        keys = {k for k, v in value.items() if v is not None}
+        if keys == {"shortest_edge"}:
+            edge = value["shortest_edge"]
+            return "shortest_edge", (edge, edge)
+        if keys == {"height", "width"}:
+            return "exact", (value["height"], value["width"])
+    raise ValueError(
+        f"HF size {value!r} is not supported; allowed: {{'shortest_edge': S}}, {{'height': H, 'width': W}}, an int"
+    )
+
+
+def _crop_size(value: Any) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, dict) and {k for k, v in value.items() if v is not None} == {"height", "width"}:
+        return (value["height"], value["width"])
+    raise ValueError(f"HF crop_size {value!r} is not supported; allowed: {{'height': H, 'width': W}} or an int")
+
+
+def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -> ProcessorConfig:
+    """A `ProcessorConfig` reproducing the HF image processor described by `data`.
+
+    Args:
+        data: The `preprocessor_config.json` dict.
+        backend: `torchvision` or `pil`. Default: from the class name (`...Pil` -> `pil`,
+            `...Fast` -> `torchvision`), else `torchvision`, which is what transformers 5's
+            `CLIPImageProcessor(...)` and `AutoImageProcessor` use. Pass `pil` to reproduce
+            transformers 4's (slow) processors, which most checkpoints were evaluated with.
+
+    Raises:
+        ValueError: Unknown class or keys, unsupported size forms or options.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"from_hf_config takes the preprocessor_config.json dict, got {type(data).__name__}")
+    name, named_backend = hf_class_name(data)
+    unknown = {k for k in data if not k.startswith("_")} - _USED_KEYS - _IGNORED_KEYS
+    if unknown:
+        raise ValueError(
+            f"preprocessor config has fields this package does not reproduce: {sorted(unknown)}; "
+            f"understood: {sorted(_USED_KEYS | _IGNORED_KEYS)}"
+        )
+    merged = {**_COMMON_DEFAULTS, **HF_CLASS_DEFAULTS[name], **{k: v for k, v in data.items() if v is not None}}
+    if merged.get("do_pad"):
+        raise ValueError("preprocessor config has do_pad=True (batch padding), which is not supported")
+    if merged.get("use_square_size"):  # CLIP's Kosmos-2 compatibility flag
+        edge = merged["size"]["shortest_edge"] if isinstance(merged["size"], dict) else merged["size"]
+        merged["size"] = {"height": edge, "width": edge}
+
+    resize_mode, size = _size(merged["size"], bool(merged["default_to_square"]))
+    if not merged["do_resize"]:
+        resize_mode = "none"
+    resample = merged["resample"]
+    if resample not in PIL_CODES or isinstance(resample, bool):
+        raise ValueError(f"HF resample={resample!r} is not supported; allowed PIL codes: {PIL_CODES}")
+    crop_size = None
+    if merged["do_center_crop"]:
+        if "crop_size" not in merged:
+            raise ValueError(f"do_center_crop=True needs crop_size for {name}")
+        crop_size = _crop_size(merged["crop_size"])
+    normalize = bool(merged["do_normalize"])
+    return ProcessorConfig(
+        resize_mode=resize_mode,
+        size=size,
+        crop_size=crop_size,
+        crop_rounding="floor",
+        interpolation=PIL_CODES[resample],
+        backend=backend or named_backend or "torchvision",
+        rescale_factor=merged["rescale_factor"] if merged["do_rescale"] else 1.0,
+        mean=merged["image_mean"] if normalize else None,
+        std=merged["image_std"] if normalize else None,
+        background=(255, 255, 255),
+        pad_fill=(0, 0, 0),
+    )
