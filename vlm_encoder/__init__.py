@@ -6,8 +6,9 @@ LLM's width, and contrastive image-text training.
 
 from .config import VisionConfig
 from .encoder import VisionEncoder
+from .converters.open_clip_vit import load_open_clip
+from .converters.timm_vit import load_timm
 from .output import EncoderOutput
-from .processing import ImageProcessor
 from .presets import PRESETS, create_encoder, list_presets, preset_config
 from .weights import WeightsError
 
@@ -16,12 +17,13 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "EncoderOutput",
-    "ImageProcessor",
     "VisionConfig",
     "VisionEncoder",
     "WeightsError",
     "create_encoder",
     "list_presets",
+    "load_open_clip",
+    "load_timm",
     "preset_config",
     "__version__",
 ]
