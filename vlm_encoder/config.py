@@ -87,6 +87,10 @@ class VisionConfig:
         pos_resample_antialias: Antialias when the position table is shrunk for a smaller
             image (timm does; HF's `interpolate_pos_encoding` does not, so its converters
             turn this off for parity).
+        patch_remainder: What a side that is not a multiple of the patch stride gets:
+            `error` (default), or `drop`, where the convolution ignores the last pixels as
+            the references silently do (needed for checkpoints such as SigLIP so400m/14 at
+            384 px, a 27 x 27 grid).
     """
 
     image_size: tuple[int, int] = (224, 224)
@@ -117,6 +121,7 @@ class VisionConfig:
     stem_width: int = 64
     drop_path_rate: float = 0.0
     pos_resample_antialias: bool = True
+    patch_remainder: Literal["error", "drop"] = "error"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -158,14 +163,17 @@ class VisionConfig:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if any((not isinstance(n, int)) or n <= 0 for n in self.stem_layers):
             raise ValueError(f"stem_layers must be positive ints, got {self.stem_layers}")
+        _choice(self.patch_remainder, ("error", "drop"), "patch_remainder")
         stride = self.input_stride
         for side, name in zip(self.image_size, ("height", "width")):
-            if side % stride:
+            if side < stride:
+                raise ValueError(f"image {name} {side} is smaller than the patch stride {stride}")
+            if side % stride and self.patch_remainder == "error":
                 raise ValueError(
                     f"image {name} {side} is not a multiple of the patch stride {stride} "
                     f"(patch_size={self.patch_size}"
                     + (f" x stem stride {self.stem_stride}" if self.stem_layers else "")
-                    + ")"
+                    + "); set patch_remainder='drop' to ignore the remainder as the conv does"
                 )
 
     @property

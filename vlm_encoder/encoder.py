@@ -25,6 +25,7 @@ from .layers import (
     ResNetStem,
     resample_patch_projection,
     resample_pos_embed,
+    rowwise_linear,
     sincos_2d_pos_embed,
 )
 from .output import EncoderOutput
@@ -179,7 +180,9 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels, the encoder expects {C} (B, C, H, W)")
         stride = self.config.input_stride
         H, W = pixel_values.shape[-2:]
-        if H % stride or W % stride:
+        if H < stride or W < stride:
+            raise ValueError(f"image size {H}x{W} is smaller than one patch ({stride}x{stride})")
+        if (H % stride or W % stride) and self.config.patch_remainder == "error":
             raise ValueError(
                 f"image size {H}x{W} is not a multiple of the patch size {stride}; "
                 f"resize or crop to multiples of {stride} (e.g. {max(stride, H // stride * stride)}x{max(stride, W // stride * stride)})"
@@ -210,7 +213,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         if not needs_grad:
             if len(self._pos_cache) > 32:
                 self._pos_cache.clear()
-            self._pos_cache[key] = table.detach()
+            table = self._pos_cache[key] = table.detach()
         return table
 
     def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -333,7 +336,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         """Apply the image projection (and its activation) to pooled features `(B, D)`."""
         if self.proj is None:
             return pooled
-        out = self.proj(pooled)
+        out = rowwise_linear(self.proj, pooled)
         return torch.tanh(out) if self.config.proj_act == "tanh" else out
 
     # ------------------------------------------------------ permanent changes

@@ -52,7 +52,7 @@ def _build_table() -> dict[str, dict[str, Any]]:
     )
     table["vit_so400m_patch14_siglip_384"] = dict(
         width=1152, depth=27, num_heads=16, mlp_dim=4304, patch_size=14, image_size=384,
-        class_token=False, pool="map", act="gelu_tanh",
+        class_token=False, pool="map", act="gelu_tanh", patch_remainder="drop",
     )
     # The paper's hybrid: R50 stages (3, 4, 9) at stride 16, then 1x1 patches.
     table["vit_base_r50_s16_224"] = dict(width=768, depth=12, num_heads=12, patch_size=1, image_size=224, stem_layers=(3, 4, 9))

@@ -1,26 +1,30 @@
 """Building blocks of the encoder, one concept per module. Layers never import models."""
 
-from .attention import Attention
+from .attention import Attention, attention, attention_weights
 from .block import Block, DropPath, LayerScale
 from .map_head import AttentionPoolHead
-from .mlp import Mlp, SwiGLU, build_mlp, get_activation
+from .mlp import Mlp, RowwiseMlp, SwiGLU, build_mlp, get_activation, rowwise_linear
 from .patch_embed import PatchEmbed, resample_patch_projection
 from .pos_embed import resample_pos_embed, sincos_2d_pos_embed
 from .stem import ResNetStem
 
 __all__ = [
     "Attention",
+    "attention",
+    "attention_weights",
     "AttentionPoolHead",
     "Block",
     "DropPath",
     "LayerScale",
     "Mlp",
+    "RowwiseMlp",
     "PatchEmbed",
     "ResNetStem",
     "SwiGLU",
     "build_mlp",
     "get_activation",
     "resample_patch_projection",
+    "rowwise_linear",
     "resample_pos_embed",
     "sincos_2d_pos_embed",
 ]
