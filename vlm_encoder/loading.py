@@ -1,0 +1,405 @@
+"""`load_encoder`: one entry point for pretrained vision towers.
+
+The family is chosen explicitly, never guessed from the weights:
+  * a directory or hub repo id whose `config.json` has `model_type`
+      `vlm_encoder.vision`                    -> our own `save_pretrained` format
+      `clip`, `clip_vision_model`             -> `converters.hf_clip`
+      `siglip`, `siglip_vision_model`         -> `converters.hf_siglip`
+      `vit`                                   -> `converters.hf_vit`
+      `dinov2`, `dinov2_with_registers`       -> `converters.hf_dinov2`
+      `llava`, `llava_next`                   -> the tower named by `vision_config.model_type`,
+                                                 keys under `vision_tower.` / `model.vision_tower.`
+  * `open_clip:ARCH` -> `converters.open_clip_vit.load_open_clip(ARCH, checkpoint)`
+  * `timm:NAME`      -> `converters.timm_vit.load_timm(NAME, checkpoint)`
+
+Weights are read from safetensors (single or sharded) or, when a repo has none, from
+`pytorch_model.bin` with `torch.load(weights_only=True)`. No code from a repo is ever run
+(`auto_map` / remote code is ignored). Hub repos are read through `huggingface_hub`'s cache,
+one file at a time, so a LLaVA checkpoint only fetches the shards that hold its vision tower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .config import VisionConfig
+from .encoder import VisionEncoder
+from .weights import WeightsError, load_state_dict_strict, read_state_dict
+
+CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_FILE = "pytorch_model.bin"
+
+HF_MODEL_TYPES: tuple[str, ...] = (
+    "clip",
+    "clip_vision_model",
+    "siglip",
+    "siglip_vision_model",
+    "vit",
+    "dinov2",
+    "dinov2_with_registers",
+)
+LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (VisionEncoder.model_type, *HF_MODEL_TYPES, *LLAVA_MODEL_TYPES)
+
+# Where a LLaVA checkpoint keeps its vision tower (transformers >= 4.52 in memory / on disk),
+# and the parts of it that are not the vision tower.
+LLAVA_TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
+LLAVA_IGNORED_PREFIXES = (
+    "model.language_model.",
+    "language_model.",
+    "lm_head.",
+    "model.multi_modal_projector.",
+    "multi_modal_projector.",
+    "model.image_newline",
+    "image_newline",
+)
+
+
+# ---------------------------------------------------------------------------- entry point
+def load_encoder(
+    source: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+) -> VisionEncoder:
+    """Load a pretrained vision tower as a `VisionEncoder`.
+
+    Args:
+        source: A local model directory, a Hugging Face hub repo id, `open_clip:ARCH` or
+            `timm:NAME` (see the module docstring for the families).
+        checkpoint: A weight file to use instead of the one in the directory (same key
+            layout), or the open_clip / timm checkpoint file.
+        dtype: Floating dtype of the result (default float32; checkpoint tensors are cast).
+        device: Where to put the result.
+        revision: Hub revision (branch, tag or commit) for a repo id.
+
+    Returns:
+        The encoder in eval mode, with `encoder.image_processor` (from the source's
+        `preprocessor_config.json`, when there is one) and `encoder.source_info` (a dict:
+        `family`, `source`, `model_type`, ...).
+
+    Raises:
+        FileNotFoundError: No such directory, no weights, or a hub repo that is not in the
+            cache while offline (the message says how to point at a local directory).
+        ValueError: An unsupported `model_type` (the supported ones are listed).
+        WeightsError: The weights do not fit the family (missing / unexpected keys, shapes).
+    """
+    text = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(text, str) or not text:
+        raise TypeError(f"source must be a directory, a hub repo id, 'open_clip:ARCH' or 'timm:NAME', got {source!r}")
+    checkpoint_path = None if checkpoint is None else os.fspath(checkpoint)
+    if text.startswith(("open_clip:", "timm:")):
+        scheme = text.partition(":")[0]
+        name = _name_after(text, scheme + ":")
+        if scheme == "open_clip":
+            from .converters.open_clip_vit import load_open_clip
+
+            encoder = load_open_clip(name, checkpoint_path)
+        else:
+            from .converters.timm_vit import load_timm
+
+            encoder = load_timm(name, checkpoint_path)
+        if getattr(encoder, "source_info", None) is None:
+            encoder.source_info = {"family": scheme, "source": text, "name": name, "checkpoint": checkpoint_path}
+    else:
+        encoder = _load_from_files(SourceFiles(text, revision), checkpoint)
+    encoder.to(device=device, dtype=dtype)
+    return encoder.eval()
+
+
+def _name_after(text: str, scheme: str) -> str:
+    name = text[len(scheme) :].strip()
+    if not name:
+        raise ValueError(f"{text!r}: give a name after {scheme!r}, e.g. {scheme}ViT-B-32")
+    return name
+
+
+# ---------------------------------------------------------------------------- files
+class SourceFiles:
+    """Files of a local directory or a hub repo (fetched into the HF cache on demand).
+
+    Args:
+        source: Directory path or hub repo id.
+        revision: Hub revision.
+    """
+
+    def __init__(self, source: str, revision: str | None = None) -> None:
+        self.source = source
+        self.revision = revision
+        path = Path(source).expanduser()
+        if path.is_dir():
+            self.directory: Path | None = path
+        elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise FileNotFoundError(f"{source} is not a directory (expected a model directory or a hub repo id 'owner/name')")
+        else:
+            self.directory = None
+        self.not_cached: list[str] = []
+
+    @property
+    def is_hub(self) -> bool:
+        return self.directory is None
+
+    def get(self, name: str, required: bool = True) -> Path | None:
+        """The local path of `name`, or `None` when the source has no such file and it is
+        not `required`.
+
+        Raises:
+            FileNotFoundError: A required file is missing, or not cached while offline.
+        """
+        if self.directory is not None:
+            path = self.directory / name
+            if path.is_file():
+                return path
+            if required:
+                raise FileNotFoundError(f"{self.directory} has no {name} (expected a Hugging Face model directory or one written by save_pretrained)")
+            return None
+        return self._download(name, required)
+
+    def _download(self, name: str, required: bool) -> Path | None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:
+            return Path(hf_hub_download(self.source, name, revision=self.revision))
+        except HFValidationError:
+            raise FileNotFoundError(f"{self.source!r} is neither a local directory nor a valid hub repo id ('owner/name')") from None
+        except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+            raise FileNotFoundError(f"{self.source}: no such hub repo or revision ({type(err).__name__})") from None
+        except LocalEntryNotFoundError:
+            self.not_cached.append(name)
+            if required:
+                raise FileNotFoundError(self.offline_message([name])) from None
+            return None
+        except EntryNotFoundError:
+            if required:
+                raise FileNotFoundError(f"{self.source}: the hub repo has no {name}") from None
+            return None
+
+    def offline_message(self, names: Iterable[str]) -> str:
+        return (
+            f"{self.source}: {', '.join(names)} not in the Hugging Face cache and the hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1): the weights are not in the cache. Download the repo where a "
+            "network is (e.g. `hf download " + self.source + "`), or pass the path of a local "
+            "model directory instead."
+        )
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_weights(
+    files: SourceFiles, checkpoint: str | os.PathLike | None, keep: Callable[[str], bool]
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The tensors whose names pass `keep`, with the names of every tensor in the weights.
+
+    Reads `checkpoint` when given, else the first of: sharded safetensors (only the shards
+    holding a kept key are fetched), `model.safetensors`, sharded or single
+    `pytorch_model.bin` (weights only).
+
+    Returns:
+        `(tensors, all_names, files_read)`.
+    """
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        tensors, names = _read_file(path, keep)
+        return tensors, names, [path.name]
+    index = files.get(SAFETENSORS_INDEX, required=False)
+    if index is None:
+        index = files.get(TORCH_INDEX, required=False)
+    if index is not None:
+        weight_map = read_config_file(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsError(f"{index}: no 'weight_map' in the shard index")
+        shards = sorted({shard for key, shard in weight_map.items() if keep(key)})
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(_read_file(files.get(shard), keep)[0])
+        return tensors, list(weight_map), shards
+    for name in (SAFETENSORS_FILE, TORCH_FILE):
+        path = files.get(name, required=False)
+        if path is not None:
+            tensors, names = _read_file(path, keep)
+            return tensors, names, [name]
+    looked = [SAFETENSORS_INDEX, SAFETENSORS_FILE, TORCH_INDEX, TORCH_FILE]
+    if files.is_hub and files.not_cached:
+        raise FileNotFoundError(files.offline_message(looked))
+    raise FileNotFoundError(f"{files.source}: no weights found (looked for {', '.join(looked)})")
+
+
+def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The kept tensors of one file and the names of all its tensors."""
+    if path.suffix != ".safetensors":
+        everything = read_state_dict(path)
+        return {k: v for k, v in everything.items() if keep(k)}, list(everything)
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            names = list(handle.keys())
+            return {k: handle.get_tensor(k) for k in names if keep(k)}, names
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise WeightsError(f"{path}: not a valid safetensors file, it is truncated or corrupt ({err})") from None
+
+
+# ---------------------------------------------------------------------------- families
+def _converter(model_type: str) -> ModuleType:
+    from .converters import hf_clip, hf_dinov2, hf_siglip, hf_vit
+
+    table = {
+        "clip": hf_clip,
+        "clip_vision_model": hf_clip,
+        "siglip": hf_siglip,
+        "siglip_vision_model": hf_siglip,
+        "vit": hf_vit,
+        "dinov2": hf_dinov2,
+        "dinov2_with_registers": hf_dinov2,
+    }
+    return table[model_type]
+
+
+def _unsupported(model_type: Any, where: str) -> ValueError:
+    return ValueError(
+        f"{where}: model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+        "(or the sources 'open_clip:ARCH' and 'timm:NAME')"
+    )
+
+
+def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -> VisionEncoder:
+    config_path = files.get(CONFIG_FILE)
+    config = read_config_file(config_path)
+    model_type = config.get("model_type")
+    info: dict[str, Any] = {"source": files.source, "model_type": model_type, "architectures": config.get("architectures")}
+    if model_type == VisionEncoder.model_type:
+        encoder = _load_own(files, config_path, checkpoint)
+        info["family"] = "vlm_encoder"
+    elif model_type in HF_MODEL_TYPES:
+        module = _converter(model_type)
+        encoder, weights = _load_hf_tower(files, checkpoint, model_type, config, module, tower_keys=None)
+        info.update(family=model_type.split("_vision_model")[0], weights=weights)
+    elif model_type in LLAVA_MODEL_TYPES:
+        vision_config = config.get("vision_config") or {}
+        # HF's LlavaConfig builds a CLIP tower when `vision_config` names no model_type.
+        vision_type = vision_config.get("model_type", "clip_vision_model")
+        if vision_type not in ("clip_vision_model", "siglip_vision_model"):
+            raise _unsupported(vision_type, f"{config_path} vision_config")
+        module = _converter(vision_type)
+        encoder, weights = _load_hf_tower(
+            files, checkpoint, vision_type, {"model_type": vision_type, **vision_config}, module, tower_keys=LLAVA_TOWER_PREFIXES
+        )
+        info.update(
+            family=model_type,
+            vision_family=vision_type.split("_vision_model")[0],
+            weights=weights,
+            vision_feature_layer=config.get("vision_feature_layer"),
+            vision_feature_select_strategy=config.get("vision_feature_select_strategy"),
+        )
+    else:
+        raise _unsupported(model_type, str(config_path))
+    encoder.image_processor = _image_processor(files)
+    encoder.source_info = info
+    return encoder
+
+
+def _load_own(files: SourceFiles, config_path: Path, checkpoint: str | os.PathLike | None) -> VisionEncoder:
+    encoder = VisionEncoder(VisionEncoder.read_config(config_path.parent))
+    weights = Path(checkpoint) if checkpoint is not None else files.get(SAFETENSORS_FILE)
+    load_state_dict_strict(encoder, read_state_dict(weights), source=str(weights))
+    return encoder
+
+
+def _load_hf_tower(
+    files: SourceFiles,
+    checkpoint: str | os.PathLike | None,
+    model_type: str,
+    config: dict[str, Any],
+    module: ModuleType,
+    tower_keys: tuple[str, ...] | None,
+) -> tuple[VisionEncoder, list[str]]:
+    """Read, convert and load one HF vision tower.
+
+    `tower_keys` are the prefixes of the tower inside a larger model (LLaVA); keys outside
+    them must be on `LLAVA_IGNORED_PREFIXES` and are never read into memory.
+    """
+    family_ignored = getattr(module, "IGNORED_PREFIXES", ())
+    if tower_keys is None:
+        keep = lambda key: not key.startswith(family_ignored)  # noqa: E731
+    else:
+        keep = lambda key: key.startswith(tower_keys)  # noqa: E731
+    tensors, names, weights = read_weights(files, checkpoint, keep)
+    if tower_keys is not None:
+        check_llava_keys(names, files.source)
+        tensors = _strip_tower(tensors, tower_keys, files.source)
+    if not tensors:
+        raise WeightsError(f"{files.source}: the weights hold no {model_type} vision-tower keys")
+    config_kwargs = _config_options(model_type, tensors)
+    vision_config: VisionConfig = module.config_from_hf(config, **config_kwargs)
+    state_dict = module.convert_state_dict(tensors)
+    encoder = VisionEncoder(vision_config)
+    load_state_dict_strict(encoder, state_dict, source=f"{files.source} ({model_type} converted)")
+    return encoder, weights
+
+
+def _config_options(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Options the HF config does not state but the checkpoint's classes do: whether a
+    `CLIPVisionModelWithProjection` / `ViTModel(add_pooling_layer=True)` head was saved."""
+    if model_type == "clip_vision_model":
+        return {"projection": any(k.endswith("visual_projection.weight") for k in tensors)}
+    if model_type == "vit":
+        return {"pooler": any(k.endswith("pooler.dense.weight") for k in tensors)}
+    return {}
+
+
+def _strip_tower(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], source: str) -> dict[str, torch.Tensor]:
+    used = [p for p in prefixes if any(k.startswith(p) for k in tensors)]
+    if len(used) > 1:
+        raise WeightsError(f"{source}: vision-tower keys under both {used[0]!r} and {used[1]!r}; expected one layout")
+    prefix = used[0] if used else prefixes[0]
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def check_llava_keys(names: Iterable[str], source: str) -> None:
+    """Fail on keys of a LLaVA checkpoint that are neither its vision tower nor a known part."""
+    unknown = sorted(k for k in names if not k.startswith(LLAVA_TOWER_PREFIXES + LLAVA_IGNORED_PREFIXES))
+    if unknown:
+        raise WeightsError(f"{source}: LLaVA checkpoint has keys outside the vision tower, LM and projector: {unknown[:20]}")
+
+
+def _image_processor(files: SourceFiles) -> Any:
+    """The source's preprocessing as an `ImageProcessor`, or `None` without a
+    `preprocessor_config.json` (or while `vlm_encoder.processing` is not available)."""
+    path = files.get(PREPROCESSOR_FILE, required=False)
+    if path is None:
+        return None
+    try:
+        from .processing import ImageProcessor
+    except ImportError:
+        return None
+    return ImageProcessor.from_hf_config(read_config_file(path))
