@@ -8,6 +8,7 @@ from .config import VisionConfig
 from .encoder import VisionEncoder
 from .converters.open_clip_vit import load_open_clip
 from .converters.timm_vit import load_timm
+from .loading import load_encoder
 from .output import EncoderOutput
 from .presets import PRESETS, create_encoder, list_presets, preset_config
 from .weights import WeightsError
@@ -24,6 +25,7 @@ __all__ = [
     "list_presets",
     "load_open_clip",
     "load_timm",
+    "load_encoder",
     "preset_config",
     "__version__",
 ]
