@@ -84,9 +84,10 @@ class VisionConfig:
             (e.g. `(3, 4, 9)` for R50 at stride 16); empty for a plain ViT.
         stem_width: Channels of the stem's first convolution.
         drop_path_rate: Stochastic-depth rate, rising linearly over the blocks.
-        pos_resample_antialias: Antialias when the position table is shrunk for a smaller
-            image (timm does; HF's `interpolate_pos_encoding` does not, so its converters
-            turn this off for parity).
+        pos_resample_antialias: Resample the position table with torch's antialiased bicubic
+            (as timm and HF DINOv2-with-registers do; it also uses PIL's a=-0.5 cubic kernel
+            when enlarging) or the plain one (a=-0.75, as HF CLIP, SigLIP, ViT and DINOv2's
+            `interpolate_pos_encoding`; their converters turn this off for parity).
         patch_remainder: What a side that is not a multiple of the patch stride gets:
             `error` (default), or `drop`, where the convolution ignores the last pixels as
             the references silently do (needed for checkpoints such as SigLIP so400m/14 at

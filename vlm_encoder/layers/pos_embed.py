@@ -14,14 +14,15 @@ def resample_pos_embed(
 ) -> torch.Tensor:
     """Resample a learned position table over a patch grid to another grid.
 
-    Bicubic interpolation in float32 (antialiased when shrinking, as timm does), cast back
-    to the table's dtype. At `new_grid == old_grid` the table is returned unchanged.
+    Bicubic interpolation in float32, cast back to the table's dtype. `antialias=True` (as
+    timm) is torch's antialiased bicubic: PIL's a=-0.5 kernel, widened when shrinking;
+    `False` is the classic a=-0.75 kernel (HF's `interpolate_pos_encoding`). At `new_grid == old_grid` the table is returned unchanged.
 
     Args:
         table: Position table `(1, h*w, D)` in row-major patch order.
         old_grid: `(h, w)` of the table.
         new_grid: `(h', w')` wanted.
-        antialias: Antialias when downsampling.
+        antialias: Use the antialiased (PIL-style) bicubic.
 
     Returns:
         The table `(1, h'*w', D)`.
