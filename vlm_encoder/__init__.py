@@ -10,6 +10,7 @@ from .converters.open_clip_vit import load_open_clip
 from .converters.timm_vit import load_timm
 from .loading import load_encoder
 from .output import EncoderOutput
+from .processing import ImageProcessor
 from .presets import PRESETS, create_encoder, list_presets, preset_config
 from .weights import WeightsError
 
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "EncoderOutput",
+    "ImageProcessor",
     "VisionConfig",
     "VisionEncoder",
     "WeightsError",
