@@ -5,6 +5,7 @@ LLM's width, and contrastive image-text training.
 """
 
 from .config import VisionConfig
+from .contrastive import ClipLoss, ContrastiveModel, SigLipLoss
 from .encoder import VisionEncoder
 from .converters.open_clip_vit import load_open_clip
 from .converters.timm_vit import load_timm
@@ -12,6 +13,7 @@ from .loading import load_encoder
 from .output import EncoderOutput
 from .processing import ImageProcessor
 from .presets import PRESETS, create_encoder, list_presets, preset_config
+from .text import TextConfig, TextEncoder
 from .weights import WeightsError
 
 __version__ = "0.1.0"
@@ -29,5 +31,10 @@ __all__ = [
     "load_timm",
     "load_encoder",
     "preset_config",
+    "ClipLoss",
+    "ContrastiveModel",
+    "SigLipLoss",
+    "TextConfig",
+    "TextEncoder",
     "__version__",
 ]

@@ -1,0 +1,153 @@
+"""A Hugging Face text model from a local directory as the text tower (mean or CLS pooling).
+
+The directory is what `AutoModel.save_pretrained` + `AutoTokenizer.save_pretrained` write;
+it is read with `local_files_only=True`, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from .output import TextOutput, TokenizedText
+
+HFPooling = Literal["mean", "cls"]
+HF_POOLINGS: tuple[str, ...] = get_args(HFPooling)
+
+
+@dataclass(frozen=True)
+class HFTextConfig:
+    """Configuration of an `HFTextEncoder`.
+
+    Attributes:
+        model_dir: Local directory holding the HF model (config + weights) and its tokenizer.
+        pooling: `mean` (over the attention mask) or `cls` (first token).
+        context_length: Tokens per caption; longer captions are truncated by the HF tokenizer,
+            which keeps its closing special token.
+    """
+
+    model_dir: str
+    pooling: HFPooling = "mean"
+    context_length: int = 77
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", os.fspath(self.model_dir))
+        if self.pooling not in HF_POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not supported; allowed: {', '.join(HF_POOLINGS)}")
+        if not isinstance(self.context_length, int) or self.context_length < 2:
+            raise ValueError(f"context_length must be an int >= 2, got {self.context_length!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HFTextConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown HFTextConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _check_dir(model_dir: str) -> Path:
+    path = Path(model_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a local Hugging Face model directory (no config.json); "
+            "save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+        )
+    return path
+
+
+class HFTokenizer:
+    """The directory's HF tokenizer, returning the same `TokenizedText` as `ClipTokenizer`.
+
+    Args:
+        model_dir: Local directory with the tokenizer files.
+        context_length: Ids per caption (padded to it, truncated with the end token kept).
+    """
+
+    def __init__(self, model_dir: str, context_length: int = 77) -> None:
+        from transformers import AutoTokenizer
+
+        self.context_length = context_length
+        self._tokenizer = AutoTokenizer.from_pretrained(str(_check_dir(model_dir)), local_files_only=True)
+
+    def __call__(self, texts: str | Sequence[str]) -> TokenizedText:
+        """Tokenize captions to `(B, L)` ids and mask."""
+        if isinstance(texts, str):
+            texts = [texts]
+        encoded = self._tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return TokenizedText(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+
+
+class HFTextEncoder(nn.Module):
+    """A local Hugging Face encoder (BERT-like) as a text tower.
+
+    Args:
+        config: Where the model is and how to pool it.
+        load_weights: Load the directory's weights (True), or only build the architecture
+            from its config (when the weights come from elsewhere, e.g. a saved
+            `ContrastiveModel`).
+    """
+
+    def __init__(self, config: HFTextConfig, load_weights: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if not isinstance(config, HFTextConfig):
+            raise TypeError(f"config must be an HFTextConfig, got {type(config).__name__}")
+        self.config = config
+        path = str(_check_dir(config.model_dir))
+        if load_weights:
+            self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        else:
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def tokenizer(self) -> HFTokenizer:
+        """The matching tokenizer."""
+        return HFTokenizer(self.config.model_dir, self.config.context_length)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn HF gradient checkpointing on or off."""
+        if enable:
+            self.model.gradient_checkpointing_enable()
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextOutput:
+        """Encode token ids.
+
+        Args:
+            input_ids: `(B, L)` ids from `tokenizer()`.
+            attention_mask: `(B, L)`, 1 on real tokens; required for mean pooling.
+
+        Returns:
+            `TextOutput` with `tokens (B, L, D)` (last hidden state) and `pooled (B, D)`.
+        """
+        if self.config.pooling == "mean" and attention_mask is None:
+            raise ValueError("mean pooling needs the attention_mask (padding must not be averaged in)")
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        tokens = out.last_hidden_state  # (B, L, D)
+        if self.config.pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            weights = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
+            counts = weights.sum(dim=1)
+            if bool((counts == 0).any()):
+                raise ValueError("a row of attention_mask is all zeros: nothing to mean-pool")
+            pooled = (tokens * weights).sum(dim=1) / counts
+        return TextOutput(tokens=tokens, pooled=pooled)
