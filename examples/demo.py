@@ -1,0 +1,106 @@
+"""What `make demo` runs: the encoder on real photos, what it extracts, and a PCA picture.
+
+    python examples/demo.py --out demo_output
+
+Sections are small functions called from `main()`; later parts of the project add theirs
+(pretrained weights, projectors, training) the same way. The photos ship with
+scikit-image, so nothing is downloaded. With random weights the picture shows little more
+than colour and position; with pretrained weights it shows object parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from skimage import data
+
+from vlm_encoder import EncoderOutput, VisionEncoder, create_encoder
+from vlm_encoder.viz import pca_figure, pca_rgb, prepare_images, save_figure
+
+PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "chelsea": data.chelsea}
+
+
+def section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
+
+
+def load_photos() -> dict[str, "object"]:
+    """The demo photos as uint8 arrays `(H, W, 3)`, by name."""
+    return {name: load() for name, load in PHOTOS.items()}
+
+
+def build_encoder(model: str, seed: int) -> VisionEncoder:
+    section("Encoder")
+    torch.manual_seed(seed)
+    encoder = create_encoder(model).eval()
+    c = encoder.config
+    n_params = sum(p.numel() for p in encoder.parameters())
+    print(f"{model} (random weights, seed {seed}): {c.depth} blocks, width {c.width}, {c.num_heads} heads, "
+          f"patch {c.patch_size}, image {c.image_size[0]}x{c.image_size[1]}, {n_params / 1e6:.1f}M parameters")
+    return encoder
+
+
+@torch.inference_mode()
+def extract_features(encoder: VisionEncoder, pixels: torch.Tensor) -> EncoderOutput:
+    """Every layer's tokens for the batch, and what came out."""
+    section("Features of every layer")
+    start = time.perf_counter()
+    out = encoder(pixels, layers="all")
+    seconds = time.perf_counter() - start
+    print(f"input pixels {tuple(pixels.shape)} -> {len(out.layers)} layers in {seconds:.2f} s")
+    print(f"patch grid {out.grid_size[0]}x{out.grid_size[1]}")
+    print(f"cls(l)      {tuple(out.cls(-1).shape)}   (B, D)")
+    print(f"patches(l)  {tuple(out.patches(-1).shape)}   (B, N, D)")
+    print(f"patch_grid(l) {tuple(out.patch_grid(-1).shape)}   (B, D, h, w)")
+    print(f"pooled      {tuple(out.pooled.shape) if out.pooled is not None else None}")
+    print(f"concat_patches(-2, -1) {tuple(out.concat_patches((-2, -1)).shape)}   (B, N, 2D)")
+    return out
+
+
+def layer_statistics(out: EncoderOutput) -> None:
+    """Per layer: patch-token norm, and how alike the patches of one image are."""
+    section("Per-layer statistics")
+    print(f"{'layer':>5}  {'mean |patch|':>12}  {'mean |cls|':>10}  {'patch-patch cosine':>18}")
+    for layer in out.layers:
+        patches = out.patches(layer).float()  # (B, N, D)
+        unit = torch.nn.functional.normalize(patches - patches.mean(dim=-1, keepdim=True), dim=-1)
+        cosine = (unit @ unit.transpose(1, 2)).mean().item()  # 1 would mean all patches alike
+        print(f"{layer:>5}  {patches.norm(dim=-1).mean().item():>12.3f}  "
+              f"{out.cls(layer).norm(dim=-1).mean().item():>10.3f}  {cosine:>18.3f}")
+
+
+def pca_picture(out: EncoderOutput, crops: list, names: list[str], layer: int, out_dir: Path) -> Path:
+    """The patch features of `layer` of all photos, one shared PCA basis, as a PNG."""
+    section("PCA picture")
+    rgb = pca_rgb(out.patches(layer), out.grid_size)  # (B, h, w, 3)
+    resolved = layer % out.num_blocks
+    fig = pca_figure(crops, rgb, names=names, layer_label=f"layer {resolved} of {out.num_blocks} blocks, shared basis")
+    path = save_figure(fig, out_dir / f"pca_layer{resolved}.png")
+    print(f"wrote {path}: each photo beside its patch features of layer {resolved} as RGB "
+          "(3 principal components shared by all photos)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for the pictures")
+    parser.add_argument("--model", default="vit_base_patch16_224", help="encoder preset (random weights)")
+    parser.add_argument("--layer", type=int, default=-4, help="layer of the PCA picture (default -4)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    encoder = build_encoder(args.model, args.seed)
+    photos = load_photos()
+    pixels, crops = prepare_images(list(photos.values()), encoder)
+    out = extract_features(encoder, pixels)
+    layer_statistics(out)
+    pca_picture(out, crops, list(photos), args.layer, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""Images in, pixels out, for the pictures, through the package's `ImageProcessor`.
+
+The encoder's own `image_processor` is used when a loader set one (pretrained towers),
+else `ImageProcessor.default_for(config)`. The figures draw each image exactly as the
+encoder saw it: after the processor's resize and crop, before normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..processing import ImageProcessor, load_image
+
+__all__ = ["load_image", "prepare_images", "processor_for"]
+
+
+def processor_for(encoder, image_size: tuple[int, int] | None = None) -> ImageProcessor:
+    """The processor for `encoder`, optionally producing `image_size` `(H, W)` instead.
+
+    A different size keeps the processor's resize mode: a processor that crops then crops
+    to `image_size` after resizing to it, one that squashes squashes to it.
+    """
+    processor = getattr(encoder, "image_processor", None) or ImageProcessor.default_for(encoder.config)
+    if image_size is None:
+        return processor
+    size = (int(image_size[0]), int(image_size[1]))
+    cfg = processor.config
+    return ImageProcessor(cfg.replace(size=size, crop_size=size if cfg.crop_size is not None else None))
+
+
+def prepare_images(
+    images: Sequence[Image.Image | np.ndarray], encoder, image_size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Preprocess images for `encoder`, keeping what it sees for drawing.
+
+    Args:
+        images: PIL images or uint8 arrays `(H, W, 3)` (what `ImageProcessor` accepts).
+        encoder: The `VisionEncoder`.
+        image_size: Input `(H, W)`; default the processor's (the encoder's native size).
+
+    Returns:
+        Pixels `(B, 3, H, W)` float32 normalised, and the resized/cropped images `(H, W, 3)`
+        uint8 exactly as the encoder saw them (to draw beside the feature maps).
+    """
+    processor = processor_for(encoder, image_size)
+    pixels = processor(list(images))  # (B, 3, H, W)
+    crops = []
+    for image in images:
+        seen = processor.preprocess_one(image).float()  # (3, H, W), 0-255 scale
+        crops.append(seen.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    return pixels, crops
