@@ -1,0 +1,40 @@
+"""Two processes through `accelerate launch --cpu` (gloo) write one store equal to a single process's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_extract import checksums, cli_args, make_images, tiny_config
+from vlm_encoder.extract import run_extraction
+
+PYTHON = sys.executable
+
+
+def test_two_processes_through_accelerate_equal_one(tmp_path):
+    images = make_images(tmp_path / "images", 18, bad=True)
+    assert run_extraction(tiny_config(tmp_path, images, out="single")).complete
+    reference = tmp_path / "single"
+    accelerate = shutil.which("accelerate", path=str(Path(PYTHON).parent))
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed")
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "vlm_encoder.cli", *cli_args(images, out, "--batch-size", "2",
+                                                                         "--num-workers", "0")],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows_written"] + manifest["rows_failed"] == 22
+    assert checksums(out) == checksums(reference)
+    writers = [json.loads(p.read_text())["writer"] for p in sorted(out.glob("shard-*.json"))]
+    assert [w["rank"] for w in writers] == [0, 1, 0, 1, 0, 1] and {w["world_size"] for w in writers} == {2}

@@ -1,0 +1,115 @@
+"""`vlm-encoder extract`: features of a dataset's images into resumable safetensors shards.
+
+    vlm-encoder extract --model openai/clip-vit-large-patch14-336 --dataset ./images \\
+        --layers -2 -1 --select cls,patch,pooled --out feats/ --dtype bf16 --batch-size 64
+    vlm-encoder extract --model preset:vit_tiny_patch16_224 --override depth=4 --dataset list.txt --out feats/
+    accelerate launch --num_processes 4 -m vlm_encoder.cli extract ...    # one store, no merge
+
+Run it again with the same arguments after an interruption: it redoes only the shards that are
+missing or fail their checksum. See docs/extraction.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..extract.config import DEFAULT_SHARD_SIZE, DTYPES, KINDS
+
+
+def _override(text: str) -> tuple[str, object]:
+    """`KEY=VALUE`, VALUE read as JSON when it parses (`depth=2`, `image_size=[64,96]`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a VisionConfig field), got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _size(text: str) -> tuple[int, int]:
+    """`224` or `224x320` (H x W)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    parts = parts * 2 if len(parts) == 1 else parts
+    if len(parts) != 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW with positive ints, got {text!r}")
+    return parts[0], parts[1]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `extract` to the `vlm-encoder` parser."""
+    parser = subparsers.add_parser(
+        "extract",
+        help="encoder features of a dataset into resumable safetensors shards",
+        description="Extract CLS / patch / pooled features of the requested layers for every image of a dataset. "
+                    "Resumable (run again with the same arguments), multi-process through `accelerate launch`.",
+    )
+    parser.add_argument("--model", required=True, metavar="SOURCE",
+                        help="preset:NAME (random weights), a save_pretrained directory, a hub repo id, "
+                             "open_clip:ARCH or timm:NAME")
+    parser.add_argument("--checkpoint", default=None, metavar="FILE", help="weight file loaded into --model")
+    parser.add_argument("--override", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                        help="change a VisionConfig field of a preset, e.g. --override depth=4 (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    parser.add_argument("--dataset", required=True, metavar="SPEC",
+                        help="folder of images, list file (.txt), saved dataset folder, .parquet, imagefolder:DIR "
+                             "or a hub dataset name (NAME or NAME:CONFIG)")
+    parser.add_argument("--split", default=None, help="split of a datasets source (default train)")
+    parser.add_argument("--image-column", default=None, help="image column of a datasets source (default the first Image)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[-1], metavar="L",
+                        help="block indices, negatives from the end (default -1)")
+    parser.add_argument("--select", default="cls,patch", metavar="KINDS",
+                        help=f"comma-separated, from {','.join(KINDS)} (default cls,patch)")
+    parser.add_argument("--norm", action="store_true", help="apply the final LayerNorm to the stored tokens")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (resumed if it holds this run)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="encoder and feature dtype (default fp32)")
+    parser.add_argument("--image-size", type=_size, default=None, metavar="N|HxW",
+                        help="resize to this instead of the model's size")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default 2)")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help=f"rows per shard (default {DEFAULT_SHARD_SIZE}); fixed for a store")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="larger images are recorded as failures (default PIL's decompression-bomb limit)")
+    parser.add_argument("--device", default=None, help="torch device (default: the process's accelerator)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--sleep-per-batch", type=float, default=0.0, help=argparse.SUPPRESS)  # tests of interruption
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..extract import ExtractConfig, run_extraction
+
+    config = ExtractConfig(
+        model=args.model,
+        dataset=args.dataset,
+        out=args.out,
+        layers=tuple(args.layers),
+        select=args.select,
+        checkpoint=args.checkpoint,
+        overrides=tuple(args.override),
+        seed=args.seed,
+        dtype=args.dtype,
+        image_size=args.image_size,
+        norm=args.norm,
+        split=args.split,
+        image_column=args.image_column,
+        max_pixels=args.max_pixels,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        progress=not args.no_progress,
+        sleep_per_batch=args.sleep_per_batch,
+    )
+    summary = run_extraction(config)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(summary, file=sys.stderr if not summary.complete else sys.stdout)
+    return 0 if summary.complete else 1

@@ -1,0 +1,19 @@
+"""Feature extraction at scale: a dataset's images -> encoder features in resumable,
+checksummed safetensors shards (`run_extraction`), read back with `FeatureStore`.
+See docs/extraction.md."""
+
+from .config import KINDS, ExtractConfig
+from .runner import ExtractSummary, run_extraction
+from .sources import open_source
+from .store import CachedFeatures, FeatureColumn, FeatureStore
+
+__all__ = [
+    "KINDS",
+    "CachedFeatures",
+    "ExtractConfig",
+    "ExtractSummary",
+    "FeatureColumn",
+    "FeatureStore",
+    "open_source",
+    "run_extraction",
+]

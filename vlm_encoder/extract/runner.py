@@ -1,0 +1,332 @@
+"""`run_extraction`: images -> encoder features in checksummed shards, resumable and multi-process.
+
+Per process (rank `r` of `W`, from `accelerate.PartialState`): take the shards `k` with
+`k % W == r` that are missing or fail their checksum, decode and preprocess their rows in
+DataLoader workers, encode them in batches (never crossing a shard), and write each shard
+as soon as its last row is encoded (in a writer thread, so encoding goes on meanwhile).
+Rows that fail to decode are recorded with the reason and left out of the shard.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..encoder import VisionEncoder
+from ..processing import ImageLoadError, ImageProcessor, load_image
+from .config import IMAGE_KINDS, ExtractConfig
+from .model import build_encoder, build_processor, describe_model
+from .shards import (
+    FORMAT,
+    ROW_IDS,
+    ShardLayout,
+    check_fingerprint,
+    finalize_manifest,
+    read_manifest,
+    valid_sidecar,
+    write_json_atomic,
+    write_shard,
+)
+from .sources import ImageSource, open_source
+
+MAX_PENDING_WRITES = 2
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    """What a run did and what the store holds.
+
+    Attributes:
+        out: The store's folder.
+        total_rows: Rows of the dataset.
+        rows_written: Rows with features in the store (all processes, all runs).
+        rows_failed: Rows that failed to decode (all processes, all runs).
+        complete: Every shard is written; `rows_written + rows_failed == total_rows`.
+        rows_this_run: Rows this process handled now (written or failed).
+        shards_this_run: Shards this process wrote now.
+        shards_kept: Shards of this process found intact and kept.
+        seconds: Wall time of this process's run.
+    """
+
+    out: str
+    total_rows: int
+    rows_written: int
+    rows_failed: int
+    complete: bool
+    rows_this_run: int
+    shards_this_run: int
+    shards_kept: int
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = self.rows_this_run / self.seconds if self.seconds > 0 else 0.0
+        state = "complete" if self.complete else "INCOMPLETE (run again with the same arguments)"
+        return (
+            f"{self.out}: {self.rows_written} rows written, {self.rows_failed} failed, of {self.total_rows} "
+            f"({state}); this run: {self.rows_this_run} rows in {self.shards_this_run} shards, "
+            f"{self.shards_kept} shards kept, {self.seconds:.1f} s ({rate:.1f} images/s)"
+        )
+
+
+class RowDataset(Dataset):
+    """Row id -> `(row, pixels (3, H, W) or None, failure reason or None)`; runs in the workers."""
+
+    def __init__(self, source: ImageSource, processor: ImageProcessor, max_pixels: int | None) -> None:
+        self.source = source
+        self.processor = processor
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = load_image(self.source.read(row), max_pixels=self.max_pixels)
+            return row, self.processor(image)[0], None
+        except ImageLoadError as err:
+            return row, None, err.reason
+        except (ValueError, TypeError, OSError, Image.DecompressionBombError) as err:
+            return row, None, f"cannot be preprocessed ({type(err).__name__}: {err})"
+
+
+def collate_rows(items: list[tuple[int, torch.Tensor | None, str | None]]) -> dict[str, Any]:
+    """A batch: every row id, the rows that decoded with their pixels `(b, 3, H, W)`, the failures."""
+    ok = [(row, px) for row, px, _ in items if px is not None]
+    return {
+        "rows": [row for row, _, _ in items],
+        "ok_rows": [row for row, _ in ok],
+        "pixels": torch.stack([px for _, px in ok]) if ok else None,
+        "failures": [(row, reason) for row, px, reason in items if px is None],
+    }
+
+
+class FeaturePlan:
+    """Which encoder call gives the requested features, and how each is named in a shard.
+
+    Names: `layer{block}.cls` `(n, D)`, `layer{block}.patch` `(n, N, D)`,
+    `layer{block}.registers` `(n, R, D)` with the block index resolved (non-negative);
+    `pooled` `(n, D)` and `embeds` `(n, E)`.
+    """
+
+    def __init__(self, encoder: VisionEncoder, layers: tuple[int, ...], select: tuple[str, ...], norm: bool) -> None:
+        c = encoder.config
+        self.blocks = encoder.resolve_layers(layers)
+        self.select = select
+        self.norm = norm
+        if "cls" in select and not c.class_token:
+            raise ValueError("select 'cls' needs a CLS token; this encoder has none (e.g. SigLIP): use pooled or patch")
+        if "registers" in select and not c.num_register_tokens:
+            raise ValueError("select 'registers' needs register tokens; this encoder has none")
+        if set(select) & set(IMAGE_KINDS) and c.pool == "none":
+            raise ValueError("select 'pooled' / 'embeds' need a pooled output; this encoder has pool='none'")
+        needs_last = bool(set(select) & set(IMAGE_KINDS)) and encoder.num_blocks - 1 not in self.blocks
+        self.run_blocks = self.blocks + ((encoder.num_blocks - 1,) if needs_last else ())
+
+    @torch.inference_mode()
+    def __call__(self, encoder: VisionEncoder, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = encoder(pixels, layers=self.run_blocks, norm=self.norm)
+        features: dict[str, torch.Tensor] = {}
+        for block in self.blocks:
+            if "cls" in self.select:
+                features[f"layer{block}.cls"] = out.cls(block)
+            if "patch" in self.select:
+                features[f"layer{block}.patch"] = out.patches(block)
+            if "registers" in self.select:
+                features[f"layer{block}.registers"] = out.register_tokens[out.layers.index(block)]
+        if "pooled" in self.select:
+            features["pooled"] = out.pooled
+        if "embeds" in self.select:
+            features["embeds"] = encoder.project(out.pooled)
+        return features
+
+
+def _process_state() -> Any:
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _batches(layout: ShardLayout, shards: list[int], batch_size: int) -> list[list[int]]:
+    """Row batches of the given shards, in order; a batch never spans two shards."""
+    out = []
+    for shard in shards:
+        rows = list(layout.rows(shard))
+        out += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    return out
+
+
+class _ShardAssembler:
+    """Collects a shard's features batch by batch and hands it to the writer when full."""
+
+    def __init__(
+        self,
+        config: ExtractConfig,
+        layout: ShardLayout,
+        source: ImageSource,
+        empty: dict[str, torch.Tensor],
+        writer: dict[str, Any],
+    ) -> None:
+        self.config = config
+        self.writer_info = writer
+        self.layout = layout
+        self.source = source
+        self.empty = empty
+        self.parts: dict[int, dict[str, Any]] = {}
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.pending: list[Future] = []
+
+    def add(self, batch: dict[str, Any], features: dict[str, torch.Tensor] | None) -> None:
+        shard = batch["rows"][0] // self.layout.shard_size
+        part = self.parts.setdefault(shard, {"rows": [], "features": [], "failures": [], "seen": 0})
+        part["seen"] += len(batch["rows"])
+        part["rows"] += batch["ok_rows"]
+        if features is not None:
+            part["features"].append(features)
+        part["failures"] += [
+            {"row": row, "name": self.source.name(row), "reason": reason} for row, reason in batch["failures"]
+        ]
+        if part["seen"] == len(self.layout.rows(shard)):
+            self._write(shard, self.parts.pop(shard))
+
+    def _write(self, shard: int, part: dict[str, Any]) -> None:
+        tensors = {ROW_IDS: torch.tensor(part["rows"], dtype=torch.int64)}
+        for key, empty in self.empty.items():
+            chunks = [f[key] for f in part["features"]]
+            tensors[key] = torch.cat(chunks) if chunks else empty
+        while len(self.pending) >= MAX_PENDING_WRITES:
+            self.pending.pop(0).result()
+        rows = self.layout.rows(shard)
+        self.pending.append(self.writer.submit(write_shard, self.config.out, shard, rows, tensors, part["failures"],
+                                                    self.writer_info))
+
+    def close(self) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.writer.shutdown(wait=True)
+
+
+def _loader(config: ExtractConfig, dataset: RowDataset, batches: list[list[int]], device: torch.device) -> Iterator:
+    workers = config.num_workers
+    return iter(
+        DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=workers,
+            collate_fn=collate_rows,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+    )
+
+
+def run_extraction(config: ExtractConfig) -> ExtractSummary:
+    """Extract features of every row of `config.dataset` into `config.out` (see the module docstring).
+
+    Args:
+        config: The run.
+
+    Returns:
+        The summary (identical on every process, except the `*_this_run` counts).
+
+    Raises:
+        ValueError: Arguments that differ from those of the run recorded in `config.out`
+            (the message names each), or features the encoder cannot give.
+    """
+    started = time.perf_counter()
+    state = _process_state()
+    rank, world = state.process_index, state.num_processes
+    device = torch.device(config.device) if config.device else state.device
+    out = config.out
+
+    encoder = build_encoder(config)
+    processor = build_processor(encoder, config.image_size)
+    plan = FeaturePlan(encoder, config.layers, config.select, config.norm)
+    source = open_source(config.dataset, split=config.split, image_column=config.image_column)
+    layout = ShardLayout(len(source), config.shard_size)
+    fingerprint = {
+        "model": describe_model(config, encoder),
+        "layers": list(config.layers),
+        "blocks": list(plan.blocks),
+        "select": list(config.select),
+        "norm": config.norm,
+        "dtype": config.dtype,
+        "preprocessing": processor.to_dict(),
+        "dataset": source.describe(),
+        "shard_size": config.shard_size,
+        "max_pixels": config.max_pixels or Image.MAX_IMAGE_PIXELS,
+    }
+    encoder = encoder.to(device=device, dtype=config.torch_dtype)
+    height, width = processor.config.output_size
+    probe = plan(encoder, torch.zeros(1, 3, height, width, device=device, dtype=config.torch_dtype))
+    empty = {k: torch.empty((0, *v.shape[1:]), dtype=v.dtype) for k, v in probe.items()}
+
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if read_manifest(out) is None:
+            manifest = {
+                "format": FORMAT,
+                "fingerprint": fingerprint,
+                "num_rows": layout.num_rows,
+                "num_shards": layout.num_shards,
+                "num_blocks": encoder.num_blocks,
+                "features": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+                             for k, v in empty.items()},
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "shards": [],
+                "complete": False,
+            }
+            write_json_atomic(out / "manifest.json", manifest)
+    state.wait_for_everyone()
+    manifest = read_manifest(out)
+    check_fingerprint(out, manifest, fingerprint)
+
+    mine = layout.shards_of_rank(rank, world)
+    todo = [k for k in mine if valid_sidecar(out, k, layout.rows(k)) is None]
+    rows_todo = sum(len(layout.rows(k)) for k in todo)
+    if todo:
+        from tqdm.auto import tqdm
+
+        writer = {"rank": rank, "world_size": world, "batch_size": config.batch_size, "device": str(device)}
+        assembler = _ShardAssembler(config, layout, source, empty, writer)
+        bar = tqdm(total=rows_todo, unit="img", desc="extract", disable=not (config.progress and state.is_main_process),
+                   smoothing=0.1)
+        try:
+            dataset = RowDataset(source, processor, config.max_pixels)
+            for batch in _loader(config, dataset, _batches(layout, todo, config.batch_size), device):
+                features = None
+                if batch["pixels"] is not None:
+                    pixels = batch["pixels"].to(device=device, dtype=config.torch_dtype, non_blocking=True)
+                    features = {k: v.to("cpu") for k, v in plan(encoder, pixels).items()}
+                assembler.add(batch, features)
+                bar.update(len(batch["rows"]))
+                if config.sleep_per_batch:
+                    time.sleep(config.sleep_per_batch)
+        finally:
+            bar.close()
+            assembler.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        finalize_manifest(out, manifest, layout)
+    state.wait_for_everyone()
+    final = read_manifest(out)
+    return ExtractSummary(
+        out=str(out),
+        total_rows=layout.num_rows,
+        rows_written=final.get("rows_written", 0),
+        rows_failed=final.get("rows_failed", 0),
+        complete=bool(final.get("complete")),
+        rows_this_run=rows_todo,
+        shards_this_run=len(todo),
+        shards_kept=len(mine) - len(todo),
+        seconds=time.perf_counter() - started,
+    )

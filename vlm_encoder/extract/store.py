@@ -1,0 +1,294 @@
+"""`FeatureStore`: read the features `vlm-encoder extract` wrote, lazily (memory-mapped).
+
+    store = FeatureStore("feats/")
+    len(store), store.row_ids[:5], store.keys          # rows, dataset row ids, feature names
+    store.get(17)                                        # every feature of dataset row 17
+    store[-2, "cls"][100:200]                            # (100, D) CLS tokens of layer -2, by position
+    store.dataset(-2, "patch", labels=labels)            # a torch Dataset for training a projector
+    store.to_hf_dataset(layers=[-1], kinds=["cls"]).to_parquet("feats.parquet")
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+from .config import IMAGE_KINDS, LAYER_KINDS
+from .shards import FAILURES_NAME, ROW_IDS, file_sha256, read_manifest, shard_path
+
+
+class FeatureColumn:
+    """One feature (`layer{b}.cls`, `pooled`, ...) over the store's rows, read on indexing.
+
+    Index by position (`0 .. len(store)-1`, rows in dataset-row-id order): an int gives one
+    row's tensor, a slice or a sequence of positions a stacked tensor.
+    """
+
+    def __init__(self, store: "FeatureStore", key: str) -> None:
+        self.store = store
+        self.key = key
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.store), *self.store.manifest["features"][self.key]["shape"])
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):
+            position = self.store._position(int(index))
+            shard, offset = self.store._locate(position)
+            return self.store._read(shard, self.key, offset, offset + 1)[0]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self.store))
+            if step == 1:
+                return self.store._read_range(self.key, start, max(start, stop))
+            index = range(start, stop, step)
+        positions = [self.store._position(int(i)) for i in index]
+        if not positions:
+            return self.store._empty(self.key)
+        return torch.stack([self[p] for p in positions])
+
+    def load(self) -> torch.Tensor:
+        """Every row `(n, ...)` in memory."""
+        return self[:]
+
+
+class FeatureStore:
+    """A folder written by `vlm-encoder extract`.
+
+    Args:
+        path: The folder (`manifest.json`, `shard-*.safetensors`).
+        allow_incomplete: Read a store whose run has not finished (only the written shards);
+            by default an incomplete store is an error.
+
+    Attributes:
+        manifest: The parsed `manifest.json` (model, layers, preprocessing, dtype, shards, ...).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise FileNotFoundError(f"{self.path} has no manifest.json; is it the --out of `vlm-encoder extract`?")
+        if not manifest.get("complete") and not allow_incomplete:
+            raise ValueError(
+                f"{self.path} is incomplete ({len(manifest.get('shards', []))} of {manifest['num_shards']} shards): "
+                "run the same extract command again to finish it, or pass allow_incomplete=True"
+            )
+        self.manifest = manifest
+        self.shards = [s for s in manifest.get("shards", []) if s["rows_written"] > 0]
+        self._starts = [0]
+        for shard in self.shards:
+            self._starts.append(self._starts[-1] + shard["rows_written"])
+        self._handles: dict[int, Any] = {}
+        self._row_ids: np.ndarray | None = None
+
+    # ---- what the store holds --------------------------------------------------------
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, rows={len(self)}, keys={self.keys})"
+
+    @property
+    def keys(self) -> list[str]:
+        """Feature names: `layer{block}.{cls,patch,registers}`, `pooled`, `embeds`."""
+        return list(self.manifest["features"])
+
+    @property
+    def layers(self) -> list[int]:
+        """Stored layers as resolved block indices."""
+        return list(self.manifest["fingerprint"]["blocks"])
+
+    @property
+    def row_ids(self) -> np.ndarray:
+        """Dataset row ids `(n,)` int64, ascending; position `i` of every column is row `row_ids[i]`."""
+        if self._row_ids is None:
+            parts = [self._read(i, ROW_IDS, 0, s["rows_written"]).numpy() for i, s in enumerate(self.shards)]
+            self._row_ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return self._row_ids
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        """Rows that failed: `{"row", "name", "reason", "shard"}`."""
+        path = self.path / FAILURES_NAME
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def key(self, layer: int | None, kind: str) -> str:
+        """The feature name of `kind` at `layer` (negatives count from the end; `None` for pooled / embeds)."""
+        if kind in IMAGE_KINDS:
+            name = kind
+        elif kind in LAYER_KINDS:
+            if layer is None:
+                raise ValueError(f"kind {kind!r} needs a layer; stored layers: {self.layers}")
+            blocks = self.manifest["num_blocks"]
+            name = f"layer{layer % blocks if -blocks <= layer < blocks else layer}.{kind}"
+        else:
+            raise ValueError(f"unknown kind {kind!r}; allowed: {', '.join(LAYER_KINDS + IMAGE_KINDS)}")
+        if name not in self.manifest["features"]:
+            raise KeyError(f"{name!r} is not in this store; it holds {self.keys}")
+        return name
+
+    def column(self, layer: int | None, kind: str) -> FeatureColumn:
+        """The lazy column of `kind` at `layer`."""
+        return FeatureColumn(self, self.key(layer, kind))
+
+    def __getitem__(self, item: str | tuple[int | None, str]) -> FeatureColumn:
+        """`store["layer11.cls"]`, `store[-2, "patch"]` or `store[None, "pooled"]`."""
+        if isinstance(item, str):
+            if item not in self.manifest["features"]:
+                raise KeyError(f"{item!r} is not in this store; it holds {self.keys}")
+            return FeatureColumn(self, item)
+        layer, kind = item
+        return self.column(layer, kind)
+
+    def get(self, row_id: int) -> dict[str, torch.Tensor]:
+        """Every feature of one dataset row, by name.
+
+        Raises:
+            KeyError: The row is not in the store (failed, or not in the dataset).
+        """
+        index = int(np.searchsorted(self.row_ids, row_id))
+        if index >= len(self) or self.row_ids[index] != row_id:
+            raise KeyError(f"row {row_id} is not in the store (failed to decode, or outside the dataset)")
+        return {key: FeatureColumn(self, key)[index] for key in self.keys}
+
+    def position(self, row_id: int) -> int:
+        """Position of a dataset row id in the columns."""
+        index = int(np.searchsorted(self.row_ids, row_id))
+        if index >= len(self) or self.row_ids[index] != row_id:
+            raise KeyError(f"row {row_id} is not in the store")
+        return index
+
+    # ---- uses ------------------------------------------------------------------------
+    def dataset(
+        self,
+        layer: int | None,
+        kind: str,
+        labels: Sequence[Any] | Callable[[int], Any] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> "CachedFeatures":
+        """A `torch.utils.data.Dataset` over one feature (e.g. to train a projector on cached patches).
+
+        Args:
+            layer: Block index (negatives from the end), `None` for pooled / embeds.
+            kind: `cls`, `patch`, `registers`, `pooled` or `embeds`.
+            labels: Per dataset row id (indexable or a function of the row id); items are
+                then `(features, label)`.
+            transform: Applied to each feature tensor.
+        """
+        return CachedFeatures(self.column(layer, kind), labels, transform)
+
+    def to_hf_dataset(self, layers: Sequence[int] | None = None, kinds: Sequence[str] | None = None) -> Any:
+        """A `datasets.Dataset` with `row_id` and one column per feature (loads them in memory).
+
+        Args:
+            layers: Layers to include (default all stored).
+            kinds: Kinds to include (default all stored).
+        """
+        import datasets
+
+        blocks = None if layers is None else {layer % self.manifest["num_blocks"] for layer in layers}
+        chosen = []
+        for key in self.keys:
+            block, _, kind = key.rpartition(".") if "." in key else ("", "", key)
+            if kinds is not None and kind not in kinds:
+                continue
+            if blocks is not None and block and int(block.removeprefix("layer")) not in blocks:
+                continue
+            chosen.append(key)
+        data: dict[str, Any] = {"row_id": self.row_ids}
+        for key in chosen:
+            values = FeatureColumn(self, key).load()
+            data[key] = (values.float() if values.dtype == torch.bfloat16 else values).numpy()
+        return datasets.Dataset.from_dict(data)
+
+    def to_parquet(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write `to_hf_dataset(**kwargs)` as a parquet file."""
+        self.to_hf_dataset(**kwargs).to_parquet(str(path))
+        return Path(path)
+
+    def verify(self) -> list[str]:
+        """Recompute every shard's SHA-256; the files that do not match the manifest (empty when intact)."""
+        return [s["file"] for s in self.manifest["shards"] if file_sha256(self.path / s["file"]) != s["sha256"]]
+
+    # ---- reading ---------------------------------------------------------------------
+    def _position(self, index: int) -> int:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"position {index} is out of range for {n} rows")
+        return index % n
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        shard = bisect.bisect_right(self._starts, position) - 1
+        return shard, position - self._starts[shard]
+
+    def _handle(self, shard: int) -> Any:
+        if shard not in self._handles:
+            path = shard_path(self.path, self.shards[shard]["shard"])
+            self._handles[shard] = safe_open(str(path), framework="pt")  # memory-mapped
+        return self._handles[shard]
+
+    def _read(self, shard: int, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._handle(shard).get_slice(key)[start:stop]
+
+    def _empty(self, key: str) -> torch.Tensor:
+        info = self.manifest["features"][key]
+        return torch.empty((0, *info["shape"]), dtype=getattr(torch, info["dtype"]))
+
+    def _read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        parts = []
+        position = start
+        while position < stop:
+            shard, offset = self._locate(position)
+            take = min(stop - position, self.shards[shard]["rows_written"] - offset)
+            parts.append(self._read(shard, key, offset, offset + take))
+            position += take
+        if not parts:
+            return self._empty(key)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # File handles do not cross process boundaries (DataLoader workers reopen them).
+        return dict(self.__dict__, _handles={})
+
+
+class CachedFeatures(Dataset):
+    """`torch.utils.data.Dataset` over one stored feature: item `i` is the feature of position
+    `i` (or `(feature, label)` with labels, looked up by the row's dataset id)."""
+
+    def __init__(
+        self,
+        column: FeatureColumn,
+        labels: Sequence[Any] | Callable[[int], Any] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.column = column
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        features = self.column[index]
+        if self.transform is not None:
+            features = self.transform(features)
+        if self.labels is None:
+            return features
+        row = int(self.column.store.row_ids[index])
+        label = self.labels(row) if callable(self.labels) else self.labels[row]
+        return features, label
