@@ -14,6 +14,7 @@ from .output import EncoderOutput
 from .processing import ImageProcessor
 from .presets import PRESETS, create_encoder, list_presets, preset_config
 from .text import TextConfig, TextEncoder
+from .vlm import VisionLanguageModel, expand_image_tokens
 from .weights import WeightsError
 
 __version__ = "0.1.0"
@@ -31,6 +32,8 @@ __all__ = [
     "load_timm",
     "load_encoder",
     "preset_config",
+    "VisionLanguageModel",
+    "expand_image_tokens",
     "ClipLoss",
     "ContrastiveModel",
     "SigLipLoss",

@@ -1,0 +1,115 @@
+"""The projector registry: `build_projector(kind, in_dim, out_dim, **options)`.
+
+Kinds register a class under a name (`linear`) or a name pattern (`mlp{N}x_gelu`, matched
+by a regular expression), so `mlp3x_gelu` works without a table entry per depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .base import Projector
+    from .kind import ProjectorKind
+
+K = TypeVar("K", bound="type[ProjectorKind]")
+
+_NAMES: dict[str, type[ProjectorKind]] = {}
+_PATTERNS: list[tuple[re.Pattern[str], str, type[ProjectorKind]]] = []
+
+# Fields every kind reads; the others are per-kind `options`.
+COMMON_FIELDS = ("kind", "in_dim", "out_dim", "fusion", "fusion_grid", "bias")
+
+
+def register_projector(name: str, pattern: str | None = None) -> Callable[[K], K]:
+    """Class decorator registering a projector kind.
+
+    Args:
+        name: The kind's name as listed (e.g. `linear`, or `mlp{N}x_gelu` for a family).
+        pattern: A regular expression matched in full against requested kinds, for a family
+            of names (e.g. `mlp(\\d+)x_gelu`).
+    """
+
+    def wrap(cls: K) -> K:
+        if pattern is None:
+            if name in _NAMES:
+                raise ValueError(f"projector kind {name!r} is already registered")
+            _NAMES[name] = cls
+        else:
+            _PATTERNS.append((re.compile(pattern), name, cls))
+        return cls
+
+    return wrap
+
+
+def _ensure_kinds_loaded() -> None:
+    # Importing the package imports every kind module, which registers them.
+    import projectors  # noqa: F401
+
+
+def projector_class(kind: str) -> type[ProjectorKind]:
+    """The class registered for `kind`.
+
+    Raises:
+        ValueError: Unknown kind, listing the registered ones.
+    """
+    _ensure_kinds_loaded()
+    if not isinstance(kind, str):
+        raise TypeError(f"kind must be a string such as 'mlp2x_gelu', got {kind!r}")
+    if kind in _NAMES:
+        return _NAMES[kind]
+    for regex, _, cls in _PATTERNS:
+        if regex.fullmatch(kind):
+            return cls
+    raise ValueError(f"unknown projector kind {kind!r}; registered kinds: {', '.join(list_projectors())}")
+
+
+def list_projectors() -> list[str]:
+    """Registered kind names (families shown with their pattern name, e.g. `mlp{N}x_gelu`)."""
+    _ensure_kinds_loaded()
+    return sorted(_NAMES) + sorted(name for _, name, _ in _PATTERNS)
+
+
+def projector_table() -> list[dict[str, str]]:
+    """One row per kind: name, reference, output tokens for `N` inputs, options."""
+    _ensure_kinds_loaded()
+    rows = [(name, cls) for name, cls in _NAMES.items()] + [(name, cls) for _, name, cls in _PATTERNS]
+    return [
+        {"kind": name, "reference": cls.reference, "tokens": cls.tokens, "options": ", ".join(cls.options)}
+        for name, cls in sorted(rows)
+    ]
+
+
+def build_projector(kind: str, in_dim: int | tuple[int, ...], out_dim: int, **options: Any) -> Projector:
+    """Build a projector of a registered kind.
+
+    Args:
+        kind: e.g. `linear`, `mlp2x_gelu`, `identity`, `pixel_shuffle`, `pool`, `resampler`,
+            `c_abstractor` (see `list_projectors()`).
+        in_dim: Input token width, or one width per input stream (layers or encoders).
+        out_dim: The LLM's hidden size.
+        **options: `fusion`, `fusion_grid`, `bias`, and the kind's own options
+            (`ProjectorConfig` fields listed in the kind's `options`).
+
+    Returns:
+        A randomly initialised `Projector`.
+
+    Raises:
+        ValueError: Unknown kind, an option the kind does not use, or invalid values.
+    """
+    from .base import Projector
+    from .config import ProjectorConfig
+
+    cls = projector_class(kind)
+    fields = {f.name for f in dataclasses.fields(ProjectorConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"unknown projector options {unknown}; ProjectorConfig fields are {sorted(fields)}")
+    unused = sorted(set(options) - set(COMMON_FIELDS) - set(cls.options))
+    if unused:
+        allowed = list(COMMON_FIELDS[3:]) + list(cls.options)
+        raise ValueError(f"option(s) {unused} do not apply to kind {kind!r}; its options are: {', '.join(allowed)}")
+    return Projector(ProjectorConfig(kind=kind, in_dim=in_dim, out_dim=out_dim, **options))

@@ -1,0 +1,377 @@
+"""`VisionLanguageModel`: a vision encoder, a projector and any Hugging Face causal LM.
+
+Data flow (the transformers LLaVA convention):
+  image `(I, C, H, W)` -> encoder layers `feature_layers` -> [drop CLS] -> projector
+  -> image tokens `(I, M, d_llm)`;
+  text `(B, L)` holding one placeholder id (`image_token_id`) per image token -> LM input
+  embeddings `(B, L, d_llm)` with the image tokens written at the placeholders, in order
+  (sample 0's images first) -> `language_model(inputs_embeds=...)`.
+
+By default the encoder and the LM are frozen and only the projector trains (LLaVA's
+stage-1 feature alignment); `set_trainable` switches each part.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .encoder import VisionEncoder
+
+FeatureSelect = Literal["patch", "cls_patch"]
+FEATURE_SELECTS = ("patch", "cls_patch")
+IGNORE_INDEX = -100
+
+
+def expand_image_tokens(input_ids: Sequence[int], image_token_id: int, num_image_tokens: int) -> list[int]:
+    """Repeat every image placeholder id `num_image_tokens` times (one id per image token).
+
+    Args:
+        input_ids: One sequence of token ids holding one `image_token_id` per image.
+        image_token_id: The placeholder id (`<image>`).
+        num_image_tokens: `M`, the projector's tokens per image (`vlm.num_image_tokens()`).
+
+    Returns:
+        The expanded ids as a list.
+    """
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.ndim != 1:
+            raise ValueError(f"expand_image_tokens takes one sequence (L,), got shape {tuple(input_ids.shape)}; expand each row, then pad")
+        input_ids = input_ids.tolist()
+    out: list[int] = []
+    for token in input_ids:
+        out.extend([token] * num_image_tokens if token == image_token_id else [token])
+    return out
+
+
+def hf_layer_to_block(hf_index: int, depth: int) -> int:
+    """An index into HF's `hidden_states` (`depth + 1` entries, the embeddings first) as our
+    block index: `hidden_states[k]` is block `k` for `k < 0` and block `k - 1` for `k >= 1`.
+
+    Raises:
+        ValueError: `k == 0` or `k == -(depth + 1)` (the embedding output, not a block
+            output) or an index out of range.
+    """
+    if not -(depth + 1) <= hf_index <= depth:
+        raise ValueError(f"vision_feature_layer {hf_index} is out of range for a tower of {depth} blocks")
+    if hf_index == 0 or hf_index == -(depth + 1):
+        raise ValueError(
+            f"vision_feature_layer {hf_index} selects HF hidden_states[0], the embedding output before the first "
+            "block; only block outputs (hidden_states[1:]) are supported"
+        )
+    return hf_index if hf_index < 0 else hf_index - 1
+
+
+class VisionLanguageModel(nn.Module):
+    """Feeds projected image tokens into a causal LM (LLaVA-style).
+
+    Args:
+        encoder: The vision encoder.
+        projector: A `projectors.Projector` with one input stream per feature layer, each
+            of the encoder's width, and `out_dim` equal to the LM's hidden size.
+        language_model: Any `AutoModelForCausalLM` (it must accept `inputs_embeds`).
+        image_token_id: The placeholder id; the text holds one per image token.
+        feature_layers: Encoder blocks whose tokens the projector fuses (negatives from the
+            end; `-2` is LLaVA's default, HF `hidden_states[-2]`).
+        feature_select: `patch` (drop CLS, LLaVA's `default`) or `cls_patch` (CLS then
+            patches, LLaVA's `full`; needs a per-token projector or the resampler).
+        train_encoder: Train the encoder (default frozen).
+        train_projector: Train the projector (default yes).
+        train_language_model: Train the LM (default frozen).
+    """
+
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        projector: nn.Module,
+        language_model: nn.Module,
+        image_token_id: int,
+        feature_layers: Sequence[int] = (-2,),
+        feature_select: FeatureSelect = "patch",
+        *,
+        train_encoder: bool = False,
+        train_projector: bool = True,
+        train_language_model: bool = False,
+    ) -> None:
+        super().__init__()
+        from projectors import Projector
+
+        if not isinstance(projector, Projector):
+            raise TypeError(f"projector must be a projectors.Projector, got {type(projector).__name__}")
+        if feature_select not in FEATURE_SELECTS:
+            raise ValueError(f"feature_select={feature_select!r} is not supported; allowed: {', '.join(FEATURE_SELECTS)}")
+        self.feature_layers = tuple(encoder.resolve_layers(tuple(feature_layers)))
+        pc = projector.config
+        if pc.num_inputs != len(self.feature_layers):
+            raise ValueError(
+                f"the projector fuses {pc.num_inputs} stream(s) (in_dim={pc.in_dim}) but feature_layers "
+                f"{tuple(feature_layers)} gives {len(self.feature_layers)}"
+            )
+        if any(width != encoder.width for width in pc.in_dims):
+            raise ValueError(f"projector in_dim={pc.in_dim} does not match the encoder width {encoder.width}")
+        if feature_select == "cls_patch":
+            if encoder.cls_token is None:
+                raise ValueError("feature_select='cls_patch' needs an encoder with a CLS token; use 'patch'")
+            if projector.body.needs_grid:
+                raise ValueError(
+                    f"feature_select='cls_patch' needs a projector that takes any token set (linear, mlp{{N}}x_gelu, "
+                    f"identity, resampler); kind {pc.kind!r} works on the patch grid"
+                )
+        embeddings = language_model.get_input_embeddings()
+        if embeddings.embedding_dim != pc.out_dim:
+            raise ValueError(f"projector out_dim={pc.out_dim} does not match the LM's hidden size {embeddings.embedding_dim}")
+        if isinstance(image_token_id, bool) or not isinstance(image_token_id, int) or image_token_id < 0:
+            raise ValueError(f"image_token_id must be a non-negative int, got {image_token_id!r}")
+        self.encoder = encoder
+        self.projector = projector
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+        self.feature_select = feature_select
+        self.trainable: dict[str, bool] = {}
+        self.set_trainable(encoder=train_encoder, projector=train_projector, language_model=train_language_model)
+
+    # ------------------------------------------------------------- training
+    def set_trainable(
+        self, encoder: bool | None = None, projector: bool | None = None, language_model: bool | None = None
+    ) -> None:
+        """Freeze or unfreeze each part (`None` leaves it as it is). A frozen part has
+        `requires_grad=False` and stays in eval mode when `.train()` is called."""
+        for name, flag in (("encoder", encoder), ("projector", projector), ("language_model", language_model)):
+            if flag is None:
+                continue
+            self.trainable[name] = bool(flag)
+            getattr(self, name).requires_grad_(bool(flag))
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        super().train(mode)
+        for name, flag in self.trainable.items():
+            if not flag:
+                getattr(self, name).eval()
+        return self
+
+    # --------------------------------------------------------------- images
+    def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+        """`M`, the image tokens per image at `image_size` `(H, W)` (default: the encoder's)."""
+        c = self.encoder.config
+        if image_size is None:
+            grid = c.grid_size
+        else:
+            grid = (image_size[0] // c.input_stride, image_size[1] // c.input_stride)
+        if self.feature_select == "cls_patch":
+            return self.projector.num_output_tokens(num_tokens=1 + grid[0] * grid[1])
+        return self.projector.num_output_tokens(grid_size=grid)
+
+    def expand_image_tokens(self, input_ids: Sequence[int], image_size: tuple[int, int] | None = None) -> list[int]:
+        """`expand_image_tokens` with this model's placeholder id and `M`."""
+        return expand_image_tokens(input_ids, self.image_token_id, self.num_image_tokens(image_size))
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens.
+
+        Args:
+            pixel_values: Normalised images `(I, C, H, W)`.
+
+        Returns:
+            `(I, M, d_llm)` in the LM's embedding dtype.
+        """
+        param = next(self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable.get("encoder", False)):
+            out = self.encoder(pixel_values.to(param.dtype), layers=self.feature_layers)
+        if self.feature_select == "patch":
+            features = self.projector(out)
+        else:
+            streams = [torch.cat([out.cls(l).unsqueeze(1), out.patches(l)], dim=1) for l in self.feature_layers]
+            features = self.projector(streams)  # (I, 1 + N, D) per layer
+        return features.to(self.language_model.get_input_embeddings().weight.dtype)
+
+    # ------------------------------------------------------------------ text
+    def prepare_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The LM's keyword arguments with the image tokens placed at the placeholders.
+
+        Args:
+            input_ids: `(B, L)` text ids holding `M` placeholder ids per image
+                (`expand_image_tokens`); samples may have several images or none.
+            pixel_values: `(I, C, H, W)`, the images in the order their placeholders appear
+                (sample 0's first), or `None` for text only.
+            attention_mask: `(B, L)`; default all ones.
+            labels: `(B, L)` next-token targets; image positions are set to -100.
+
+        Returns:
+            `{"inputs_embeds": (B, L, d_llm), "attention_mask": (B, L)}` plus `"labels"` when given.
+
+        Raises:
+            ValueError: The number of placeholder ids differs from the number of image
+                features (both counts are named), or a sample's count is not a multiple of `M`.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        is_image = input_ids == self.image_token_id  # (B, L)
+        n_tokens = int(is_image.sum())
+        embed = self.language_model.get_input_embeddings()
+        inputs_embeds = embed(input_ids.masked_fill(is_image, 0))  # (B, L, d); placeholder ids may lie outside the vocab
+        if pixel_values is None:
+            if n_tokens:
+                raise ValueError(f"input_ids hold {n_tokens} image token ids ({self.image_token_id}) but no pixel_values were given")
+        else:
+            features = self.image_features(pixel_values)  # (I, M, d)
+            images, per_image = features.shape[:2]
+            n_features = images * per_image
+            if n_tokens != n_features:
+                raise ValueError(
+                    f"image tokens and image features do not match: input_ids hold {n_tokens} image token ids "
+                    f"(id {self.image_token_id}) but the {images} image(s) give {images} x {per_image} = {n_features} "
+                    f"features; expand each <image> placeholder to {per_image} ids with expand_image_tokens"
+                )
+            per_sample = is_image.sum(dim=1).tolist()
+            bad = [(i, n) for i, n in enumerate(per_sample) if n % per_image]
+            if bad:
+                raise ValueError(
+                    f"sample {bad[0][0]} holds {bad[0][1]} image token ids, not a multiple of the {per_image} tokens of an image"
+                )
+            # masked_scatter fills the placeholders in row-major order: sample 0's images first.
+            inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), features.to(inputs_embeds.dtype))
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
+        if labels is not None:
+            out["labels"] = labels.masked_fill(is_image, IGNORE_INDEX)
+        return out
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **lm_kwargs: Any,
+    ) -> Any:
+        """Run the LM on text with image tokens; returns the LM's own output (`.logits`,
+        `.loss` when `labels` are given: next-token loss, image positions ignored)."""
+        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, labels)
+        return self.language_model(**inputs, **lm_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """`language_model.generate` from the prompt with image tokens.
+
+        Returns:
+            The generated ids `(B, T)` only (what HF returns when decoding from `inputs_embeds`).
+        """
+        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask)
+        return self.language_model.generate(**inputs, **generate_kwargs)
+
+    # --------------------------------------------------------------- loading
+    @classmethod
+    def from_llava(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> VisionLanguageModel:
+        """Load a transformers `LlavaForConditionalGeneration` checkpoint directory.
+
+        The vision tower (CLIP, or SigLIP with `vision_feature_select_strategy='full'`) is
+        converted to a `VisionEncoder`, the `multi_modal_projector` to an `mlp2x_gelu`
+        `Projector` (one input stream per `vision_feature_layer`, fused by concatenation as
+        transformers does), and the language model becomes an `AutoModelForCausalLM` sharing
+        the loaded modules, so the same image and prompt give the same logits.
+
+        Args:
+            path: A local directory written by `LlavaForConditionalGeneration.save_pretrained`.
+            dtype: Load in this dtype (default: as transformers does).
+            device: Where to put the model.
+            **kwargs: Passed to the constructor (e.g. `train_language_model=True`).
+
+        Returns:
+            The model in eval mode.
+
+        Raises:
+            ValueError: Not a LLaVA checkpoint, or a vision tower, activation or feature
+                layer that is not supported.
+        """
+        import transformers
+        from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+        from projectors import build_projector, convert_hf_llava_projector
+
+        from .converters import hf_clip, hf_siglip
+        from .weights import load_state_dict_strict
+
+        config = transformers.AutoConfig.from_pretrained(path)
+        if not isinstance(config, LlavaConfig):
+            raise ValueError(f"{path}: model_type={config.model_type!r}, expected 'llava' (LlavaForConditionalGeneration)")
+        towers = {"clip_vision_model": hf_clip, "siglip_vision_model": hf_siglip}
+        vision_type = config.vision_config.model_type
+        if vision_type not in towers:
+            raise ValueError(f"{path}: vision tower {vision_type!r} is not supported; supported: {', '.join(towers)}")
+        if config.projector_hidden_act != "gelu":
+            raise ValueError(f"{path}: projector_hidden_act={config.projector_hidden_act!r}; only 'gelu' (mlp2x_gelu) is supported")
+        converter = towers[vision_type]
+        encoder = VisionEncoder(converter.config_from_hf(config.vision_config))
+        hf_layers = config.vision_feature_layer
+        hf_layers = [hf_layers] if isinstance(hf_layers, int) else list(hf_layers)
+        feature_layers = tuple(hf_layer_to_block(k, encoder.num_blocks) for k in hf_layers)
+        strategy = config.vision_feature_select_strategy
+        if strategy == "default" and encoder.cls_token is None:
+            raise ValueError(
+                f"{path}: vision_feature_select_strategy='default' drops the first token, but the {vision_type} tower "
+                "has no CLS token (transformers would drop a patch); only 'full' is supported for it"
+            )
+        feature_select = "patch" if strategy == "default" or encoder.cls_token is None else "cls_patch"
+
+        llava = LlavaForConditionalGeneration.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+        load_state_dict_strict(
+            encoder, converter.convert_state_dict(llava.model.vision_tower.state_dict()), source=f"{path} (vision tower)"
+        )
+        projector = build_projector(
+            "mlp2x_gelu",
+            (encoder.width,) * len(feature_layers),
+            config.text_config.hidden_size,
+            bias=config.multimodal_projector_bias,
+        )
+        load_state_dict_strict(
+            projector,
+            convert_hf_llava_projector(llava.model.multi_modal_projector.state_dict()),
+            source=f"{path} (multi_modal_projector)",
+        )
+        # The causal LM shares the loaded decoder and head; it is built on the meta device so
+        # no second copy of the weights is ever allocated.
+        with torch.device("meta"):
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        setattr(language_model, language_model.base_model_prefix, llava.model.language_model)
+        language_model.set_output_embeddings(llava.lm_head)
+        language_model.generation_config = llava.generation_config
+        left_on_meta = [n for n, t in [*language_model.named_parameters(), *language_model.named_buffers()] if t.is_meta]
+        if left_on_meta:
+            raise ValueError(f"{path}: the causal LM could not take every module of the LLaVA LM: {left_on_meta[:5]}")
+        encoder.to(dtype=llava.lm_head.weight.dtype)
+        projector.to(dtype=llava.lm_head.weight.dtype)
+        model = cls(
+            encoder,
+            projector,
+            language_model,
+            image_token_id=config.image_token_id,
+            feature_layers=feature_layers,
+            feature_select=feature_select,
+            **kwargs,
+        )
+        return model.to(device=device).eval()
