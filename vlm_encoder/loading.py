@@ -5,6 +5,8 @@ The family is chosen explicitly, never guessed from the weights:
       `vlm_encoder.vision`                    -> our own `save_pretrained` format
       `clip`, `clip_vision_model`             -> `converters.hf_clip`
       `siglip`, `siglip_vision_model`         -> `converters.hf_siglip`
+      `siglip2`, `siglip2_vision_model`       -> `converters.hf_siglip2` (NaFlex: encode images at
+                                                 their own sizes with `vlm_encoder.packing`)
       `vit`                                   -> `converters.hf_vit`
       `dinov2`, `dinov2_with_registers`       -> `converters.hf_dinov2`
       `llava`, `llava_next`                   -> the tower named by `vision_config.model_type`,
@@ -45,11 +47,16 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "clip_vision_model",
     "siglip",
     "siglip_vision_model",
+    "siglip2",
+    "siglip2_vision_model",
     "vit",
     "dinov2",
     "dinov2_with_registers",
 )
 LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next")
+# Families whose processor resizes each image under a patch budget instead of to one size.
+NAFLEX_MODEL_TYPES: tuple[str, ...] = ("siglip2", "siglip2_vision_model")
+NAFLEX_DEFAULT_MAX_PATCHES = 256  # transformers' Siglip2ImageProcessor.max_num_patches
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (VisionEncoder.model_type, *HF_MODEL_TYPES, *LLAVA_MODEL_TYPES)
 
 # Where a LLaVA checkpoint keeps its vision tower (transformers >= 4.52 in memory / on disk),
@@ -271,13 +278,15 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch
 
 # ---------------------------------------------------------------------------- families
 def _converter(model_type: str) -> ModuleType:
-    from .converters import hf_clip, hf_dinov2, hf_siglip, hf_vit
+    from .converters import hf_clip, hf_dinov2, hf_siglip, hf_siglip2, hf_vit
 
     table = {
         "clip": hf_clip,
         "clip_vision_model": hf_clip,
         "siglip": hf_siglip,
         "siglip_vision_model": hf_siglip,
+        "siglip2": hf_siglip2,
+        "siglip2_vision_model": hf_siglip2,
         "vit": hf_vit,
         "dinov2": hf_dinov2,
         "dinov2_with_registers": hf_dinov2,
@@ -323,7 +332,12 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         )
     else:
         raise _unsupported(model_type, str(config_path))
-    encoder.image_processor = _image_processor(files)
+    if model_type in NAFLEX_MODEL_TYPES:
+        # No fixed-size processor: use vlm_encoder.packing.resize_to_budget(policy="naflex").
+        encoder.image_processor = None
+        info["max_num_patches"] = _naflex_max_patches(files)
+    else:
+        encoder.image_processor = _image_processor(files)
     encoder.source_info = info
     return encoder
 
@@ -390,6 +404,15 @@ def check_llava_keys(names: Iterable[str], source: str) -> None:
     unknown = sorted(k for k in names if not k.startswith(LLAVA_TOWER_PREFIXES + LLAVA_IGNORED_PREFIXES))
     if unknown:
         raise WeightsError(f"{source}: LLaVA checkpoint has keys outside the vision tower, LM and projector: {unknown[:20]}")
+
+
+def _naflex_max_patches(files: SourceFiles) -> int | None:
+    """The NaFlex processor's patch budget (`max_num_patches`), or `None` without a
+    `preprocessor_config.json`."""
+    path = files.get(PREPROCESSOR_FILE, required=False)
+    if path is None:
+        return None
+    return int(read_config_file(path).get("max_num_patches", NAFLEX_DEFAULT_MAX_PATCHES))
 
 
 def _image_processor(files: SourceFiles) -> Any:

@@ -1,0 +1,129 @@
+"""Per-image target sizes for native-resolution encoding: keep the aspect ratio, sides
+multiples of the patch stride, at most a token budget of patches.
+
+Two policies:
+  * `naflex`: SigLIP2's NaFlex rule, `transformers`' `get_image_size_for_max_num_patches`
+    reproduced exactly (a binary search on one scale for both sides, sides rounded *up* to
+    the stride, so it also enlarges small images to fill the budget).
+  * `navit`: native resolution when it fits: an image is only ever shrunk, by the largest
+    scale whose stride-rounded (*down*) grid fits the budget (NaViT's "native aspect ratio,
+    resize only to bound the sequence length").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+
+SizingPolicy = Literal["navit", "naflex"]
+SIZING_POLICIES: tuple[str, ...] = get_args(SizingPolicy)
+
+
+def _check_size_args(height: int, width: int, patch_size: int, max_tokens: int) -> None:
+    for name, value in (("height", height), ("width", width), ("patch_size", patch_size), ("max_tokens", max_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_tokens: int, eps: float = 1e-5) -> tuple[int, int]:
+    """SigLIP2 NaFlex target size `(H, W)` (exactly HF's `get_image_size_for_max_num_patches`).
+
+    A binary search over one scale in `[eps / 10, 100]` keeps the largest scale whose grid
+    `ceil(side * scale / p)` (at least one patch per side) has at most `max_tokens` patches.
+
+    Args:
+        height: Image height in pixels.
+        width: Image width in pixels.
+        patch_size: Patch stride `p` in pixels.
+        max_tokens: Patch budget (HF's `max_num_patches`).
+        eps: Stop when the search interval is narrower than this.
+
+    Returns:
+        `(H, W)`, multiples of `patch_size`.
+    """
+    _check_size_args(height, width, patch_size, max_tokens)
+
+    def scaled(scale: float, size: int) -> int:
+        side = math.ceil(size * scale / patch_size) * patch_size
+        return int(max(patch_size, side))
+
+    scale_min, scale_max = eps / 10, 100.0
+    while (scale_max - scale_min) >= eps:
+        scale = (scale_min + scale_max) / 2
+        patches = (scaled(scale, height) / patch_size) * (scaled(scale, width) / patch_size)
+        if patches <= max_tokens:
+            scale_min = scale
+        else:
+            scale_max = scale
+    return scaled(scale_min, height), scaled(scale_min, width)
+
+
+def navit_size(height: int, width: int, patch_size: int, max_tokens: int) -> tuple[int, int]:
+    """NaViT target size `(H, W)`: the native size rounded down to the patch stride, shrunk
+    (aspect ratio kept) only when its grid has more than `max_tokens` patches.
+
+    Args:
+        height: Image height in pixels (at least `patch_size`).
+        width: Image width in pixels (at least `patch_size`).
+        patch_size: Patch stride `p` in pixels.
+        max_tokens: Patch budget.
+
+    Returns:
+        `(H, W)`, multiples of `patch_size`, never larger than the image.
+
+    Raises:
+        ValueError: A side shorter than one patch.
+    """
+    _check_size_args(height, width, patch_size, max_tokens)
+    if height < patch_size or width < patch_size:
+        raise ValueError(f"image {height}x{width} has a side shorter than one patch ({patch_size} px)")
+    scale = min(1.0, math.sqrt(max_tokens * patch_size**2 / (height * width)))
+    h = max(1, math.floor(height * scale / patch_size))
+    w = max(1, math.floor(width * scale / patch_size))
+    # Float rounding, or the one-patch floor on a very thin image, can leave the grid over budget.
+    while h * w > max_tokens and max(h, w) > 1:
+        if h >= w:
+            h -= 1
+        else:
+            w -= 1
+    return h * patch_size, w * patch_size
+
+
+def target_size(
+    height: int, width: int, patch_size: int, max_tokens: int, policy: SizingPolicy = "navit"
+) -> tuple[int, int]:
+    """The `(H, W)` an image is encoded at under `policy` (`navit` or `naflex`)."""
+    if policy == "navit":
+        return navit_size(height, width, patch_size, max_tokens)
+    if policy == "naflex":
+        return naflex_size(height, width, patch_size, max_tokens)
+    raise ValueError(f"policy={policy!r} is not supported; allowed: {', '.join(SIZING_POLICIES)}")
+
+
+def resize_to_budget(
+    images: list[torch.Tensor], patch_size: int, max_tokens: int, policy: SizingPolicy = "navit"
+) -> list[torch.Tensor]:
+    """Resize each image `(C, H_i, W_i)` to its `target_size` (antialiased bilinear, as
+    SigLIP2's processor; images already at their target size are returned as they are).
+
+    Args:
+        images: Float images `(C, H_i, W_i)` (normalised or not; resizing is linear).
+        patch_size: Patch stride of the encoder (`encoder.config.input_stride`).
+        max_tokens: Patch budget per image.
+        policy: `navit` or `naflex`.
+
+    Returns:
+        The resized images, in order.
+    """
+    out = []
+    for i, image in enumerate(images):
+        if not isinstance(image, torch.Tensor) or image.ndim != 3 or not image.is_floating_point():
+            raise ValueError(f"image {i} must be a float tensor (C, H, W), got {getattr(image, 'shape', type(image))}")
+        size = target_size(int(image.shape[-2]), int(image.shape[-1]), patch_size, max_tokens, policy)
+        if tuple(image.shape[-2:]) != size:
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        out.append(image)
+    return out
