@@ -1,15 +1,13 @@
-"""Two processes through `accelerate launch --cpu` (gloo) write one store equal to a single process's."""
+"""Two processes (`torchrun`, the launcher `accelerate launch` uses for several GPUs; gloo on the
+CPU) write one store, without a merge step, equal to a single process's."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from test_extract import checksums, cli_args, make_images, tiny_config
 from vlm_encoder.extract import run_extraction
@@ -17,19 +15,21 @@ from vlm_encoder.extract import run_extraction
 PYTHON = sys.executable
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_through_accelerate_equal_one(tmp_path):
     images = make_images(tmp_path / "images", 18, bad=True)
     assert run_extraction(tiny_config(tmp_path, images, out="single")).complete
     reference = tmp_path / "single"
-    accelerate = shutil.which("accelerate", path=str(Path(PYTHON).parent))
-    if accelerate is None:
-        pytest.skip("accelerate's launcher is not installed")
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "vlm_encoder.cli", *cli_args(images, out, "--batch-size", "2",
-                                                                         "--num-workers", "0")],
+        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "vlm_encoder.cli", *cli_args(images, out, "--batch-size", "2", "--num-workers", "0", "--device", "cpu")],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr

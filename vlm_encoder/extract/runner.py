@@ -148,10 +148,14 @@ class FeaturePlan:
         return features
 
 
-def _process_state() -> Any:
+def _process_state(device: str | None) -> Any:
+    """This process's rank and world (`accelerate.PartialState`). On a machine without an
+    accelerator, or with `device="cpu"`, the processes that `torchrun` / `accelerate launch`
+    started join through gloo (PartialState alone would treat each as a world of one)."""
     from accelerate import PartialState
 
-    return PartialState()
+    accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return PartialState(cpu=(device or "").startswith("cpu") or not accelerator)
 
 
 def _batches(layout: ShardLayout, shards: list[int], batch_size: int) -> list[list[int]]:
@@ -243,7 +247,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
             (the message names each), or features the encoder cannot give.
     """
     started = time.perf_counter()
-    state = _process_state()
+    state = _process_state(config.device)
     rank, world = state.process_index, state.num_processes
     device = torch.device(config.device) if config.device else state.device
     out = config.out
