@@ -1,6 +1,6 @@
 """Building blocks of the encoder, one concept per module. Layers never import models."""
 
-from .attention import Attention, attention, attention_weights
+from .attention import Attention, attention_weights, dot_product_attention
 from .block import Block, DropPath, LayerScale
 from .map_head import AttentionPoolHead
 from .mlp import Mlp, RowwiseMlp, SwiGLU, build_mlp, get_activation, rowwise_linear
@@ -10,7 +10,7 @@ from .stem import ResNetStem
 
 __all__ = [
     "Attention",
-    "attention",
+    "dot_product_attention",
     "attention_weights",
     "AttentionPoolHead",
     "Block",

@@ -7,16 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def attention(
+def dot_product_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Scaled dot-product attention `softmax(q k^T / sqrt(d)) v` over `(B, heads, T, d)`.
+    """Scaled dot-product attention `softmax(q k^T / sqrt(d)) v` over `(B, heads, T, d)`,
+    through `F.scaled_dot_product_attention`.
 
-    On CUDA (and other accelerators) this is `F.scaled_dot_product_attention` (flash or
-    memory-efficient kernels). On the CPU it is the explicit batched-matmul form instead:
-    PyTorch's fused CPU kernel splits its work by batch size, so an image's features would
-    change bitwise with the batch it is in; the explicit form keeps them identical whatever
-    the batch (and costs ~2% of a ViT-B forward, the linears dominate).
+    On the CPU the fused kernel is called once per image: its rounding depends on how the
+    whole batch is split into work for the threads, so for some shapes an image's output
+    would change bitwise with the batch it is in. Per image, the features are identical
+    whatever the batch (the loop costs nothing measurable: each call still has heads x
+    query blocks of parallel work). Elsewhere it is one batched call.
 
     Args:
         q: Queries `(B, heads, Tq, d)`.
@@ -28,9 +29,18 @@ def attention(
     Returns:
         `(B, heads, Tq, d)`.
     """
-    if q.device.type != "cpu":
+    B = q.shape[0]
+    if q.device.type != "cpu" or B == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return attention_weights(q, k, attn_mask) @ v
+    per_image_mask = attn_mask is not None and attn_mask.ndim == 4 and attn_mask.shape[0] == B
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[i : i + 1], k[i : i + 1], v[i : i + 1], attn_mask=attn_mask[i : i + 1] if per_image_mask else attn_mask
+            )
+            for i in range(B)
+        ]
+    )
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,8 +88,24 @@ class Attention(nn.Module):
         weights = None
         if return_weights:
             weights = attention_weights(q, k, attn_mask)
-            x = weights @ v
+            x = (weights @ v).transpose(1, 2).reshape(B, T, D)
+        elif x.device.type == "cpu" and B > 1:
+            x = _per_image_attention(q, k, v, attn_mask)
         else:
-            x = attention(q, k, v, attn_mask)
-        x = x.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+            x = dot_product_attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(x), weights
+
+
+def _per_image_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """CPU path of `dot_product_attention` (one fused call per image), writing each image's
+    heads straight into the merged `(B, T, D)` layout: one copy, as the batched path has."""
+    B, H, T, d = q.shape
+    out = q.new_empty(B, T, H * d)
+    per_image_mask = attn_mask is not None and attn_mask.ndim == 4 and attn_mask.shape[0] == B
+    for i in range(B):
+        mask = attn_mask[i : i + 1] if per_image_mask else attn_mask
+        attended = F.scaled_dot_product_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], attn_mask=mask)
+        out[i].view(T, H, d).copy_(attended[0].transpose(0, 1))  # (T, H, d)
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attention
 from .mlp import RowwiseMlp, rowwise_linear
 
 
