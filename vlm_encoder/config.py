@@ -16,12 +16,14 @@ PosEmbedKind = Literal["learned", "sincos", "none"]
 PoolKind = Literal["cls", "gap", "map", "none"]
 MlpKind = Literal["mlp", "swiglu"]
 ProjectionActivation = Literal["none", "tanh"]
+PosResampleMode = Literal["bicubic", "bilinear"]
 
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 POS_EMBED_KINDS: tuple[str, ...] = get_args(PosEmbedKind)
 POOL_KINDS: tuple[str, ...] = get_args(PoolKind)
 MLP_KINDS: tuple[str, ...] = get_args(MlpKind)
 PROJECTION_ACTIVATIONS: tuple[str, ...] = get_args(ProjectionActivation)
+POS_RESAMPLE_MODES: tuple[str, ...] = get_args(PosResampleMode)
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -88,6 +90,9 @@ class VisionConfig:
             (as timm and HF DINOv2-with-registers do; it also uses PIL's a=-0.5 cubic kernel
             when enlarging) or the plain one (a=-0.75, as HF CLIP, SigLIP, ViT and DINOv2's
             `interpolate_pos_encoding`; their converters turn this off for parity).
+        pos_resample_mode: Interpolation of that resampling: `bicubic` (default) or
+            `bilinear` (SigLIP2 NaFlex resizes its square table per image with antialiased
+            bilinear).
         patch_remainder: What a side that is not a multiple of the patch stride gets:
             `error` (default), or `drop`, where the convolution ignores the last pixels as
             the references silently do (needed for checkpoints such as SigLIP so400m/14 at
@@ -122,6 +127,7 @@ class VisionConfig:
     stem_width: int = 64
     drop_path_rate: float = 0.0
     pos_resample_antialias: bool = True
+    pos_resample_mode: PosResampleMode = "bicubic"
     patch_remainder: Literal["error", "drop"] = "error"
 
     def __post_init__(self) -> None:
@@ -165,6 +171,7 @@ class VisionConfig:
         if any((not isinstance(n, int)) or n <= 0 for n in self.stem_layers):
             raise ValueError(f"stem_layers must be positive ints, got {self.stem_layers}")
         _choice(self.patch_remainder, ("error", "drop"), "patch_remainder")
+        _choice(self.pos_resample_mode, POS_RESAMPLE_MODES, "pos_resample_mode")
         stride = self.input_stride
         for side, name in zip(self.image_size, ("height", "width")):
             if side < stride:

@@ -191,8 +191,8 @@ class VisionEncoder(PretrainedMixin, nn.Module):
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """The position embedding `(1, h*w, D)` for a patch grid, or `None` without one.
 
-        A learned table is resampled (bicubic in float32, antialiased unless
-        `config.pos_resample_antialias` is off) for grids other than the
+        A learned table is resampled (`config.pos_resample_mode`, bicubic by default, in
+        float32, antialiased unless `config.pos_resample_antialias` is off) for grids other than the
         native one; the result is cached per grid when no gradient flows to the table.
         """
         c = self.config
@@ -206,7 +206,9 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         if not needs_grad and key in self._pos_cache:
             return self._pos_cache[key]
         if c.pos_embed == "learned":
-            table = resample_pos_embed(self.pos_embed, c.grid_size, grid, antialias=c.pos_resample_antialias)
+            table = resample_pos_embed(
+                self.pos_embed, c.grid_size, grid, antialias=c.pos_resample_antialias, mode=c.pos_resample_mode
+            )
         else:
             param = self.patch_embed.proj.weight
             table = sincos_2d_pos_embed(c.width, grid).to(device=param.device, dtype=param.dtype)

@@ -11,6 +11,7 @@ def resample_pos_embed(
     old_grid: tuple[int, int],
     new_grid: tuple[int, int],
     antialias: bool = True,
+    mode: str = "bicubic",
 ) -> torch.Tensor:
     """Resample a learned position table over a patch grid to another grid.
 
@@ -23,6 +24,8 @@ def resample_pos_embed(
         old_grid: `(h, w)` of the table.
         new_grid: `(h', w')` wanted.
         antialias: Use the antialiased (PIL-style) bicubic.
+        mode: `bicubic` (default) or `bilinear` (SigLIP2 NaFlex resizes its table with
+            antialiased bilinear).
 
     Returns:
         The table `(1, h'*w', D)`.
@@ -32,7 +35,7 @@ def resample_pos_embed(
     h, w = old_grid
     dim = table.shape[-1]
     grid = table.reshape(1, h, w, dim).permute(0, 3, 1, 2).float()  # (1, D, h, w)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=antialias)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False, antialias=antialias)
     return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(table.dtype)  # (1, h'w', D)
 
 
