@@ -7,6 +7,7 @@ LLM's width, and contrastive image-text training.
 from .config import VisionConfig
 from .contrastive import ClipLoss, ContrastiveModel, SigLipLoss
 from .encoder import VisionEncoder
+from .extract import FeatureStore
 from .converters.open_clip_vit import load_open_clip
 from .converters.timm_vit import load_timm
 from .loading import load_encoder
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "EncoderOutput",
+    "FeatureStore",
     "ImageProcessor",
     "VisionConfig",
     "VisionEncoder",
