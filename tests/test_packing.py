@@ -159,6 +159,14 @@ def test_packed_batch_helpers():
     assert packed.attention_mask(0).shape == (1, 1, 9, 9)
     assert [s.grid for s in packed.segments] == [(2, 2), (1, 3)]
 
+    two = embed_images(encoder, images([(16, 16), (8, 24), (8, 8)]), max_tokens_per_pack=6)
+    assert [s.pack for s in two.segments] == [0, 1, 1] and two.lengths(1) == [4, 2]
+    tokens, mask = two.batched()
+    assert tokens.shape == (2, 6, 32) and mask.shape == (2, 1, 6, 6)
+    assert torch.equal(tokens[0, 5:], torch.zeros(1, 32))  # pack 0 is padded by one token
+    assert mask[0, 0, 5].tolist() == [False] * 5 + [True]  # the padding only sees itself
+    assert torch.equal(mask[1, 0], block_diagonal_mask([4, 2])[0, 0])
+
 
 # ------------------------------------------------------------------- sizing
 def test_navit_keeps_native_size_when_it_fits_and_shrinks_otherwise():
@@ -229,3 +237,30 @@ def test_errors_name_the_problem():
         target_size(10, 10, 4, 4, policy="square")
     with pytest.raises(ValueError, match="max_tokens must be a positive int"):
         navit_size(10, 10, 4, 0)
+
+
+# ------------------------------------------------------------------- benchmark smoke
+@pytest.mark.slow
+def test_benchmark_tiny_run_writes_results(tmp_path):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "packing_throughput.py"
+    spec = importlib.util.spec_from_file_location("packing_throughput", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        assert module.main(["--tiny", "--results-dir", str(tmp_path)]) == 0
+    finally:
+        sys.modules.pop(spec.name, None)
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "packing_throughput_cpu_tiny.json").read_text())
+    rows = {r["name"]: r for r in report["results"]}
+    assert set(rows) == {"packed", "padded"} and report["parity_pooled_max_abs"] <= 1e-4
+    assert rows["packed"]["processed_tokens"] < rows["padded"]["processed_tokens"]
+    assert all(r["real_tokens_per_s"] > 0 and r["peak_memory_mb"] >= 0 for r in rows.values())
+    assert "| packed |" in (tmp_path / "packing_throughput_cpu_tiny.md").read_text()

@@ -12,6 +12,7 @@ from .converters.open_clip_vit import load_open_clip
 from .converters.timm_vit import load_timm
 from .loading import load_encoder
 from .output import EncoderOutput
+from .packing import encode_packed
 from .processing import ImageProcessor
 from .presets import PRESETS, create_encoder, list_presets, preset_config
 from .text import TextConfig, TextEncoder
@@ -33,6 +34,7 @@ __all__ = [
     "load_open_clip",
     "load_timm",
     "load_encoder",
+    "encode_packed",
     "preset_config",
     "VisionLanguageModel",
     "expand_image_tokens",

@@ -3,12 +3,13 @@
 
 Each image is embedded at its own size (patch embedding, the position table resampled to
 its grid, its own CLS / register tokens at the start of its segment); the segments are
-packed (`pack.py`) and every block runs once per pack with a block-diagonal mask, so no
-token is padding. The final norm and the pooling (CLS, mean of the image's patches, or MAP
+packed (`pack.py`) and every block runs once over the batch of packs with a block-diagonal
+mask, so no token is padding (except at the end of packs shorter than the longest one). The final norm and the pooling (CLS, mean of the image's patches, or MAP
 over the image's tokens only) are applied per image.
 
-Attention: on the CPU the package's explicit masked attention (batch-invariant), on CUDA
-`scaled_dot_product_attention` with the boolean block mask.
+Attention: the blocks' own attention (`layers.attention`, `scaled_dot_product_attention`)
+with the boolean block mask `(P, 1, T, T)`; masked blocks are computed and discarded, so
+`max_tokens_per_pack` bounds that waste.
 """
 
 from __future__ import annotations
@@ -90,21 +91,19 @@ def encode_packed(
     last = max(wanted)
     wanted_set = set(wanted)
     checkpointing = encoder.grad_checkpointing and encoder.training and torch.is_grad_enabled()
-    captured: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-    finals: list[torch.Tensor] = []
-    for p, x in enumerate(packed.tokens):
-        mask = packed.attention_mask(p)  # (1, 1, T_p, T_p)
-        for i, block in enumerate(encoder.blocks[: last + 1]):
-            if checkpointing:
-                x, _ = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
-            else:
-                x, _ = block(x, attn_mask=mask)
-            if i in wanted_set:
-                captured[i].append(x)
-        finals.append(x)
-    per_layer = {i: packed.unpack(captured[i]) for i in wanted}  # layer -> per-image (1, T_i, D)
+    x, mask = packed.batched()  # (P, T, D), (P, 1, T, T)
+    captured: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(encoder.blocks[: last + 1]):
+        if checkpointing:
+            x, _ = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+        else:
+            x, _ = block(x, attn_mask=mask)
+        if i in wanted_set:
+            captured[i] = x
+    # layer -> per-image (1, T_i, D)
+    per_layer = {i: packed.unpack(captured[i].split(1, dim=0)) for i in wanted}
     ran_all = last == encoder.num_blocks - 1
-    per_image_final = packed.unpack(finals) if ran_all else None
+    per_image_final = packed.unpack(x.split(1, dim=0)) if ran_all else None
     outputs = []
     for segment in packed.segments:
         n = segment.image

@@ -4,7 +4,8 @@ block-diagonal attention mask so that each image only attends to itself.
 A pack is `(1, T, D)` with `T = sum T_i` over its images; each image's segment is its prefix
 tokens (CLS, registers) then its patches, in row-major order. Packs are filled first-fit in
 input order up to `max_tokens_per_pack` tokens (one pack when there is no budget), so that
-the `(T, T)` mask stays bounded for large batches.
+the `(T, T)` mask and the attention work stay bounded for large batches; the packs then run
+as one batch `(P, T, D)` (`PackedBatch.batched`), padded only at the end of short packs.
 """
 
 from __future__ import annotations
@@ -135,9 +136,27 @@ class PackedBatch:
         """Segment boundaries of `pack` `(n_p + 1,)` int32."""
         return cu_seqlens(self.lengths(pack), self.tokens[pack].device)
 
+    def batched(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All packs as one batch: tokens `(P, T, D)` with `T` the longest pack (shorter packs
+        padded at the end with zeros) and the block-diagonal mask `(P, 1, T, T)`; each pack's
+        padding forms its own segment, so it never touches an image (and no softmax row is
+        empty)."""
+        T = max(t.shape[1] for t in self.tokens)
+        device = self.tokens[0].device
+        rows, masks = [], []
+        for p, tokens in enumerate(self.tokens):
+            lengths = self.lengths(p)
+            pad = T - tokens.shape[1]
+            if pad:
+                tokens = torch.cat([tokens, tokens.new_zeros(1, pad, tokens.shape[-1])], dim=1)
+                lengths = lengths + [pad]
+            rows.append(tokens)
+            masks.append(block_diagonal_mask(lengths, device))
+        return torch.cat(rows, dim=0), torch.cat(masks, dim=0)  # (P, T, D), (P, 1, T, T)
+
     def unpack(self, packs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Split per-pack tensors `(1, T_p, D)` (e.g. a block's output) into per-image
-        tensors `(1, T_i, D)`, in input order."""
+        """Split per-pack tensors `(1, T_p, D)` (e.g. a block's output; rows of a `batched`
+        tensor) into per-image tensors `(1, T_i, D)`, in input order."""
         if len(packs) != self.num_packs:
             raise ValueError(f"expected {self.num_packs} packs, got {len(packs)}")
         return [packs[s.pack][:, s.start : s.stop] for s in self.segments]
