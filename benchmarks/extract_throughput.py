@@ -61,9 +61,9 @@ WORKLOADS = {
     "gpu": Workload("gpu", "vit_large_patch14_clip_336", images=6144, batch_size=128, num_workers=14, dtype="bf16",
                     repeats=3),
 }
-QUICK = dict(preset="vit_small_patch16_224", images=48, batch_size=8, repeats=2)
-TINY = dict(preset="vit_tiny_patch16_224", images=32, batch_size=8, repeats=1,
-            overrides=(("depth", 2), ("width", 32), ("num_heads", 2), ("image_size", 32), ("patch_size", 8)))
+QUICK = {"preset": "vit_small_patch16_224", "images": 48, "batch_size": 8, "repeats": 2}
+TINY = {"preset": "vit_tiny_patch16_224", "images": 32, "batch_size": 8, "repeats": 1,
+        "overrides": (("depth", 2), ("width", 32), ("num_heads", 2), ("image_size", 32), ("patch_size", 8))}
 
 
 def write_jpegs(folder: Path, count: int, seed: int = 0) -> None:
@@ -185,17 +185,17 @@ def main(argv: list[str] | None = None) -> dict:
             "",
             f"- date: {result['date']}",
             f"- device: {result['device']}",
-            f"- model: {w.preset} (random weights), layers -2 -1, cls + patch, {w.dtype}, batch {w.batch_size}, "
-            f"{w.num_workers} decode workers, {w.images} JPEGs (300-500 px)",
+            (f"- model: {w.preset} (random weights), layers -2 -1, cls + patch, {w.dtype}, batch {w.batch_size}, "
+            f"{w.num_workers} decode workers, {w.images} JPEGs (300-500 px)"),
             "",
             "| measurement | images/s |",
             "|---|---|",
             f"| encoder only (preprocessed batches on the device) | {result['encoder_only_images_per_s']} |",
             f"| end to end (JPEG on disk -> shards) | {result['end_to_end_images_per_s']} |",
             "",
-            f"Ratio {result['ratio']:.3f} (target >= {TARGET}): {'met' if result['meets_target'] else 'NOT met'}. "
+            (f"Ratio {result['ratio']:.3f} (target >= {TARGET}): {'met' if result['meets_target'] else 'NOT met'}. "
             f"Set-up per run (model, weight hash, checks): {result['setup_s']} s, not in the rate. "
-            f"Median of {w.repeats} alternating repeats: {result['per_repeat']}.",
+            f"Median of {w.repeats} alternating repeats: {result['per_repeat']}."),
         ]
         if mode:
             md.append(f"\n`--{mode}` run on a shared machine: a check of the script, not a result.")

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-
 from test_extract import make_images, tiny_config
+
 from vlm_encoder import FeatureStore
 from vlm_encoder.extract import open_source, run_extraction
 
@@ -60,7 +62,7 @@ def test_saved_dataset_and_parquet(tmp_path, images, folder_store):
     assert store.manifest["fingerprint"]["dataset"]["image_column"] == "picture"
     assert_same_features(store, folder_store)
 
-    embedded = Dataset.from_dict({"image": [{"bytes": open(p, "rb").read(), "path": None} for p in paths]})
+    embedded = Dataset.from_dict({"image": [{"bytes": Path(p).read_bytes(), "path": None} for p in paths]})
     embedded = embedded.cast_column("image", Image())
     embedded.to_parquet(str(tmp_path / "images.parquet"))
     assert run_extraction(tiny_config(tmp_path, tmp_path / "images.parquet", out="b", select=("cls", "patch"))).complete

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_extract import make_images, tiny_config
 from torch.utils.data import DataLoader
 
-from test_extract import make_images, tiny_config
 from vlm_encoder import FeatureStore
 from vlm_encoder.extract import run_extraction
 

@@ -72,7 +72,7 @@ class ExtractConfig:
     sleep_per_batch: float = 0.0
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_ = lambda name, value: object.__setattr__(self, name, value)
         for name in ("model", "dataset"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -112,6 +112,6 @@ class ExtractConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def replace(self, **changes: Any) -> "ExtractConfig":
+    def replace(self, **changes: Any) -> ExtractConfig:
         """A copy with `changes` applied and validated again."""
         return dataclasses.replace(self, **changes)

@@ -42,7 +42,7 @@ def build_encoder(config: ExtractConfig) -> VisionEncoder:
     from ..presets import PRESETS, create_encoder
     from ..weights import load_state_dict_strict, read_state_dict
 
-    name = config.model[len(PRESET_SCHEME):] if config.model.startswith(PRESET_SCHEME) else config.model
+    name = config.model.removeprefix(PRESET_SCHEME)
     if name in PRESETS:
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)

@@ -199,7 +199,7 @@ def open_source(spec: str, *, split: str | None = None, image_column: str | None
             f"dataset {spec!r} is a file of an unknown kind; give a folder of images, a list file "
             f"({', '.join(LIST_SUFFIXES)}), a .parquet file, a saved dataset folder, imagefolder:DIR or a hub name"
         )
-    elif os.sep in spec.rstrip("/").lstrip("./") and spec.startswith((".", "/")):
+    elif spec.startswith((".", "/", "~")):  # a local path; hub names look like NAME or ORG/NAME
         raise FileNotFoundError(f"dataset {spec!r}: no such file or folder")
     else:
         from datasets import load_dataset

@@ -33,7 +33,7 @@ class FeatureColumn:
     row's tensor, a slice or a sequence of positions a stacked tensor.
     """
 
-    def __init__(self, store: "FeatureStore", key: str) -> None:
+    def __init__(self, store: FeatureStore, key: str) -> None:
         self.store = store
         self.key = key
 
@@ -180,7 +180,7 @@ class FeatureStore:
         kind: str,
         labels: Sequence[Any] | Callable[[int], Any] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> "CachedFeatures":
+    ) -> CachedFeatures:
         """A `torch.utils.data.Dataset` over one feature (e.g. to train a projector on cached patches).
 
         Args:
