@@ -1,4 +1,5 @@
-"""What `make demo` runs: the encoder on real photos, what it extracts, and a PCA picture.
+"""What `make demo` runs: the encoder on real photos, what it extracts, and its pictures
+(PCA of patch features, attention maps with rollout, patch similarity).
 
     python examples/demo.py --out demo_output
 
@@ -18,16 +19,24 @@ import torch
 from skimage import data
 
 from vlm_encoder import EncoderOutput, VisionEncoder, create_encoder
-from vlm_encoder.viz import pca_figure, pca_rgb, prepare_images, save_figure
+from vlm_encoder.viz import (
+    pca_figure,
+    pca_rgb,
+    prepare_images,
+    save_figure,
+    write_attention_picture,
+    write_similarity_picture,
+)
 
 PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "chelsea": data.chelsea}
+ASTRONAUT_FACE = (250.0, 130.0)  # (x, y) in the 512 x 512 astronaut photo
 
 
 def section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
 
 
-def load_photos() -> dict[str, "object"]:
+def load_photos() -> dict[str, object]:
     """The demo photos as uint8 arrays `(H, W, 3)`, by name."""
     return {name: load() for name, load in PHOTOS.items()}
 
@@ -84,6 +93,30 @@ def pca_picture(out: EncoderOutput, crops: list, names: list[str], layer: int, o
     return path
 
 
+def attention_picture(encoder: VisionEncoder, photos: dict, layer: int, out_dir: Path) -> Path:
+    """Attention of `layer` per head and averaged, and the rollout through blocks 0..layer."""
+    section("Attention picture")
+    resolved = layer % encoder.num_blocks
+    path = write_attention_picture(encoder, list(photos.values()), layer=layer, path=out_dir / f"attention_layer{resolved}.png",
+                                   names=list(photos), panel_px=160)
+    what = "CLS token's attention" if encoder.config.class_token else "attention (no CLS token; see the header)"
+    print(f"wrote {path}: {what} over the patches at layer {resolved}, per head and averaged, and the rollout "
+          f"(Abnar & Zuidema 2020) through blocks 0..{resolved}")
+    return path
+
+
+def similarity_picture(encoder: VisionEncoder, photos: dict, layer: int, point: tuple[float, float], out_dir: Path) -> Path:
+    """Cosine similarity of the patch under `point` of the first photo to every patch of all photos."""
+    section("Patch similarity picture")
+    resolved = layer % encoder.num_blocks
+    first = next(iter(photos))
+    path = write_similarity_picture(encoder, list(photos.values()), layer=layer, point=point,
+                                    path=out_dir / f"similarity_layer{resolved}.png", names=list(photos), panel_px=240)
+    print(f"wrote {path}: cosine similarity of the patch under pixel {point} of {first} (boxed) to every patch "
+          f"of every photo, layer {resolved}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for the pictures")
@@ -99,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     out = extract_features(encoder, pixels)
     layer_statistics(out)
     pca_picture(out, crops, list(photos), args.layer, args.out)
+    attention_picture(encoder, photos, -1, args.out)
+    similarity_picture(encoder, photos, args.layer, ASTRONAUT_FACE, args.out)
     return 0
 
 

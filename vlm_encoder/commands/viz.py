@@ -2,9 +2,12 @@
 
     vlm-encoder viz pca --image cat.jpg --layer -2 --out cat_pca.png
     vlm-encoder viz pca --image a.jpg --image b.jpg --layer 6 --out shared.png   # one PCA basis
+    vlm-encoder viz attention --image cat.jpg --layer -1 --out cat_attention.png
+    vlm-encoder viz similarity --image cat.jpg --point 120 80 --layer -2 --out cat_sim.png
+    vlm-encoder viz pca --image wide.jpg --resolution native --max-patches 256 --out wide_pca.png
 
-Each picture kind is a sub-subcommand (`pca` now; `attention` and `similarity` later),
-sharing the model options added by `add_model_arguments`.
+Each picture kind is a sub-subcommand sharing the picture options (`add_picture_arguments`)
+and the model options (`add_model_arguments`).
 """
 
 from __future__ import annotations
@@ -88,22 +91,76 @@ def build_encoder(args: argparse.Namespace):
     return encoder.to(args.device).eval()
 
 
-def run_pca(args: argparse.Namespace) -> int:
-    from ..viz import load_image, write_pca_picture
+def _common(args: argparse.Namespace) -> dict:
+    """The picture options every kind shares, as keyword arguments of `write_*_picture`."""
+    return {
+        "layer": args.layer,
+        "path": args.out,
+        "names": [Path(p).name for p in args.image],
+        "image_size": args.image_size,
+        "panel_px": args.panel_size,
+        "resolution": args.resolution,
+        "max_patches": args.max_patches,
+    }
 
+
+def _load(args: argparse.Namespace):
+    from ..viz import load_image
+
+    if args.panel_size < 16:
+        raise ValueError(f"--panel-size must be at least 16 pixels, got {args.panel_size}")
     images = [load_image(path) for path in args.image]
-    encoder = build_encoder(args)
-    path = write_pca_picture(
-        encoder,
-        images,
-        layer=args.layer,
-        path=args.out,
-        names=[Path(p).name for p in args.image],
-        image_size=args.image_size,
-        panel_px=args.panel_size,
+    return images, build_encoder(args)
+
+
+def run_pca(args: argparse.Namespace) -> int:
+    from ..viz import write_pca_picture
+
+    images, encoder = _load(args)
+    path = write_pca_picture(encoder, images, **_common(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    from ..viz import write_attention_picture
+    from ..viz.attention import QUERY_DESCRIPTIONS, resolve_query
+
+    images, encoder = _load(args)
+    resolved = encoder.resolve_layers((args.layer,))[0]
+    query = resolve_query(encoder.config, args.query, last_layer=resolved == encoder.num_blocks - 1)
+    path = write_attention_picture(encoder, images, query=query, head_cols=args.head_cols, **_common(args))
+    print(f"wrote {path}: {QUERY_DESCRIPTIONS[query]}, layer {resolved}, per head, their mean, and the rollout")
+    return 0
+
+
+def run_similarity(args: argparse.Namespace) -> int:
+    from ..viz import write_similarity_picture
+
+    images, encoder = _load(args)
+    path = write_similarity_picture(
+        encoder, images, patch=tuple(args.patch) if args.patch else None,
+        point=tuple(args.point) if args.point else None, **_common(args),
     )
     print(f"wrote {path}")
     return 0
+
+
+def add_picture_arguments(parser: argparse.ArgumentParser, image_help: str, panel_px: int) -> None:
+    """The options every picture kind shares: images, layer, output, panel size, resolution."""
+    parser.add_argument("--image", type=Path, action="append", required=True, metavar="FILE", help=image_help)
+    parser.add_argument("--layer", type=int, default=-1, help="block index, negatives count from the end (default -1)")
+    parser.add_argument("--out", type=Path, required=True, metavar="PNG", help="output .png")
+    parser.add_argument("--panel-size", type=int, default=panel_px, metavar="PX",
+                        help=f"side of each panel in pixels (default {panel_px})")
+    parser.add_argument("--resolution", choices=("fixed", "native"), default="fixed",
+                        help="fixed: the model's input size (or --image-size); native: each image at its own aspect "
+                             "ratio, sides multiples of the patch size, at most --max-patches patches, encoded "
+                             "packed (vlm_encoder.packing) (default fixed)")
+    parser.add_argument("--max-patches", type=int, metavar="N",
+                        help="patch budget per image with --resolution native (default: the patches of the model's "
+                             "input size; images are only shrunk to fit, never enlarged)")
+    add_model_arguments(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -116,12 +173,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Reduce the patch features of one layer to their first 3 principal components (one basis shared "
                     "by all images given) and show them as RGB beside each image.",
     )
-    pca.add_argument("--image", type=Path, action="append", required=True, metavar="FILE",
-                     help="image file (repeat for several images sharing one PCA basis)")
-    pca.add_argument("--layer", type=int, default=-1, help="block index, negatives count from the end (default -1)")
-    pca.add_argument("--out", type=Path, required=True, metavar="PNG", help="output .png")
-    pca.add_argument("--panel-size", type=int, default=320, metavar="PX",
-                     help="side of each panel in pixels (default 320)")
-    add_model_arguments(pca)
+    add_picture_arguments(pca, "image file (repeat for several images sharing one PCA basis)", 320)
     pca.set_defaults(func=run_pca)
+
+    attention = kinds.add_parser(
+        "attention", help="attention maps of a layer per head and averaged, and attention rollout",
+        description="The attention of one query over the patches at --layer, per head and averaged over heads, "
+                    "and attention rollout through blocks 0..layer (Abnar & Zuidema 2020: mean of heads, plus "
+                    "identity, rows renormalised, multiplied over blocks). The query is the CLS token; register "
+                    "columns (DINOv2 with registers) and the CLS column are dropped, so a map is the share of "
+                    "the CLS attention each patch gets. Models without a CLS token: the MAP pooling head's "
+                    "learned query (SigLIP, last block) or the mean attention each patch receives. The picture's "
+                    "header says which.",
+    )
+    add_picture_arguments(attention, "image file (repeatable: one block of panels per image)", 200)
+    attention.add_argument("--query", choices=("auto", "cls", "map", "mean"), default="auto",
+                           help="whose attention: auto (cls if the model has a CLS token, else map for a MAP head at "
+                                "the last block, else mean), cls, map, or mean (attention received by each patch, "
+                                "averaged over the patch queries) (default auto)")
+    attention.add_argument("--head-cols", type=int, default=6, metavar="N", help="heads per row of panels (default 6)")
+    attention.set_defaults(func=run_attention)
+
+    similarity = kinds.add_parser(
+        "similarity", help="cosine similarity of one patch to every patch, as a heat map over the image",
+        description="Pick a patch of the first image and show the cosine similarity of its feature at --layer to "
+                    "every patch (of every image given), one colour scale for all, the chosen patch boxed.",
+    )
+    add_picture_arguments(similarity, "image file; the query patch is in the first (repeat to compare with others)", 320)
+    where = similarity.add_mutually_exclusive_group(required=True)
+    where.add_argument("--point", type=float, nargs=2, metavar=("X", "Y"),
+                       help="a point in the first image's own pixels (x right, y down); the patch that covers it "
+                            "after resize and crop is the query")
+    where.add_argument("--patch", type=int, nargs=2, metavar=("ROW", "COL"),
+                       help="the query patch by its position in the patch grid (negatives count from the end)")
+    similarity.set_defaults(func=run_similarity)
     viz.set_defaults(func=lambda args: viz.print_help() or 2)

@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from ..processing import ImageProcessor, load_image
+from ..processing.config import ProcessorConfig
+from ..processing.convert import to_rgb
 
-__all__ = ["load_image", "prepare_images", "processor_for"]
+__all__ = ["image_size_of", "load_image", "native_processor", "prepare_images", "prepare_native_images", "processor_for"]
 
 
 def processor_for(encoder, image_size: tuple[int, int] | None = None) -> ImageProcessor:
@@ -53,3 +55,46 @@ def prepare_images(
         seen = processor.preprocess_one(image).float()  # (3, H, W), 0-255 scale
         crops.append(seen.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
     return pixels, crops
+
+
+def image_size_of(image: Image.Image | np.ndarray, config: ProcessorConfig) -> tuple[int, int]:
+    """`(H, W)` of an image as the processor reads it (after EXIF orientation)."""
+    return tuple(to_rgb(image, config.background, config.exif_transpose).shape[:2])
+
+
+def native_processor(encoder, image: Image.Image | np.ndarray, max_patches: int, policy: str = "navit") -> ImageProcessor:
+    """A processor that resizes `image` to its native-resolution size (no crop).
+
+    Args:
+        encoder: The `VisionEncoder`.
+        image: The image.
+        max_patches: Patch budget (`navit`: shrink only when over it; `naflex`: fill it).
+        policy: `navit` or `naflex` (`vlm_encoder.packing.target_size`).
+    """
+    from ..packing import target_size
+
+    base = processor_for(encoder).config
+    height, width = image_size_of(image, base)
+    size = target_size(height, width, encoder.config.input_stride, max_patches, policy)
+    return ImageProcessor(base.replace(resize_mode="exact", size=size, crop_size=None))
+
+
+def prepare_native_images(
+    images: Sequence[Image.Image | np.ndarray], encoder, max_patches: int, policy: str = "navit"
+) -> tuple[list[torch.Tensor], list[np.ndarray], list[ImageProcessor]]:
+    """Preprocess each image at its own aspect ratio (see `native_processor`).
+
+    Returns:
+        Pixels `(3, H_i, W_i)` per image (what `encode_packed` takes), the images as the
+        encoder saw them `(H_i, W_i, 3)` uint8, and each image's processor.
+    """
+    if isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1:
+        raise ValueError(f"max_patches must be a positive int, got {max_patches!r}")
+    pixels, crops, processors = [], [], []
+    for image in images:
+        processor = native_processor(encoder, image, max_patches, policy)
+        pixels.append(processor([image])[0])  # (3, H_i, W_i)
+        seen = processor.preprocess_one(image).float()  # (3, H_i, W_i), 0-255 scale
+        crops.append(seen.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+        processors.append(processor)
+    return pixels, crops, processors

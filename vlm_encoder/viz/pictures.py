@@ -1,32 +1,107 @@
 """End-to-end pictures: images through the encoder into a PNG.
 
 Each picture is one function `write_<kind>_picture(encoder, images, ..., path)`; the
-numerical part lives in its own module (`pca.py`) and the drawing in `figures.py`.
+numerical part lives in its own module (`pca.py`, `attention.py`, `similarity.py`) and the
+drawing in `figures.py` / `overlays.py`.
+
+Resolution: `fixed` runs every image through the encoder's processor (its native size, or
+`image_size`); `native` keeps each image's aspect ratio under a patch budget and encodes
+the images packed (`vlm_encoder.packing.encode_packed`; attention pictures encode each
+image alone, as the packed path returns no attention weights).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .figures import pca_figure, save_figure
-from .images import prepare_images
-from .pca import pca_rgb
+from ..processing import ImageProcessor
+from .attention import (
+    QUERY_DESCRIPTIONS,
+    AttentionQuery,
+    attention_rollout,
+    map_head_attention,
+    query_maps,
+    resolve_query,
+)
+from .figures import attention_figure, pca_figure, save_figure, similarity_figure
+from .images import image_size_of, prepare_images, prepare_native_images, processor_for
+from .pca import fit_pca_basis
+from .similarity import patch_at_point, patch_index, point_in_processed_image, similarity_maps
+
+Resolution = Literal["fixed", "native"]
+RESOLUTIONS: tuple[str, ...] = ("fixed", "native")
+
+ImageInput = Image.Image | np.ndarray
+
+
+@dataclass
+class _Prepared:
+    """Images ready for the encoder: batches of pixels, what each image looks like to it,
+    and the processor that made it (for mapping points)."""
+
+    batches: list[torch.Tensor]  # (B_j, 3, H_j, W_j): one batch (fixed) or one per image (native)
+    crops: list[np.ndarray]  # (H_i, W_i, 3) uint8 per image
+    processors: list[ImageProcessor]
+
+
+def _prepare(encoder, images, image_size, resolution: Resolution, max_patches: int | None) -> _Prepared:
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution={resolution!r} is not supported; allowed: {', '.join(RESOLUTIONS)}")
+    if not images:
+        raise ValueError("no images given: pass at least one image")
+    param = next(encoder.parameters())
+    move = lambda px: px.to(device=param.device, dtype=param.dtype)
+    if resolution == "fixed":
+        if max_patches is not None:
+            raise ValueError("max_patches applies to resolution='native' only")
+        pixels, crops = prepare_images(images, encoder, image_size)
+        return _Prepared([move(pixels)], crops, [processor_for(encoder, image_size)] * len(images))
+    if image_size is not None:
+        raise ValueError("image_size and resolution='native' exclude each other: native keeps each image's own shape")
+    budget = max_patches if max_patches is not None else encoder.config.grid_size[0] * encoder.config.grid_size[1]
+    pixels, crops, processors = prepare_native_images(images, encoder, budget)
+    return _Prepared([move(p[None]) for p in pixels], crops, processors)
+
+
+def _layer_patches(encoder, prepared: _Prepared, layer: int, resolution: Resolution):
+    """Per image: the layer's patch tokens `(N_i, D)` and grid `(h_i, w_i)`."""
+    if resolution == "native":
+        from ..packing import encode_packed
+
+        outputs = encode_packed(encoder, [px[0] for px in prepared.batches], layers=(layer,))
+    else:
+        outputs = [encoder(prepared.batches[0], layers=(layer,))]
+    patches, grids = [], []
+    for out in outputs:
+        for tokens in out.patches(layer):
+            patches.append(tokens)
+            grids.append(out.grid_size)
+    return patches, grids
+
+
+def _layer_label(encoder, layer: int) -> tuple[int, str]:
+    resolved = encoder.resolve_layers((layer,))[0]
+    return resolved, f"layer {resolved} of {encoder.num_blocks} blocks"
 
 
 @torch.inference_mode()
 def write_pca_picture(
     encoder,
-    images: Sequence[Image.Image | np.ndarray],
+    images: Sequence[ImageInput],
     layer: int,
     path: str | Path,
     names: Sequence[str] | None = None,
     image_size: tuple[int, int] | None = None,
     panel_px: int = 320,
+    resolution: Resolution = "fixed",
+    max_patches: int | None = None,
 ) -> Path:
     """Encode images, colour the patch features of `layer` by one shared 3-component PCA,
     and save the images beside their colour maps as a PNG.
@@ -37,18 +112,150 @@ def write_pca_picture(
         layer: Block index (negatives count from the end).
         path: Output `.png`.
         names: A title per image.
-        image_size: Input `(H, W)`; default the encoder's native size.
+        image_size: Input `(H, W)` for `fixed` resolution; default the encoder's native size.
         panel_px: Side of each panel in pixels.
+        resolution: `fixed` or `native` (each image at its own aspect ratio).
+        max_patches: Patch budget per image at `native` resolution (default the number of
+            patches of the encoder's native size).
 
     Returns:
         The path written.
     """
     encoder.eval()
-    pixels, crops = prepare_images(images, encoder, image_size)
-    param = next(encoder.parameters())
-    out = encoder(pixels.to(device=param.device, dtype=param.dtype), layers=(layer,))
-    rgb = pca_rgb(out.patches(layer), out.grid_size)  # (B, h, w, 3)
-    resolved = out.layers[0]
-    label = f"layer {resolved} of {out.num_blocks} blocks, {out.grid_size[0]}x{out.grid_size[1]} patches"
-    fig = pca_figure(crops, rgb, names=names, layer_label=label, panel_px=panel_px)
+    _, label = _layer_label(encoder, layer)
+    prepared = _prepare(encoder, images, image_size, resolution, max_patches)
+    patches, grids = _layer_patches(encoder, prepared, layer, resolution)
+    basis = fit_pca_basis(torch.cat(patches)[None])  # one basis over every patch of every image
+    rgb = [basis.colors(p.float().cpu()).reshape(h, w, 3) for p, (h, w) in zip(patches, grids)]
+    grid_text = f"{grids[0][0]}x{grids[0][1]} patches" if len(set(grids)) == 1 else f"{resolution} resolution"
+    fig = pca_figure(prepared.crops, rgb, names=names, layer_label=f"{label}, {grid_text}", panel_px=panel_px,
+                     keep_aspect=resolution == "native")
+    return save_figure(fig, path)
+
+
+@torch.inference_mode()
+def write_attention_picture(
+    encoder,
+    images: Sequence[ImageInput],
+    layer: int,
+    path: str | Path,
+    query: AttentionQuery = "auto",
+    names: Sequence[str] | None = None,
+    image_size: tuple[int, int] | None = None,
+    panel_px: int = 200,
+    head_cols: int = 6,
+    resolution: Resolution = "fixed",
+    max_patches: int | None = None,
+) -> Path:
+    """Save the attention maps of `layer` (per head and their mean) and the attention
+    rollout through blocks `0..layer`, over each image.
+
+    The query is said in the picture's header: the CLS token (`cls`, register and CLS
+    columns dropped), the MAP head's learned query (`map`, last block only), or the mean
+    attention each patch receives (`mean`); `auto` picks the first the model has.
+
+    Args:
+        encoder: A `VisionEncoder` (put in eval mode here).
+        images: PIL images or uint8 arrays `(H, W, 3)`.
+        layer: Block index (negatives count from the end).
+        path: Output `.png`.
+        query: `auto`, `cls`, `map` or `mean` (see `vlm_encoder.viz.attention`).
+        names: A title per image.
+        image_size: Input `(H, W)` for `fixed` resolution.
+        panel_px: Side of each panel in pixels.
+        head_cols: Heads per row of panels.
+        resolution: `fixed` or `native` (each image encoded alone at its own aspect ratio).
+        max_patches: Patch budget per image at `native` resolution.
+
+    Returns:
+        The path written.
+    """
+    encoder.eval()
+    resolved, label = _layer_label(encoder, layer)
+    config = encoder.config
+    chosen = resolve_query(config, query, last_layer=resolved == encoder.num_blocks - 1)
+    prepared = _prepare(encoder, images, image_size, resolution, max_patches)
+    head_maps, rollout_maps = [], []
+    for pixels in prepared.batches:
+        out = encoder(pixels, layers=tuple(range(resolved + 1)), output_attentions=True)
+        rollout = attention_rollout(out.attentions)  # (B, T, T)
+        map_weights = None
+        if chosen == "map":
+            map_weights = map_head_attention(encoder.attn_pool, encoder.norm(out.tokens(resolved)))  # (B, heads, T)
+        heads, flow = query_maps(chosen, out.attentions[-1], rollout, encoder.num_prefix_tokens, map_weights)
+        h, w = out.grid_size
+        head_maps += list(heads.float().cpu().reshape(heads.shape[0], heads.shape[1], h, w))
+        rollout_maps += list(flow.float().cpu().reshape(-1, h, w))
+    notes = []
+    if chosen == "cls":
+        notes.append("CLS and register columns dropped" if config.num_register_tokens else "CLS column dropped")
+    elif config.num_register_tokens:
+        notes.append("register columns dropped")
+    if not config.class_token:
+        notes.append(f"this model has no CLS token (pool={config.pool!r})")
+    header = f"{QUERY_DESCRIPTIONS[chosen]}, {label}" + (f"; {'; '.join(notes)}" if notes else "")
+    header += ("\nrollout (Abnar & Zuidema 2020): per block mean of heads + identity, rows renormalised, "
+               f"multiplied over blocks 0..{resolved}" + (", then the MAP query" if chosen == "map" else "")
+               + "; each panel scaled to its own min..max")
+    rollout_label = f"rollout, blocks 0-{resolved}" if resolved else "rollout, block 0"
+    fig = attention_figure(prepared.crops, head_maps, rollout_maps, config.input_stride, header, names=names,
+                           rollout_label=rollout_label, head_cols=head_cols, panel_px=panel_px)
+    return save_figure(fig, path)
+
+
+@torch.inference_mode()
+def write_similarity_picture(
+    encoder,
+    images: Sequence[ImageInput],
+    layer: int,
+    path: str | Path,
+    patch: tuple[int, int] | None = None,
+    point: tuple[float, float] | None = None,
+    names: Sequence[str] | None = None,
+    image_size: tuple[int, int] | None = None,
+    panel_px: int = 320,
+    resolution: Resolution = "fixed",
+    max_patches: int | None = None,
+) -> Path:
+    """Save the cosine similarity of one patch of the first image to every patch of every
+    image, as heat maps over the images, the chosen patch boxed.
+
+    Args:
+        encoder: A `VisionEncoder` (put in eval mode here).
+        images: PIL images or uint8 arrays `(H, W, 3)`; the query patch is in the first.
+        layer: Block index (negatives count from the end).
+        path: Output `.png`.
+        patch: The query patch `(row, col)` of the patch grid (negatives from the end).
+        point: Or a point `(x, y)` in the first image's own pixels; the patch that covers
+            it after the processor's resize and crop is the query.
+        names: A title per image.
+        image_size: Input `(H, W)` for `fixed` resolution.
+        panel_px: Side of each panel in pixels.
+        resolution: `fixed` or `native`.
+        max_patches: Patch budget per image at `native` resolution.
+
+    Returns:
+        The path written.
+    """
+    if (patch is None) == (point is None):
+        raise ValueError("give the query patch either as patch=(row, col) or as point=(x, y), exactly one of them")
+    encoder.eval()
+    _, label = _layer_label(encoder, layer)
+    prepared = _prepare(encoder, images, image_size, resolution, max_patches)
+    patches, grids = _layer_patches(encoder, prepared, layer, resolution)
+    stride = encoder.config.input_stride
+    names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+    if point is not None:
+        processor = prepared.processors[0].config
+        x, y = point_in_processed_image(point[0], point[1], image_size_of(images[0], processor), processor)
+        row, col = patch_at_point(x, y, stride, grids[0])
+        where = f"at point ({point[0]:g}, {point[1]:g}) of {names[0]}"
+    else:
+        index = patch_index(patch[0], patch[1], grids[0])
+        row, col = divmod(index, grids[0][1])
+        where = f"of {names[0]}"
+    maps = similarity_maps(patches, 0, row * grids[0][1] + col)
+    maps = [m.reshape(h, w) for m, (h, w) in zip(maps, grids)]
+    header = f"cosine similarity of patch (row {row}, col {col}) {where} to every patch, {label}"
+    fig = similarity_figure(prepared.crops, maps, 0, (row, col), stride, header, names=names, panel_px=panel_px)
     return save_figure(fig, path)
