@@ -4,6 +4,7 @@ A ViT encoder with a multi-layer feature API, loaders for pretrained towers, pro
 LLM's width, and contrastive image-text training.
 """
 
+from .anyres import AnyresConfig, encode_anyres
 from .config import VisionConfig
 from .contrastive import ClipLoss, ContrastiveModel, SigLipLoss
 from .encoder import VisionEncoder
@@ -35,6 +36,8 @@ __all__ = [
     "load_timm",
     "load_encoder",
     "encode_packed",
+    "AnyresConfig",
+    "encode_anyres",
     "preset_config",
     "VisionLanguageModel",
     "expand_image_tokens",

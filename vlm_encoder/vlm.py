@@ -7,12 +7,20 @@ Data flow (the transformers LLaVA convention):
   embeddings `(B, L, d_llm)` with the image tokens written at the placeholders, in order
   (sample 0's images first) -> `language_model(inputs_embeds=...)`.
 
+Any resolution (`anyres=AnyresConfig(...)`, LLaVA-NeXT / LLaVA-OneVision / InternVL): each
+image comes as `T_i` encoder-sized tiles (`vlm_encoder.anyres.tile_image`); all tiles of all
+images are encoded and projected in one batch, then each image's tiles are assembled into one
+token sequence of its own length `L_i` (base tokens, the unpadded tile grid, a learned
+`image_newline` after each row); the text holds `L_i` placeholders for image `i`
+(`num_image_tokens(image_size)` gives `L_i` before encoding).
+
 By default the encoder and the LM are frozen and only the projector trains (LLaVA's
 stage-1 feature alignment); `set_trainable` switches each part.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -20,6 +28,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .anyres import AnyresConfig, assemble_tokens
+from .anyres import num_image_tokens as anyres_num_image_tokens
+from .anyres import num_tiles as anyres_num_tiles
 from .encoder import VisionEncoder
 
 FeatureSelect = Literal["patch", "cls_patch"]
@@ -27,13 +38,16 @@ FEATURE_SELECTS = ("patch", "cls_patch")
 IGNORE_INDEX = -100
 
 
-def expand_image_tokens(input_ids: Sequence[int], image_token_id: int, num_image_tokens: int) -> list[int]:
+def expand_image_tokens(
+    input_ids: Sequence[int], image_token_id: int, num_image_tokens: int | Sequence[int]
+) -> list[int]:
     """Repeat every image placeholder id `num_image_tokens` times (one id per image token).
 
     Args:
         input_ids: One sequence of token ids holding one `image_token_id` per image.
         image_token_id: The placeholder id (`<image>`).
-        num_image_tokens: `M`, the projector's tokens per image (`vlm.num_image_tokens()`).
+        num_image_tokens: `M`, the projector's tokens per image (`vlm.num_image_tokens()`),
+            or one count per placeholder, in order (any-resolution images differ).
 
     Returns:
         The expanded ids as a list.
@@ -42,9 +56,16 @@ def expand_image_tokens(input_ids: Sequence[int], image_token_id: int, num_image
         if input_ids.ndim != 1:
             raise ValueError(f"expand_image_tokens takes one sequence (L,), got shape {tuple(input_ids.shape)}; expand each row, then pad")
         input_ids = input_ids.tolist()
+    n_images = sum(token == image_token_id for token in input_ids)
+    if isinstance(num_image_tokens, int):
+        counts = iter([num_image_tokens] * n_images)
+    else:
+        if len(num_image_tokens) != n_images:
+            raise ValueError(f"{len(num_image_tokens)} token counts given for {n_images} image placeholder(s) ({image_token_id})")
+        counts = iter(num_image_tokens)
     out: list[int] = []
     for token in input_ids:
-        out.extend([token] * num_image_tokens if token == image_token_id else [token])
+        out.extend([token] * next(counts) if token == image_token_id else [token])
     return out
 
 
@@ -82,6 +103,11 @@ class VisionLanguageModel(nn.Module):
         train_encoder: Train the encoder (default frozen).
         train_projector: Train the projector (default yes).
         train_language_model: Train the LM (default frozen).
+        anyres: Any-resolution tiling and assembly (`None`: one fixed-size image per
+            placeholder group). Needs `feature_select='patch'` and a projector whose output per
+            tile is a square grid (token-wise kinds, `pixel_shuffle`, `pool`, ...); for
+            `llava_next` with `newline`, adds the learned `image_newline` `(d_llm,)`, trained
+            with the projector.
     """
 
     def __init__(
@@ -96,6 +122,7 @@ class VisionLanguageModel(nn.Module):
         train_encoder: bool = False,
         train_projector: bool = True,
         train_language_model: bool = False,
+        anyres: AnyresConfig | None = None,
     ) -> None:
         super().__init__()
         from projectors import Projector
@@ -126,6 +153,15 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"projector out_dim={pc.out_dim} does not match the LM's hidden size {embeddings.embedding_dim}")
         if isinstance(image_token_id, bool) or not isinstance(image_token_id, int) or image_token_id < 0:
             raise ValueError(f"image_token_id must be a non-negative int, got {image_token_id!r}")
+        self.anyres = anyres
+        self.tile_side = 0  # side of one tile's projected token grid (anyres only)
+        newline = None
+        if anyres is not None:
+            self.tile_side = self._anyres_tile_side(anyres, encoder, projector, feature_select)
+            if anyres.policy == "llava_next" and anyres.newline:
+                d_llm = pc.out_dim  # initialised as transformers' LlavaNextModel does
+                newline = nn.Parameter(torch.randn(d_llm, dtype=embeddings.weight.dtype) / d_llm**0.5)
+        self.image_newline = newline  # (d_llm,) or None
         self.encoder = encoder
         self.projector = projector
         self.language_model = language_model
@@ -133,6 +169,25 @@ class VisionLanguageModel(nn.Module):
         self.feature_select = feature_select
         self.trainable: dict[str, bool] = {}
         self.set_trainable(encoder=train_encoder, projector=train_projector, language_model=train_language_model)
+
+    @staticmethod
+    def _anyres_tile_side(anyres: AnyresConfig, encoder: VisionEncoder, projector: nn.Module, feature_select: str) -> int:
+        if not isinstance(anyres, AnyresConfig):
+            raise TypeError(f"anyres must be an AnyresConfig, got {type(anyres).__name__}")
+        if feature_select != "patch":
+            raise ValueError("anyres needs feature_select='patch': tiles are reassembled on their patch grids")
+        stride = encoder.config.input_stride
+        if anyres.tile_size % stride:
+            raise ValueError(f"anyres tile_size={anyres.tile_size} is not a multiple of the encoder's patch stride {stride}")
+        side = anyres.tile_size // stride
+        m = projector.num_output_tokens(grid_size=(side, side))
+        out_side = math.isqrt(m)
+        if out_side * out_side != m:
+            raise ValueError(
+                f"anyres reassembles each tile's projected tokens as a square grid, but kind {projector.config.kind!r} "
+                f"gives {m} tokens for a {side}x{side} tile"
+            )
+        return out_side
 
     # ------------------------------------------------------------- training
     def set_trainable(
@@ -145,6 +200,8 @@ class VisionLanguageModel(nn.Module):
                 continue
             self.trainable[name] = bool(flag)
             getattr(self, name).requires_grad_(bool(flag))
+        if projector is not None and self.image_newline is not None:
+            self.image_newline.requires_grad_(bool(projector))
         self.train(self.training)
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
@@ -156,7 +213,15 @@ class VisionLanguageModel(nn.Module):
 
     # --------------------------------------------------------------- images
     def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
-        """`M`, the image tokens per image at `image_size` `(H, W)` (default: the encoder's)."""
+        """`M`, the image tokens per image at `image_size` `(H, W)` (default: the encoder's).
+
+        With `anyres`, `image_size` is the original image's size (required) and the result is
+        its assembled sequence length `L` (computed before encoding).
+        """
+        if self.anyres is not None:
+            if image_size is None:
+                raise ValueError("with anyres the token count depends on the image: pass image_size=(height, width)")
+            return anyres_num_image_tokens(image_size, self.anyres, self.tile_side)
         c = self.encoder.config
         if image_size is None:
             grid = c.grid_size
@@ -166,8 +231,20 @@ class VisionLanguageModel(nn.Module):
             return self.projector.num_output_tokens(num_tokens=1 + grid[0] * grid[1])
         return self.projector.num_output_tokens(grid_size=grid)
 
-    def expand_image_tokens(self, input_ids: Sequence[int], image_size: tuple[int, int] | None = None) -> list[int]:
-        """`expand_image_tokens` with this model's placeholder id and `M`."""
+    def expand_image_tokens(
+        self, input_ids: Sequence[int], image_size: tuple[int, int] | Sequence[tuple[int, int]] | None = None
+    ) -> list[int]:
+        """`expand_image_tokens` with this model's placeholder id and `M`.
+
+        Args:
+            input_ids: One sequence holding one placeholder per image.
+            image_size: One `(H, W)` for every image, or one per placeholder in order (a list
+                or an `(I, 2)` tensor: anyres images of different sizes get different counts).
+        """
+        if isinstance(image_size, torch.Tensor):
+            image_size = image_size.tolist()
+        if image_size is not None and len(image_size) and not isinstance(image_size[0], int):
+            return expand_image_tokens(input_ids, self.image_token_id, [self.num_image_tokens(tuple(s)) for s in image_size])
         return expand_image_tokens(input_ids, self.image_token_id, self.num_image_tokens(image_size))
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -189,6 +266,40 @@ class VisionLanguageModel(nn.Module):
             features = self.projector(streams)  # (I, 1 + N, D) per layer
         return features.to(self.language_model.get_input_embeddings().weight.dtype)
 
+    def anyres_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | Sequence) -> list[torch.Tensor]:
+        """Each image's assembled token sequence (`anyres` models).
+
+        All tiles of all images are encoded and projected in one batch.
+
+        Args:
+            pixel_values: The tiles of every image, base image first
+                (`vlm_encoder.anyres.stack_tiles`): `(sum T_i, C, S, S)`, or transformers'
+                layout `(I, T_max, C, S, S)` padded with unused tiles.
+            image_sizes: `(I, 2)` original `(height, width)` of each image.
+
+        Returns:
+            One `(L_i, d_llm)` tensor per image, `L_i = num_image_tokens(image_sizes[i])`.
+        """
+        if self.anyres is None:
+            raise ValueError("this model has no anyres config; use image_features")
+        sizes = [tuple(int(v) for v in size) for size in (image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes)]
+        counts = [anyres_num_tiles(size, self.anyres) for size in sizes]
+        if pixel_values.ndim == 5:
+            if pixel_values.shape[0] != len(sizes) or pixel_values.shape[1] < max(counts):
+                raise ValueError(
+                    f"pixel_values {tuple(pixel_values.shape)} do not hold {len(sizes)} images of up to {max(counts)} tiles"
+                )
+            pixel_values = torch.cat([tiles[:n] for tiles, n in zip(pixel_values, counts)])
+        if pixel_values.ndim != 4 or pixel_values.shape[0] != sum(counts):
+            raise ValueError(
+                f"the image sizes {sizes} need {counts} tiles (sum {sum(counts)}), got pixel_values {tuple(pixel_values.shape)}"
+            )
+        tiles = self.image_features(pixel_values)  # (sum T_i, s*s, d)
+        return [
+            assemble_tokens(features, size, self.anyres, self.tile_side, self.image_newline)
+            for features, size in zip(tiles.split(counts), sizes)
+        ]
+
     # ------------------------------------------------------------------ text
     def prepare_inputs(
         self,
@@ -196,6 +307,7 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | Sequence | None = None,
     ) -> dict[str, torch.Tensor]:
         """The LM's keyword arguments with the image tokens placed at the placeholders.
 
@@ -203,9 +315,12 @@ class VisionLanguageModel(nn.Module):
             input_ids: `(B, L)` text ids holding `M` placeholder ids per image
                 (`expand_image_tokens`); samples may have several images or none.
             pixel_values: `(I, C, H, W)`, the images in the order their placeholders appear
-                (sample 0's first), or `None` for text only.
+                (sample 0's first), or `None` for text only. With `anyres`: the tiles, as
+                `anyres_image_features` takes them.
             attention_mask: `(B, L)`; default all ones.
             labels: `(B, L)` next-token targets; image positions are set to -100.
+            image_sizes: `anyres` only: `(I, 2)` original `(height, width)` of each image;
+                image `i` fills the next `num_image_tokens(image_sizes[i])` placeholders.
 
         Returns:
             `{"inputs_embeds": (B, L, d_llm), "attention_mask": (B, L)}` plus `"labels"` when given.
@@ -223,7 +338,28 @@ class VisionLanguageModel(nn.Module):
         if pixel_values is None:
             if n_tokens:
                 raise ValueError(f"input_ids hold {n_tokens} image token ids ({self.image_token_id}) but no pixel_values were given")
+        elif self.anyres is not None:
+            if image_sizes is None:
+                raise ValueError("an anyres model needs image_sizes (I, 2), the original (height, width) of each image")
+            per_image = self.anyres_image_features(pixel_values, image_sizes)  # I x (L_i, d)
+            lengths = [f.shape[0] for f in per_image]
+            if n_tokens != sum(lengths):
+                raise ValueError(
+                    f"image tokens and image features do not match: input_ids hold {n_tokens} image token ids "
+                    f"(id {self.image_token_id}) but the {len(lengths)} image(s) give {lengths} = {sum(lengths)} features; "
+                    "expand each <image> placeholder with vlm.expand_image_tokens(ids, image_size=[(H, W), ...])"
+                )
+            # Each sample must end where an image ends (no image split across samples).
+            ends = set(torch.tensor(lengths).cumsum(0).tolist()) | {0}
+            sample_ends = is_image.sum(dim=1).cumsum(0).tolist()
+            split = [b for b, end in enumerate(sample_ends) if end not in ends]
+            if split:
+                raise ValueError(f"sample {split[0]}'s image token ids end inside an image (image lengths {lengths})")
+            features = torch.cat(per_image).to(inputs_embeds.dtype)  # (sum L_i, d)
+            inputs_embeds = inputs_embeds.masked_scatter(is_image.unsqueeze(-1), features)
         else:
+            if image_sizes is not None:
+                raise ValueError("image_sizes are only used by anyres models (this one has anyres=None)")
             features = self.image_features(pixel_values)  # (I, M, d)
             images, per_image = features.shape[:2]
             n_features = images * per_image
@@ -254,11 +390,13 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | Sequence | None = None,
         **lm_kwargs: Any,
     ) -> Any:
         """Run the LM on text with image tokens; returns the LM's own output (`.logits`,
-        `.loss` when `labels` are given: next-token loss, image positions ignored)."""
-        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, labels)
+        `.loss` when `labels` are given: next-token loss, image positions ignored).
+        `image_sizes`: anyres models only (see `prepare_inputs`)."""
+        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, labels, image_sizes)
         return self.language_model(**inputs, **lm_kwargs)
 
     @torch.no_grad()
@@ -267,14 +405,16 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | Sequence | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
-        """`language_model.generate` from the prompt with image tokens.
+        """`language_model.generate` from the prompt with image tokens (`image_sizes`: anyres
+        models only).
 
         Returns:
             The generated ids `(B, T)` only (what HF returns when decoding from `inputs_embeds`).
         """
-        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask)
+        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, image_sizes=image_sizes)
         return self.language_model.generate(**inputs, **generate_kwargs)
 
     # --------------------------------------------------------------- loading
@@ -308,17 +448,67 @@ class VisionLanguageModel(nn.Module):
             ValueError: Not a LLaVA checkpoint, or a vision tower, activation or feature
                 layer that is not supported.
         """
+        return cls._from_hf_llava(path, "llava", dtype=dtype, device=device, **kwargs)
+
+    @classmethod
+    def from_llava_next(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> VisionLanguageModel:
+        """Load a transformers `LlavaNextForConditionalGeneration` checkpoint directory.
+
+        As `from_llava`, plus any resolution: `anyres` is the checkpoint's
+        `image_grid_pinpoints` at the tower's image size (`llava_next` policy, unpad,
+        newline), and `image_newline` is loaded. Tile the images with
+        `vlm_encoder.anyres.tile_image` (or pass transformers' `pixel_values` and
+        `image_sizes` as they are); the same inputs give the same logits.
+
+        Args:
+            path: A local directory written by `LlavaNextForConditionalGeneration.save_pretrained`.
+            dtype: Load in this dtype (default: as transformers does).
+            device: Where to put the model.
+            **kwargs: Passed to the constructor.
+
+        Returns:
+            The model in eval mode.
+
+        Raises:
+            ValueError: Not a LLaVA-NeXT checkpoint, `vision_feature_select_strategy='full'`
+                with a CLS tower (transformers' own reshape fails on it), or what `from_llava`
+                rejects.
+        """
+        return cls._from_hf_llava(path, "llava_next", dtype=dtype, device=device, **kwargs)
+
+    @classmethod
+    def _from_hf_llava(
+        cls,
+        path: str | os.PathLike,
+        family: Literal["llava", "llava_next"],
+        *,
+        dtype: torch.dtype | None,
+        device: str | torch.device | None,
+        **kwargs: Any,
+    ) -> VisionLanguageModel:
         import transformers
-        from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+        from transformers import AutoModelForCausalLM
 
         from projectors import build_projector, convert_hf_llava_projector
 
         from .converters import hf_clip, hf_siglip
         from .weights import load_state_dict_strict
 
+        families = {
+            "llava": (transformers.LlavaConfig, transformers.LlavaForConditionalGeneration),
+            "llava_next": (transformers.LlavaNextConfig, transformers.LlavaNextForConditionalGeneration),
+        }
+        config_class, model_class = families[family]
         config = transformers.AutoConfig.from_pretrained(path)
-        if not isinstance(config, LlavaConfig):
-            raise ValueError(f"{path}: model_type={config.model_type!r}, expected 'llava' (LlavaForConditionalGeneration)")
+        if not isinstance(config, config_class):
+            raise ValueError(f"{path}: model_type={config.model_type!r}, expected {family!r} ({model_class.__name__})")
         towers = {"clip_vision_model": hf_clip, "siglip_vision_model": hf_siglip}
         vision_type = config.vision_config.model_type
         if vision_type not in towers:
@@ -337,10 +527,21 @@ class VisionLanguageModel(nn.Module):
                 "has no CLS token (transformers would drop a patch); only 'full' is supported for it"
             )
         feature_select = "patch" if strategy == "default" or encoder.cls_token is None else "cls_patch"
+        anyres = None
+        if family == "llava_next":
+            if feature_select != "patch":
+                raise ValueError(
+                    f"{path}: vision_feature_select_strategy='full' keeps the CLS token of the {vision_type} tower, "
+                    "which cannot be laid out on the tile grid; only 'default' is supported for it"
+                )
+            anyres = AnyresConfig(
+                tile_size=config.vision_config.image_size,
+                pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
+            )
 
-        llava = LlavaForConditionalGeneration.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+        hf_model = model_class.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
         load_state_dict_strict(
-            encoder, converter.convert_state_dict(llava.model.vision_tower.state_dict()), source=f"{path} (vision tower)"
+            encoder, converter.convert_state_dict(hf_model.model.vision_tower.state_dict()), source=f"{path} (vision tower)"
         )
         projector = build_projector(
             "mlp2x_gelu",
@@ -350,21 +551,22 @@ class VisionLanguageModel(nn.Module):
         )
         load_state_dict_strict(
             projector,
-            convert_hf_llava_projector(llava.model.multi_modal_projector.state_dict()),
+            convert_hf_llava_projector(hf_model.model.multi_modal_projector.state_dict()),
             source=f"{path} (multi_modal_projector)",
         )
         # The causal LM shares the loaded decoder and head; it is built on the meta device so
         # no second copy of the weights is ever allocated.
         with torch.device("meta"):
             language_model = AutoModelForCausalLM.from_config(config.text_config)
-        setattr(language_model, language_model.base_model_prefix, llava.model.language_model)
-        language_model.set_output_embeddings(llava.lm_head)
-        language_model.generation_config = llava.generation_config
+        setattr(language_model, language_model.base_model_prefix, hf_model.model.language_model)
+        language_model.set_output_embeddings(hf_model.lm_head)
+        language_model.generation_config = hf_model.generation_config
         left_on_meta = [n for n, t in [*language_model.named_parameters(), *language_model.named_buffers()] if t.is_meta]
         if left_on_meta:
             raise ValueError(f"{path}: the causal LM could not take every module of the LLaVA LM: {left_on_meta[:5]}")
-        encoder.to(dtype=llava.lm_head.weight.dtype)
-        projector.to(dtype=llava.lm_head.weight.dtype)
+        lm_dtype = hf_model.lm_head.weight.dtype
+        encoder.to(dtype=lm_dtype)
+        projector.to(dtype=lm_dtype)
         model = cls(
             encoder,
             projector,
@@ -372,6 +574,10 @@ class VisionLanguageModel(nn.Module):
             image_token_id=config.image_token_id,
             feature_layers=feature_layers,
             feature_select=feature_select,
+            anyres=anyres,
             **kwargs,
         )
+        if model.image_newline is not None:
+            with torch.no_grad():
+                model.image_newline.copy_(hf_model.model.image_newline.to(lm_dtype))
         return model.to(device=device).eval()
