@@ -31,6 +31,7 @@ from .shards import (
     check_fingerprint,
     finalize_manifest,
     read_manifest,
+    remove_stale_temporaries,
     valid_sidecar,
     write_json_atomic,
     write_shard,
@@ -95,8 +96,11 @@ class RowDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str | None]:
+        # Outside the `try`: an error of the source (storage gone, dataset changed) is no
+        # image's failure; it stops the run, so a rerun redoes these rows.
+        data = self.source.read(row)
         try:
-            image = load_image(self.source.read(row), max_pixels=self.max_pixels)
+            image = load_image(data, max_pixels=self.max_pixels)
             return row, self.processor(image)[0], None
         except ImageLoadError as err:
             return row, None, err.reason
@@ -329,6 +333,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
     extract_seconds = time.perf_counter() - loop_started
     state.wait_for_everyone()
     if state.is_main_process:
+        remove_stale_temporaries(out)  # every process has finished writing
         finalize_manifest(out, manifest, layout)
     state.wait_for_everyone()
     final = read_manifest(out)

@@ -184,6 +184,16 @@ def check_fingerprint(out: Path, manifest: dict[str, Any], fingerprint: dict[str
         )
 
 
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete the temporary shard files that interrupted writes left (`.shard-*.tmp`, from a
+    process killed between creating and renaming one). Call it only when no process of the
+    run is writing. Returns the files removed."""
+    stale = sorted(out.glob(".shard-*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def finalize_manifest(out: Path, manifest: dict[str, Any], layout: ShardLayout) -> dict[str, Any]:
     """Record the shard list and checksums from the sidecars, write `failures.jsonl` and the manifest.
 

@@ -3,6 +3,10 @@
 Row `i` of a source is its `i`-th image: the `i`-th path of a folder (sorted, recursive) or of a
 list file, or row `i` of a dataset split. `source.read(i)` gives what `load_image` takes (a
 path or the encoded bytes); decoding happens in the DataLoader workers.
+
+A source error is not an image's failure: `read` raises when the source itself fails (a file
+that existed when the source was opened is gone, a dataset file cannot be read), and the run
+stops, instead of recording every remaining row as a failed image of a "complete" store.
 """
 
 from __future__ import annotations
@@ -31,12 +35,27 @@ class FileListSource:
         self.spec = spec
         self.kind = kind
         self.root = root
+        # Byte size of each file when the source was opened (-1: missing then).
+        self.sizes = [_file_size(p) for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def read(self, row: int) -> str:
-        return self.paths[row]
+        """The path of row `row`.
+
+        Raises:
+            FileNotFoundError: The file existed when the source was opened and is gone now:
+                the dataset changed, or its storage went away, during the run (a file missing
+                from the start is the image's failure, reported by `load_image`).
+        """
+        path = self.paths[row]
+        if self.sizes[row] >= 0 and not os.path.exists(path):
+            raise FileNotFoundError(
+                f"dataset {self.spec!r}: {path} existed when the run started and is gone now; the dataset "
+                "changed or its storage went away during the run. Restore it and run the same command again."
+            )
+        return path
 
     def name(self, row: int) -> str:
         return os.path.relpath(self.paths[row], self.root)
@@ -44,11 +63,7 @@ class FileListSource:
     def describe(self) -> dict[str, Any]:
         """Spec, kind, size and a fingerprint of the row list (relative path and byte size of each file)."""
         digest = hashlib.sha256()
-        for path in self.paths:
-            try:
-                size = os.path.getsize(path)
-            except OSError:
-                size = -1
+        for path, size in zip(self.paths, self.sizes):
             digest.update(f"{os.path.relpath(path, self.root)}\0{size}\n".encode())
         return {"spec": self.spec, "kind": self.kind, "rows": len(self), "fingerprint": digest.hexdigest()}
 
@@ -100,6 +115,13 @@ class DatasetSource:
 
 
 ImageSource = FileListSource | DatasetSource
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
 
 
 def _folder_source(folder: Path, spec: str) -> FileListSource:
