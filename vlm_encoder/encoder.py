@@ -91,6 +91,9 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         self.pooled_norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.pooled_norm else nn.Identity()
         self.proj = nn.Linear(c.width, c.embed_dim, bias=c.proj_bias) if c.embed_dim else None
         self.grad_checkpointing = False
+        # CPU convolutions pick their kernel by batch size, so the stem and patch embedding
+        # run one image at a time there (bitwise batch invariance); False: one batched call.
+        self.batch_invariant_cpu = True
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.image_processor = None  # set by the loaders of pretrained models
         self.reset_parameters()
@@ -218,10 +221,19 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             table = self._pos_cache[key] = table.detach()
         return table
 
+    def patchify(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image `(B, C, H, W)` through the stem (if any) and the patch embedding: patch tokens
+        `(B, N, D)` without positions, and the grid `(h, w)`."""
+        x = pixel_values if self.stem is None else self.stem(pixel_values)
+        return self.patch_embed(x)
+
     def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image `(B, C, H, W)` to input tokens `(B, T, D)` (CLS, registers, patches) and grid."""
-        x = pixel_values if self.stem is None else self.stem(pixel_values)
-        x, grid = self.patch_embed(x)  # (B, N, D)
+        if pixel_values.device.type == "cpu" and pixel_values.shape[0] > 1 and self.batch_invariant_cpu:
+            parts = [self.patchify(image) for image in pixel_values.split(1)]
+            x, grid = torch.cat([tokens for tokens, _ in parts]), parts[0][1]  # (B, N, D)
+        else:
+            x, grid = self.patchify(pixel_values)  # (B, N, D)
         pos = self.position_embedding(grid)
         if pos is not None:
             x = x + pos

@@ -21,6 +21,29 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
+def _gray16_to_rgb(values: np.ndarray, key: object, background: tuple[int, int, int]) -> np.ndarray:
+    """16-bit grey values `(H, W)` (0-65535) as float32 RGB in `[0, 255]`; pixels equal to the
+    PNG transparency `key` (an int, when given) become `background`, as 8-bit modes are composited."""
+    rgb = _gray_to_rgb(values.astype(np.float32) * np.float32(_UINT16_SCALE))
+    if isinstance(key, int) and not isinstance(key, bool):
+        rgb[values == key] = np.asarray(background, dtype=np.float32)
+    return rgb
+
+
+def _decode(image: Image.Image) -> None:
+    """Finish a lazily opened image's decode, as a `ValueError` that says why it failed."""
+    try:
+        image.load()
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types for corrupt data
+        raise ValueError(
+            f"PIL image ({image.format or 'unknown format'}, {image.width}x{image.height}, mode {image.mode}) "
+            f"cannot be decoded: {type(err).__name__}: {err}; the file is truncated or corrupt "
+            "(open files with load_image, which checks them and names the file)"
+        ) from None
+
+
 def _check_unit_range(values: np.ndarray, what: str) -> None:
     low, high = float(values.min()), float(values.max())
     if not (0.0 <= low and high <= 1.0):  # also rejects NaN
@@ -41,8 +64,10 @@ def pil_to_rgb(image: Image.Image, background: tuple[int, int, int], exif_transp
     """A PIL image of any mode as `(H, W, 3)` `uint8`, or `float32` in `[0, 255]` for 16-bit/float modes.
 
     Raises:
-        ValueError: A mode with no RGB meaning (named), or an `I` / `F` image out of range.
+        ValueError: A mode with no RGB meaning (named), an `I` / `F` image out of range, or a
+            lazily opened image whose data cannot be decoded (truncated or corrupt).
     """
+    _decode(image)
     if exif_transpose:
         image = _apply_exif_orientation(image)
     mode = image.mode
@@ -57,7 +82,7 @@ def pil_to_rgb(image: Image.Image, background: tuple[int, int, int], exif_transp
     if mode == "RGB":
         return np.asarray(image)
     if mode in _UINT16_MODES:
-        return _gray_to_rgb(np.asarray(image).astype(np.float32) * np.float32(_UINT16_SCALE))
+        return _gray16_to_rgb(np.asarray(image), image.info.get("transparency"), background)
     if mode == "I":
         values = np.asarray(image)
         low, high = int(values.min()), int(values.max())
@@ -66,7 +91,7 @@ def pil_to_rgb(image: Image.Image, background: tuple[int, int, int], exif_transp
                 f"PIL mode 'I' image has values in [{low}, {high}]; mode 'I' is read as 16-bit (0-65535, "
                 "how PIL stores 16-bit PNG/TIFF data). Rescale it, or convert it to 'L' or 'F' yourself"
             )
-        return _gray_to_rgb(values.astype(np.float32) * np.float32(_UINT16_SCALE))
+        return _gray16_to_rgb(values, image.info.get("transparency"), background)
     if mode == "F":
         values = np.asarray(image)
         _check_unit_range(values, "PIL mode 'F' image")

@@ -17,7 +17,7 @@ from .convert import to_rgb
 from .from_hf import config_from_hf
 from .from_open_clip import config_from_open_clip
 from .from_timm import config_from_timm
-from .loading import load_image
+from .loading import ImageLoadError, load_image
 from .transforms import center_crop_or_pad, rescale_and_normalize, resize, resized_size
 
 if TYPE_CHECKING:
@@ -27,6 +27,36 @@ PROCESSOR_CONFIG_NAME = "processor_config.json"
 PROCESSOR_TYPE = "vlm_encoder.ImageProcessor"
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
+
+
+def _with_index(err: ValueError | TypeError, index: int) -> ValueError | TypeError:
+    """The same kind of error, its message prefixed with the image's index in the list."""
+    if isinstance(err, ImageLoadError):  # keeps `source` and `reason`
+        wrapped = ImageLoadError(err.source, err.reason)
+        wrapped.args = (f"image {index}: {err}",)
+        return wrapped
+    try:
+        return type(err)(f"image {index}: {err}")
+    except TypeError:  # a subclass with another constructor
+        return (ValueError if isinstance(err, ValueError) else TypeError)(f"image {index}: {err}")
+
+
+def _check_resize_area(source: tuple[int, int], size: tuple[int, int], cfg: ProcessorConfig) -> None:
+    """Refuse a resize that would enlarge an image past `PIL.Image.MAX_IMAGE_PIXELS`.
+
+    `shortest_edge` scales the long side with the short one, so a tiny file of extreme aspect
+    ratio (a 1 x 100000 strip) would become a multi-gigabyte intermediate before the crop.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    area = size[0] * size[1]
+    if limit is None or area <= limit or area <= source[0] * source[1]:
+        return
+    raise ValueError(
+        f"resizing the {source[1]}x{source[0]} image ({cfg.resize_mode} to {cfg.size[1]}x{cfg.size[0]}) would make "
+        f"{size[1]}x{size[0]} = {area} pixels, over the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS): its aspect "
+        "ratio is too extreme for this resize; crop it first, or use resize_mode='exact' or 'longest_edge' "
+        "(with crop_size to pad)"
+    )
 
 
 class ImageProcessor:
@@ -44,8 +74,10 @@ class ImageProcessor:
       composited on `config.background` (white by default, as HF does). L and 1 are
       replicated to three channels. P, CMYK, YCbCr, HSV go through `Image.convert('RGB')`.
       16-bit `I;16*` maps 0-65535 onto 0-255 (65535 is white, nothing saturates); `I` is
-      read as 16-bit too and must lie in [0, 65535]; `F` must lie in [0, 1]. 16-bit and
-      float data keep full precision through the resize (float32).
+      read as 16-bit too and must lie in [0, 65535]; their pixels equal to an int
+      `transparency` key (a 16-bit PNG's tRNS) take `config.background`. `F` must lie in
+      [0, 1] (its transparency key is ignored). 16-bit and float data keep full precision
+      through the resize (float32).
     - numpy arrays are channels-last: `(H, W)` grayscale, `(H, W, 1)` or `(H, W, 3)`; so
       `(3, 3, 3)` is a 3x3 RGB image. dtype uint8 (0-255), uint16 (0-65535) or float in [0, 1].
     - torch tensors are channels-first: `(H, W)`, `(1, H, W)` or `(3, H, W)`; so
@@ -54,7 +86,14 @@ class ImageProcessor:
     - A `str` / path is read with `load_image` (clear errors for broken files).
 
     Any other shape, channel count (e.g. 4: use PIL to composite RGBA), dtype, a float outside
-    [0, 1] or NaN raises `ValueError` naming what was given and what is allowed.
+    [0, 1] or NaN raises `ValueError` naming what was given and what is allowed; so do a
+    lazily opened PIL image that fails to decode (truncated) and a resize that would enlarge
+    an image past `PIL.Image.MAX_IMAGE_PIXELS` (a 1 x 100000 strip under `shortest_edge`).
+
+    Sizes: any input of at least one pixel is accepted (within that limit). With
+    `resize_mode='exact'` or a `crop_size` every output has the size `config.output_size`,
+    so an encoder at that size gives `prefix + (H/p)(W/p)` tokens whatever the input
+    (1x1, 13x13, 10000x50).
 
     Example:
         >>> processor = ImageProcessor.from_hf_config(json.load(open("preprocessor_config.json")))
@@ -161,6 +200,7 @@ class ImageProcessor:
             image = load_image(image)
         rgb = to_rgb(image, cfg.background, cfg.exif_transpose)  # (H, W, 3)
         size = resized_size(rgb.shape[0], rgb.shape[1], cfg.resize_mode, cfg.size)
+        _check_resize_area(rgb.shape[:2], size, cfg)
         pixels = resize(rgb, size, cfg.interpolation, cfg.backend)  # (3, h, w)
         if cfg.crop_size is not None:
             pixels = center_crop_or_pad(pixels, cfg.crop_size, cfg.crop_rounding, cfg.pad_fill)
@@ -189,7 +229,7 @@ class ImageProcessor:
             except (ValueError, TypeError) as err:
                 if len(batch) == 1:
                     raise
-                raise type(err)(f"image {index}: {err}") from err
+                raise _with_index(err, index) from err
         sizes = {tuple(p.shape[-2:]) for p in processed}
         if len(sizes) > 1:
             raise ValueError(

@@ -63,7 +63,8 @@ def resize(
     """Resize an RGB array `(H, W, 3)` to `size = (h, w)`.
 
     Returns:
-        `(3, h, w)`, `uint8` for `uint8` input (PIL and torchvision round and clamp), else `float32`.
+        `(3, h, w)`, `uint8` for `uint8` input (PIL and torchvision round and clamp), else
+        `float32` clamped to `[0, 255]` (not rounded).
     """
     height, width = rgb.shape[:2]
     if (height, width) == tuple(size):
@@ -73,14 +74,16 @@ def resize(
         from torchvision.transforms.v2 import functional as tvF
 
         mode = InterpolationMode[TORCH_FILTERS[interpolation]]
-        return tvF.resize(_to_chw(rgb).contiguous(), list(size), interpolation=mode, antialias=True)
+        resized = tvF.resize(_to_chw(rgb).contiguous(), list(size), interpolation=mode, antialias=True)
+        return resized if resized.dtype == torch.uint8 else resized.clamp_(0.0, 255.0)
     new_size, resample = (size[1], size[0]), PIL_FILTERS[interpolation]
     if rgb.dtype == np.uint8:
         resized = np.array(Image.fromarray(rgb, mode="RGB").resize(new_size, resample=resample))
         return torch.from_numpy(resized).permute(2, 0, 1)
     # Float data: PIL resizes mode 'F' one channel at a time, in float32.
     channels = [np.array(Image.fromarray(rgb[:, :, c], mode="F").resize(new_size, resample=resample)) for c in range(3)]
-    return torch.from_numpy(np.stack(channels))
+    # Clamped as the 8-bit path is: cubic and Lanczos overshoot past black and white.
+    return torch.from_numpy(np.stack(channels)).clamp_(0.0, 255.0)
 
 
 def center_crop_or_pad(
