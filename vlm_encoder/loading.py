@@ -33,7 +33,15 @@ import torch
 
 from .config import VisionConfig
 from .encoder import VisionEncoder
-from .weights import WeightsError, load_state_dict_strict, read_state_dict
+from .weights import (
+    WeightsError,
+    load_state_dict_strict,
+    naming,
+    read_safetensors,
+    read_state_dict,
+    strip_key,
+    strip_prefixes,
+)
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -227,7 +235,8 @@ def read_weights(
 
     Reads `checkpoint` when given, else the first of: sharded safetensors (only the shards
     holding a kept key are fetched), `model.safetensors`, sharded or single
-    `pytorch_model.bin` (weights only).
+    `pytorch_model.bin` (weights only). Names lose their `module.` / `_orig_mod.` prefixes
+    (DDP, torch.compile) before `keep` sees them.
 
     Returns:
         `(tensors, all_names, files_read)`.
@@ -243,11 +252,11 @@ def read_weights(
         weight_map = read_config_file(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise WeightsError(f"{index}: no 'weight_map' in the shard index")
-        shards = sorted({shard for key, shard in weight_map.items() if keep(key)})
+        shards = sorted({str(shard) for key, shard in weight_map.items() if keep(strip_key(str(key)))})
         tensors: dict[str, torch.Tensor] = {}
         for shard in shards:
             tensors.update(_read_file(files.get(shard), keep)[0])
-        return tensors, list(weight_map), shards
+        return tensors, [strip_key(str(key)) for key in weight_map], shards
     for name in (SAFETENSORS_FILE, TORCH_FILE):
         path = files.get(name, required=False)
         if path is not None:
@@ -260,20 +269,13 @@ def read_weights(
 
 
 def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The kept tensors of one file and the names of all its tensors."""
+    """The kept tensors of one file and the names of all its tensors (prefixes removed)."""
     if path.suffix != ".safetensors":
-        everything = read_state_dict(path)
+        everything = strip_prefixes(read_state_dict(path))
         return {k: v for k, v in everything.items() if keep(k)}, list(everything)
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise FileNotFoundError(f"weight file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            names = list(handle.keys())
-            return {k: handle.get_tensor(k) for k in names if keep(k)}, names
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise WeightsError(f"{path}: not a valid safetensors file, it is truncated or corrupt ({err})") from None
+    with naming(str(path)):
+        tensors, names = read_safetensors(path, keep=lambda key: keep(strip_key(key)))
+        return strip_prefixes(tensors), [strip_key(k) for k in names]
 
 
 # ---------------------------------------------------------------------------- families
@@ -368,16 +370,23 @@ def _load_hf_tower(
     else:
         keep = lambda key: key.startswith(tower_keys)  # noqa: E731
     tensors, names, weights = read_weights(files, checkpoint, keep)
-    if tower_keys is not None:
-        check_llava_keys(names, files.source)
-        tensors = _strip_tower(tensors, tower_keys, files.source)
-    if not tensors:
-        raise WeightsError(f"{files.source}: the weights hold no {model_type} vision-tower keys")
-    config_kwargs = _config_options(model_type, tensors)
-    vision_config: VisionConfig = module.config_from_hf(config, **config_kwargs)
-    state_dict = module.convert_state_dict(tensors)
-    encoder = VisionEncoder(vision_config)
-    load_state_dict_strict(encoder, state_dict, source=f"{files.source} ({model_type} converted)")
+    if checkpoint is not None:
+        source = str(checkpoint)
+    elif files.directory is not None:
+        source = ", ".join(str(files.directory / name) for name in weights)
+    else:
+        source = f"{files.source} ({', '.join(weights)})"
+    with naming(source):
+        if tower_keys is not None:
+            check_llava_keys(names, files.source)
+            tensors = _strip_tower(tensors, tower_keys, files.source)
+        if not tensors:
+            raise WeightsError(f"the weights hold no {model_type} vision-tower keys")
+        config_kwargs = _config_options(model_type, tensors)
+        vision_config: VisionConfig = module.config_from_hf(config, **config_kwargs)
+        state_dict = module.convert_state_dict(tensors)
+        encoder = VisionEncoder(vision_config)
+        load_state_dict_strict(encoder, state_dict, source=f"{source} ({model_type} converted)")
     return encoder, weights
 
 

@@ -68,6 +68,11 @@ def resolve_pretrained_dir(source: str | os.PathLike, files: tuple[str, ...] = (
     return Path(local[0]).parent
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 class PretrainedMixin:
     """Adds `save_pretrained(dir)` and `from_pretrained(dir)` to an `nn.Module` whose only
     constructor argument is a frozen dataclass config with `to_dict` / `from_dict`."""
@@ -78,8 +83,10 @@ class PretrainedMixin:
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write `config.json` and `model.safetensors` into `save_directory`.
 
-        The files are written to a temporary directory beside it and moved into place, so an
-        interrupted save never leaves a half-written model behind.
+        The files are written and flushed to disk in a temporary directory beside it, then
+        moved into place, so an interrupted save never leaves a half-written file behind: a new
+        directory appears complete (one rename) or not at all; in an existing one each file is
+        replaced atomically (weights first) and other files there are kept.
 
         Returns:
             The directory.
@@ -91,9 +98,14 @@ class PretrainedMixin:
             config = {"model_type": self.model_type, **self.config.to_dict()}
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
             save_model(self, str(staging / WEIGHTS_NAME))
-            target.mkdir(exist_ok=True)
             for name in (CONFIG_NAME, WEIGHTS_NAME):
-                os.replace(staging / name, target / name)
+                _fsync(staging / name)
+            if not target.exists():
+                staging.chmod(0o755)  # mkdtemp makes it private; a saved model is not
+                os.replace(staging, target)
+            else:
+                for name in (WEIGHTS_NAME, CONFIG_NAME):
+                    os.replace(staging / name, target / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target

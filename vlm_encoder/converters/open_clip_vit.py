@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import WeightsError, load_state_dict_strict, read_state_dict, strip_prefixes
+from ..weights import WeightsError, load_state_dict_strict, naming, read_state_dict, strip_prefixes
 from . import timm_vit
 
 # Top-level keys of a CLIP / CustomTextCLIP checkpoint that belong to the text side.
@@ -339,9 +339,10 @@ def load_open_clip(arch: str, checkpoint: str | None = None, cache_dir: str | No
             )
     trunk = build_timm_trunk(model_cfg) if vc.timm_model_name else None
     config = _config_from_trunk(model_cfg, trunk) if trunk is not None else config_from_open_clip(model_cfg)
-    weights = convert_state_dict(read_state_dict(path), config, timm_trunk=trunk is not None)
     encoder = VisionEncoder(config)
-    load_state_dict_strict(encoder, weights, source=f"open_clip {arch} weights ({path})")
+    with naming(str(path)):
+        weights = convert_state_dict(read_state_dict(path), config, timm_trunk=trunk is not None)
+        load_state_dict_strict(encoder, weights, source=f"open_clip {arch} weights ({path})")
     encoder.eval()
     encoder.image_processor = _image_processor(preprocess)
     return encoder

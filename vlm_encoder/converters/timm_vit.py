@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import WeightsError, load_state_dict_strict, read_state_dict, strip_prefixes
+from ..weights import WeightsError, load_state_dict_strict, naming, read_state_dict, strip_prefixes
 
 _POOLS = {"token": "cls", "avg": "gap", "map": "map", "": "none"}
 
@@ -417,7 +417,8 @@ def load_timm(name: str, checkpoint: str | None = None, **timm_kwargs: Any) -> V
     else:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
         state_dict = read_state_dict(checkpoint)
-    encoder = encoder_from_timm_model(model, state_dict)
+    with naming(str(checkpoint) if checkpoint is not None else f"timm {name} pretrained weights"):
+        encoder = encoder_from_timm_model(model, state_dict)
     encoder.image_processor = _timm_image_processor(model)
     return encoder
 

@@ -78,7 +78,9 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.context_length = context_length
-        self._tokenizer = AutoTokenizer.from_pretrained(str(_check_dir(model_dir)), local_files_only=True)
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            str(_check_dir(model_dir)), local_files_only=True, trust_remote_code=False
+        )
 
     def __call__(self, texts: str | Sequence[str]) -> TokenizedText:
         """Tokenize captions to `(B, L)` ids and mask."""
@@ -109,9 +111,11 @@ class HFTextEncoder(nn.Module):
         self.config = config
         path = str(_check_dir(config.model_dir))
         if load_weights:
-            self.model = AutoModel.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         else:
-            self.model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+            self.model = AutoModel.from_config(
+                AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False), trust_remote_code=False
+            )
 
     @property
     def width(self) -> int:

@@ -54,9 +54,14 @@ class ClipTokenizer:
 
         Returns:
             `TokenizedText` with `input_ids` and `attention_mask` of shape `(B, L)`.
+
+        Raises:
+            TypeError: `texts` is not a str or a sequence of str.
         """
         if isinstance(texts, str):
             texts = [texts]
+        elif not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
+            raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
         L = self.context_length
         ids = torch.full((len(texts), L), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(texts), L), dtype=torch.long)
