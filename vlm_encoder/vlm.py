@@ -506,7 +506,7 @@ class VisionLanguageModel(nn.Module):
             "llava_next": (transformers.LlavaNextConfig, transformers.LlavaNextForConditionalGeneration),
         }
         config_class, model_class = families[family]
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
         if not isinstance(config, config_class):
             raise ValueError(f"{path}: model_type={config.model_type!r}, expected {family!r} ({model_class.__name__})")
         towers = {"clip_vision_model": hf_clip, "siglip_vision_model": hf_siglip}
@@ -539,7 +539,9 @@ class VisionLanguageModel(nn.Module):
                 pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
             )
 
-        hf_model = model_class.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+        hf_model = model_class.from_pretrained(
+            path, trust_remote_code=False, **({"dtype": dtype} if dtype is not None else {})
+        )
         load_state_dict_strict(
             encoder, converter.convert_state_dict(hf_model.model.vision_tower.state_dict()), source=f"{path} (vision tower)"
         )
