@@ -66,6 +66,9 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        # CPU batches go through the kernel one image at a time (bitwise batch invariance);
+        # training sets this False for one batched call (much faster, same math).
+        self.batch_invariant_cpu = True
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_weights: bool = False
@@ -89,8 +92,10 @@ class Attention(nn.Module):
         if return_weights:
             weights = attention_weights(q, k, attn_mask)
             x = (weights @ v).transpose(1, 2).reshape(B, T, D)
-        elif x.device.type == "cpu" and B > 1:
+        elif x.device.type == "cpu" and B > 1 and self.batch_invariant_cpu:
             x = _per_image_attention(q, k, v, attn_mask)
+        elif x.device.type == "cpu":
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, T, D)
         else:
             x = dot_product_attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(x), weights

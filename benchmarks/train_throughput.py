@@ -1,0 +1,209 @@
+"""Training throughput (samples/s) and peak memory of one contrastive training step: ours
+(`vlm_encoder.train`: `ContrastiveForward` + chunked loss + AdamW, the path `Trainer` runs)
+against open_clip's `CLIP` + `ClipLoss` + AdamW, same architecture, batch and optimizer, in
+one process.
+
+    python benchmarks/train_throughput.py                       # CUDA: ViT-B/32 + base text, batch 1024
+    python benchmarks/train_throughput.py --device cpu --quick  # CPU: tiny towers, small batch
+
+Modes:
+- `both`: both towers trained.
+- `locked`: the image tower locked (LiT). Ours embeds each image once and trains on cached
+  tower features (what `Trainer` does with `lock_image` + `cache_image_features`); open_clip
+  locks the tower (`lock_image_tower`) and still runs it, without gradients, every step.
+
+Each contender runs at its best settings on the device: on CUDA bf16 autocast and
+`torch.compile` for both (TF32 matmuls on); on the CPU float32 eager. Peak memory is
+`torch.cuda.max_memory_allocated` of the step (CUDA only; "n/a" on the CPU).
+
+Results: `benchmarks/results/train_throughput_<device>[_quick].{json,md}` with device, date,
+settings and the ratio ours / open_clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+ARCHS = {
+    # ViT-B/32 (open_clip "ViT-B-32") with the standard 12-layer, 512-wide text tower.
+    "b32": dict(image=224, patch=32, width=768, depth=12, heads=12, text_width=512, text_depth=12, text_heads=8,
+                context=77, embed=512),
+    "tiny": dict(image=32, patch=8, width=64, depth=2, heads=2, text_width=64, text_depth=2, text_heads=2,
+                 context=16, embed=64),
+}
+
+
+def build_ours(arch: dict, locked: bool):
+    from vlm_encoder.contrastive import ContrastiveModel
+    from vlm_encoder.encoder import VisionEncoder
+    from vlm_encoder.presets import preset_config
+    from vlm_encoder.text import TextEncoder, text_preset_config
+    from vlm_encoder.train.build import use_batched_cpu_attention
+
+    vision = VisionEncoder(preset_config(
+        "vit_base_patch32_clip_224", image_size=arch["image"], patch_size=arch["patch"], width=arch["width"],
+        depth=arch["depth"], num_heads=arch["heads"], embed_dim=None, act="gelu",
+    ))
+    text = TextEncoder(text_preset_config("base", width=arch["text_width"], depth=arch["text_depth"],
+                                          num_heads=arch["text_heads"], context_length=arch["context"]))
+    model = ContrastiveModel(vision, text, arch["embed"])
+    use_batched_cpu_attention(model)
+    if locked:
+        model.freeze_vision()
+    return model
+
+
+def build_open_clip(arch: dict, locked: bool):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    model = CLIP(
+        arch["embed"],
+        CLIPVisionCfg(layers=arch["depth"], width=arch["width"], patch_size=arch["patch"], image_size=arch["image"],
+                      head_width=arch["width"] // arch["heads"]),
+        CLIPTextCfg(context_length=arch["context"], vocab_size=49408, width=arch["text_width"],
+                    heads=arch["text_heads"], layers=arch["text_depth"]),
+    )
+    if locked:
+        model.lock_image_tower()
+    return model
+
+
+def make_step(impl: str, model, arch: dict, batch: int, device: torch.device, locked: bool, compile_: bool):
+    """A closure running one training step; returns it and its inputs' description."""
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(1, 49000, (batch, arch["context"]), device=device)
+    ids[:, 0], ids[:, -1] = 49406, 49407
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(batch, 3, arch["image"], arch["image"], device=device)
+    if impl == "ours":
+        from vlm_encoder.train.step import ContrastiveForward, StepInputs, loss_and_backward
+
+        forward = ContrastiveForward(model)
+        if compile_:
+            forward = torch.compile(forward)
+        loss_fn = model.build_loss()
+        if locked:  # the feature cache: the locked tower ran once per image, before training
+            with torch.no_grad(), amp():
+                features = model.vision.image_embeds(pixels).float()
+            inputs = StepInputs(ids, mask, image_features=features)
+        else:
+            inputs = StepInputs(ids, mask, pixel_values=pixels)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = loss_and_backward(forward, loss_fn, inputs, autocast=amp)
+            optimizer.step()
+            return loss
+    else:
+        from open_clip.loss import ClipLoss
+
+        loss_fn = ClipLoss()
+        run = torch.compile(model) if compile_ else model
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with amp():
+                image, text, scale = run(pixels, ids)
+                loss = loss_fn(image, text, scale)
+            loss.backward()
+            optimizer.step()
+            return loss
+    return step
+
+
+def measure(impl: str, arch: dict, batch: int, device: torch.device, locked: bool, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = (build_ours if impl == "ours" else build_open_clip)(arch, locked).to(device).train()
+    compile_ = device.type == "cuda"
+    step = make_step(impl, model, arch, batch, device, locked, compile_)
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del model, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"impl": impl, "mode": "locked" if locked else "both", "samples_per_s": batch * steps / seconds,
+            "peak_gib": peak, "loss": float(loss), "compile": compile_,
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default=None, help="default: b32 on CUDA, tiny on the CPU")
+    parser.add_argument("--batch", type=int, default=None, help="default: 1024 on CUDA, 64 on the CPU")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--modes", default="both,locked")
+    parser.add_argument("--quick", action="store_true", help="few steps (CPU smoke measurement)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(args.threads)
+    arch_name = args.arch or ("b32" if cuda else "tiny")
+    arch = ARCHS[arch_name]
+    batch = args.batch or (1024 if cuda else 64)
+    steps = args.steps or (3 if args.quick else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else (5 if cuda else 2))
+    rows = []
+    for mode in args.modes.split(","):
+        locked = mode == "locked"
+        pair = {impl: measure(impl, arch, batch, device, locked, steps, warmup) for impl in ("open_clip", "ours")}
+        ratio = pair["ours"]["samples_per_s"] / pair["open_clip"]["samples_per_s"]
+        mem = (pair["ours"]["peak_gib"] / pair["open_clip"]["peak_gib"]) if cuda else None
+        rows.append({"mode": mode, "ours": pair["ours"], "open_clip": pair["open_clip"], "speed_ratio": ratio,
+                     "memory_ratio": mem})
+        print(f"{mode:>6}: ours {pair['ours']['samples_per_s']:.1f} samples/s, open_clip "
+              f"{pair['open_clip']['samples_per_s']:.1f} samples/s -> {ratio:.2f}x"
+              + (f", memory {mem:.2f}x" if mem is not None else ""))
+    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)"
+    report = {
+        "device": device_name, "date": dt.date.today().isoformat(), "torch": torch.__version__, "arch": arch_name,
+        "arch_config": arch, "batch": batch, "steps": steps, "warmup": warmup, "rows": rows,
+        "targets": {"both": "1.25x open_clip samples/s, no more memory (H100, ViT-B/32, batch 1024)",
+                    "locked": "3x open_clip samples/s (H100, cached image features)"},
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = f"train_throughput_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}"
+    (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# Training throughput ({report['date']}, {device_name}, torch {torch.__version__})", "",
+             f"Architecture `{arch_name}`, batch {batch}, {steps} timed steps after {warmup} warm-up.", "",
+             "| mode | open_clip samples/s | ours samples/s | speed ratio | memory ratio |", "|---|---|---|---|---|"]
+    for r in rows:
+        mem = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] is not None else "n/a (CPU)"
+        lines.append(f"| {r['mode']} | {r['open_clip']['samples_per_s']:.1f} | {r['ours']['samples_per_s']:.1f} | "
+                     f"{r['speed_ratio']:.2f}x | {mem} |")
+    (RESULTS_DIR / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS_DIR / stem}.json / .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

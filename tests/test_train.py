@@ -1,0 +1,306 @@
+"""Training: gradient accumulation, exact resume, strict checkpoints, the non-finite guard, LiT
+feature caching, config round trip, evaluation, data sources and the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vlm_encoder.contrastive import ContrastiveModel
+from vlm_encoder.encoder import VisionEncoder
+from vlm_encoder.presets import preset_config
+from vlm_encoder.text import TextEncoder, text_preset_config
+from vlm_encoder.train import CheckpointError, TrainConfig, Trainer, list_checkpoints, open_source
+from vlm_encoder.train.evaluate import retrieval_recall, shard
+from vlm_encoder.train.metrics import read_metrics
+from vlm_encoder.train.step import ContrastiveForward, StepInputs, loss_and_backward
+
+TINY = dict(
+    data="builtin:shapes",
+    data_options={"num_train": 40, "num_test": 13, "canvas": 16},
+    vision_preset="vit_tiny_patch16_224",
+    vision_overrides={"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "num_heads": 2},
+    text_preset="tiny",
+    text_overrides={"width": 32, "depth": 1, "num_heads": 2, "context_length": 12},
+    embed_dim=16,
+    batch_size=8,
+    lr=1e-2,
+    warmup_steps=2,
+    eval_split=None,
+    progress=False,
+    log_every=1,
+)
+
+
+def tiny_config(tmp_path: Path, **changes) -> TrainConfig:
+    return TrainConfig(**{**TINY, "output_dir": str(tmp_path / "run"), **changes})
+
+
+def tiny_model(objective: str = "clip") -> ContrastiveModel:
+    vision = VisionEncoder(preset_config("vit_tiny_patch16_224", **TINY["vision_overrides"]))
+    text = TextEncoder(text_preset_config("tiny", **TINY["text_overrides"]))
+    return ContrastiveModel(vision, text, 16, objective=objective)
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# ---------------------------------------------------------------- accumulation
+@pytest.mark.parametrize("objective", ["clip", "siglip"])
+@pytest.mark.parametrize("locked", [False, True])
+def test_grad_accumulation_equals_full_batch(objective, locked):
+    model = tiny_model(objective).double()
+    if locked:
+        model.freeze_vision()
+    tokens = model.text.tokenizer()([f"caption number {i}" for i in range(12)])
+    pixels = torch.randn(12, 3, 16, 16, dtype=torch.float64)
+    forward, loss_fn = ContrastiveForward(model), model.build_loss()
+    inputs = StepInputs(tokens.input_ids, tokens.attention_mask, pixel_values=pixels)
+
+    full_loss, _ = loss_and_backward(forward, loss_fn, inputs, accum_steps=1)
+    full = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    accum_loss, _ = loss_and_backward(forward, loss_fn, inputs, accum_steps=3)
+    accum = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    assert torch.allclose(full_loss, accum_loss, rtol=0, atol=1e-12)
+    assert full.keys() == accum.keys() and "logit_scale" in full
+    for name in full:
+        assert torch.allclose(full[name], accum[name], rtol=1e-9, atol=1e-12), name
+    # Micro-batches alone (no shared negatives) would give other gradients: the test can fail.
+    model.zero_grad(set_to_none=True)
+    for part in inputs.split(3):
+        loss_and_backward(forward, loss_fn, part, accum_steps=1)
+    alone = model.text_proj.weight.grad
+    assert not torch.allclose(alone, full["text_proj.weight"], atol=1e-6)
+
+
+# ----------------------------------------------------------------- resume
+def _train(config: TrainConfig, **kwargs) -> tuple[Trainer, object]:
+    trainer = Trainer(config, **kwargs)
+    return trainer, trainer.fit()
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    steps = dict(max_steps=7, checkpoint_every=2, accum_steps=2, keep_checkpoints=2)
+    straight, _ = _train(tiny_config(tmp_path / "a", **steps))
+    config = tiny_config(tmp_path / "b", **steps)
+    first, result = _train(config, stop_after=5)  # killed after step 5: last checkpoint is step 4
+    assert result.interrupted and result.step == 5
+    assert [p.name for p in list_checkpoints(first.checkpoint_dir)] == ["step_00000002", "step_00000004"]
+    resumed, result = _train(config)
+    assert result.resumed_from.name == "step_00000004" and result.step == 7
+    expected, got = params(straight.model), params(resumed.model)
+    changed = params(tiny_model())  # a fresh init differs, so equality is meaningful
+    assert any(not torch.equal(expected[k], changed[k]) for k in expected)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert list_checkpoints(resumed.checkpoint_dir)[-1].name == "step_00000007"
+    assert len(list_checkpoints(resumed.checkpoint_dir)) == 2  # keep the last k
+    # The replayed step 5 is logged once.
+    train_steps = [r["step"] for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert train_steps == list(range(1, 8))
+
+
+@pytest.fixture
+def checkpointed(tmp_path):
+    config = tiny_config(tmp_path, max_steps=2, checkpoint_every=2)
+    trainer, _ = _train(config)
+    return config, list_checkpoints(trainer.checkpoint_dir)[-1]
+
+
+@pytest.mark.parametrize("part", ["model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"])
+def test_truncated_or_missing_checkpoint_part_is_named(checkpointed, part):
+    config, path = checkpointed
+    more = config.with_overrides(["max_steps=3"])
+    data = (path / part).read_bytes()
+    (path / part).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=part):
+        Trainer(more).fit()
+    (path / part).unlink()
+    with pytest.raises(CheckpointError, match=f"{part} is missing"):
+        Trainer(more).fit()
+
+
+def test_missing_manifest_is_an_error(checkpointed):
+    config, path = checkpointed
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        Trainer(config.with_overrides(["max_steps=3"])).fit()
+
+
+@pytest.mark.parametrize("part", ["rng_rank0.pt", "sampler.json"])
+def test_missing_rng_or_sampler_state_refused_unless_allowed(checkpointed, part):
+    config, path = checkpointed
+    (path / part).unlink()
+    with pytest.raises(CheckpointError, match="allow-partial-resume"):
+        Trainer(config.with_overrides(["max_steps=3"])).fit()
+    with pytest.warns(UserWarning, match=part):
+        result = Trainer(config.with_overrides(["max_steps=3", "allow_partial_resume=true"])).fit()
+    assert result.step == 3
+
+
+def test_resume_never_refuses_a_directory_with_checkpoints(checkpointed):
+    config, _ = checkpointed
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(config.with_overrides(["resume=never", "max_steps=3"])).fit()
+
+
+# ----------------------------------------------------------- non-finite guard
+def test_nan_batch_is_skipped_and_logged(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3))
+    plain = trainer._inputs
+
+    def poisoned(batch):
+        inputs = plain(batch)
+        if trainer.step == 1:  # the batch of step 2
+            inputs.pixel_values = torch.full_like(inputs.pixel_values, float("nan"))
+        return inputs
+
+    before = {}
+    trainer._inputs = poisoned
+    original_step = trainer.train_step
+
+    def step(inputs):
+        if trainer.step == 1:
+            before.update(params(trainer.model))
+        result = original_step(inputs)
+        if trainer.step == 2:
+            after = params(trainer.model)
+            assert all(torch.equal(before[k], after[k]) for k in before)  # parameters untouched
+        return result
+
+    trainer.train_step = step
+    result = trainer.fit()
+    assert result.skipped_steps == [2]
+    skipped = [r for r in read_metrics(trainer.log.path) if r["kind"] == "skipped_step"]
+    assert [r["step"] for r in skipped] == [2]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_logit_scale_is_clamped_in_place(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, max_steps=1))
+    with torch.no_grad():
+        trainer.model.logit_scale.fill_(9.0)
+    trainer.fit()
+    assert trainer.model.logit_scale.item() <= trainer.model.max_logit_scale + 1e-6
+
+
+# ----------------------------------------------------------------- LiT
+def test_locked_image_tower_runs_once_per_image_and_stays_frozen(tmp_path):
+    model = tiny_model()
+    rows = []
+    model.vision.register_forward_hook(lambda module, args, kwargs_out: rows.append(args[0].shape[0]))
+    frozen = {k: v.clone() for k, v in model.vision.state_dict().items()}
+    proj = model.image_proj.weight.detach().clone()
+    trainer = Trainer(tiny_config(tmp_path, lock_image=True, epochs=3), model=model)
+    trainer.fit()
+    assert sum(rows) == 40  # 40 training images, once each, over 3 epochs
+    assert all(torch.equal(frozen[k], v) for k, v in model.vision.state_dict().items())
+    assert not model.vision.training and all(not p.requires_grad for p in model.vision.parameters())
+    assert not torch.equal(proj, model.image_proj.weight)  # the new head trains
+
+
+# ---------------------------------------------------------------- config
+def test_config_yaml_overrides_and_resolved_copy(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "run"), "max_steps": 1}))
+    config = TrainConfig.from_yaml(path).with_overrides(["lr=0.002", "vision_overrides.depth=2", "templates=['a {}']"])
+    assert config.lr == 0.002 and config.vision_overrides["depth"] == 2 and config.templates == ("a {}",)
+    assert config.vision_overrides["width"] == 32  # other keys kept
+    Trainer(config).fit()
+    assert TrainConfig.from_yaml(tmp_path / "run" / "config.yaml") == config
+    with pytest.raises(ValueError, match="unknown config field 'lrr'"):
+        config.with_overrides(["lrr=1"])
+    with pytest.raises(ValueError, match="divisible by accum_steps"):
+        config.with_overrides(["accum_steps=3"])
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"nope": 1})
+
+
+# -------------------------------------------------------------- evaluation
+def test_eval_counts_each_image_once_when_not_divisible(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, eval_split="test", eval_batch_size=4, max_steps=1))
+    result = trainer.fit()
+    assert result.metrics["num_images"] == 13 and result.metrics["num_captions"] == 13
+    assert {r["kind"] for r in read_metrics(trainer.log.path)} >= {"train", "eval"}
+    assert (tmp_path / "run" / "plots" / "loss.png").is_file()
+    for tower in ("model", "vision", "text"):
+        assert (tmp_path / "run" / "export" / tower / "model.safetensors").is_file()
+    assert sorted(i for r in range(3) for i in shard(13, r, 3)) == list(range(13))
+
+
+def test_retrieval_recall_on_known_similarities():
+    images = torch.eye(4)
+    texts = torch.eye(4)[[0, 1, 2, 3, 1]]  # the last caption also describes image 1
+    owner = torch.tensor([0, 1, 2, 3, 2])  # ... but is labelled as image 2's
+    metrics = retrieval_recall(images, texts, owner, ks=(1, 2))
+    assert metrics["t2i_R@1"] == pytest.approx(4 / 5)
+    assert metrics["i2t_R@1"] == pytest.approx(1.0)
+
+
+def test_digits_zero_shot_metrics_exist(tmp_path):
+    config = tiny_config(tmp_path, data="builtin:digits", data_options={}, eval_split="test", max_steps=1,
+                         vision_overrides={**TINY["vision_overrides"], "image_size": 16}, batch_size=16)
+    result = Trainer(config).fit()
+    assert result.metrics["num_images"] == 360
+    assert 0.0 <= result.metrics["zero_shot_top1"] <= 1.0
+
+
+# ------------------------------------------------------------------ data
+def test_builtin_sources():
+    digits = open_source("builtin:digits", "test")
+    assert len(digits) == 360 and len(open_source("builtin:digits", "train")) == 1437
+    assert digits.captions(0)[0].startswith("a photo of the digit")
+    a = open_source("builtin:shapes", "train", options={"num_train": 5, "canvas": 32, "seed": 3})
+    b = open_source("builtin:shapes", "train", options={"num_train": 5, "canvas": 32, "seed": 3})
+    test = open_source("builtin:shapes", "test", options={"num_test": 5, "canvas": 32, "seed": 3})
+    assert a.captions(0) == b.captions(0) and a.image(0).tobytes() == b.image(0).tobytes()
+    assert [a.captions(i) for i in range(5)] != [test.captions(i) for i in range(5)]
+    assert a.image(0).size == (32, 32)
+    with pytest.raises(ValueError, match="unknown builtin"):
+        open_source("builtin:nope", "train")
+
+
+def test_imagefolder_with_captions_skips_and_counts_unreadable_images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rows = []
+    for i in range(9):
+        Image.new("RGB", (20, 20), (i * 20, 100, 200 - i * 20)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": [f"colour {i}", f"shade {i}"]})
+    (folder / "broken.png").write_bytes(b"<html>not an image</html>")
+    rows.append({"file_name": "broken.png", "text": ["broken"]})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = tiny_config(tmp_path, data=str(folder), data_options={}, batch_size=10, max_steps=2,
+                         eval_split="train", eval_batch_size=4)
+    trainer = Trainer(config)
+    result = trainer.fit()
+    assert result.skipped_images >= 1
+    assert result.metrics["skipped_images"] == 1 and result.metrics["num_images"] == 9
+    assert result.metrics["num_captions"] == 18  # several captions per image
+    assert any(r["kind"] == "skipped_image" and "broken.png" in r["reason"] for r in read_metrics(trainer.log.path))
+
+
+# -------------------------------------------------------------- commands
+def test_train_and_eval_commands(tmp_path, capsys):
+    from vlm_encoder.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "run"), "max_steps": 2}))
+    assert main(["train", "--config", str(path), "batch_size=4"]) == 0
+    assert "run directory" in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["batch_size"] == 4
+    model_dir = tmp_path / "run" / "export" / "model"
+    assert main(["eval", str(model_dir), "--data", "builtin:shapes", "--data-option", "num_test=13",
+                 "--data-option", "canvas=16", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["num_images"] == 13 and "t2i_R@10" in metrics
