@@ -144,7 +144,7 @@ def measure(impl: str, arch: dict, batch: int, device: torch.device, locked: boo
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"impl": impl, "mode": "locked" if locked else "both", "samples_per_s": batch * steps / seconds,
-            "peak_gib": peak, "loss": float(loss), "compile": compile_,
+            "peak_gib": peak, "loss": float(loss.detach()), "compile": compile_,
             "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
 
 
