@@ -299,6 +299,20 @@ def test_image_alone_equals_image_in_batch_of_seven_bitwise(name):
             assert torch.equal(alone.pooled[0], together.pooled[i])
 
 
+def test_set_batch_invariant_switches_every_per_image_path():
+    enc = tiny(stem_layers=(1,), stem_width=32, patch_size=1, image_size=32)
+    flags = lambda: {m.batch_invariant_cpu for m in enc.modules() if hasattr(m, "batch_invariant_cpu")}  # noqa: E731
+    assert flags() == {True}
+    enc.set_batch_invariant(False)
+    assert flags() == {False}
+    batch = pixels(3)
+    with torch.inference_mode():
+        batched = enc(batch, layers=(-1,)).pooled
+        enc.set_batch_invariant(True)
+        per_image = enc(batch, layers=(-1,)).pooled
+    torch.testing.assert_close(batched, per_image, atol=1e-5, rtol=1e-5)  # same math, rounding may differ
+
+
 def test_torch_compile_matches_eager():
     enc = tiny()
     x = pixels(2)

@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import VisionConfig
+from .determinism import set_batch_invariant
 from .layers import (
     AttentionPoolHead,
     Block,
@@ -115,6 +116,12 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
+
+    def set_batch_invariant(self, enabled: bool = True) -> None:
+        """CPU bitwise batch invariance (on by default): per-image kernel calls, so an image's
+        features never depend on its batch. Off: batched calls, faster (see
+        `vlm_encoder.determinism`)."""
+        set_batch_invariant(self, enabled)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""

@@ -130,11 +130,11 @@ def test_the_hybrid_stem_alone_is_batch_dependent_without_the_per_image_path(one
     """Why the encoder runs its stem and patch embedding per image on the CPU: the batched
     convolutions round differently from the single-image ones (a kernel chosen by batch size)."""
     encoder, images = encoder_and_images("hybrid_stem")
-    encoder.batch_invariant_cpu = False
+    encoder.set_batch_invariant(False)
     try:
         batched = features(encoder, images[:7])["patches0"]
     finally:
-        encoder.batch_invariant_cpu = True
+        encoder.set_batch_invariant(True)
     singles = torch.cat([features(encoder, images[i : i + 1])["patches0"] for i in range(7)])
     if torch.equal(batched, singles):
         pytest.skip("this CPU's convolution kernels happen to be batch-invariant for these shapes")

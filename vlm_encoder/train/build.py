@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from ..determinism import set_batch_invariant
 from ..contrastive import ContrastiveModel
 from ..presets import preset_config
 from ..encoder import VisionEncoder
@@ -31,13 +32,9 @@ def build_model(config: TrainConfig) -> ContrastiveModel:
 
 
 def use_batched_cpu_attention(model: nn.Module) -> None:
-    """Batched CPU kernels instead of one call per image: every module with a
-    `batch_invariant_cpu` switch (attention, the encoder's patch embedding) gets it off.
-    Training does not need bitwise batch invariance, and the batched calls are many times
-    faster (the math is the same; only the rounding may differ with the batch)."""
-    for module in model.modules():
-        if hasattr(module, "batch_invariant_cpu"):
-            module.batch_invariant_cpu = False
+    """Batched CPU kernels instead of one call per image (see `vlm_encoder.determinism`):
+    training does not need bitwise batch invariance, and batched calls are many times faster."""
+    set_batch_invariant(model, False)
 
 
 def _tuples(values: dict) -> dict:
