@@ -123,18 +123,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="vit_base_patch16_224", help="encoder preset (random weights)")
     parser.add_argument("--layer", type=int, default=-4, help="layer of the PCA picture (default -4)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sections", default="encoder,training,llava",
+        help="comma-separated: encoder (features and pictures), training (CLIP-style on builtin:digits), "
+        "llava (stage-1 projector alignment)",
+    )
     args = parser.parse_args(argv)
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - {"encoder", "training", "llava"}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; allowed: encoder, training, llava")
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    encoder = build_encoder(args.model, args.seed)
-    photos = load_photos()
-    pixels, crops = prepare_images(list(photos.values()), encoder)
-    out = extract_features(encoder, pixels)
-    layer_statistics(out)
-    pca_picture(out, crops, list(photos), args.layer, args.out)
-    attention_picture(encoder, photos, -1, args.out)
-    similarity_picture(encoder, photos, args.layer, ASTRONAUT_FACE, args.out)
+    if "encoder" in sections:
+        encoder = build_encoder(args.model, args.seed)
+        photos = load_photos()
+        pixels, crops = prepare_images(list(photos.values()), encoder)
+        out = extract_features(encoder, pixels)
+        layer_statistics(out)
+        pca_picture(out, crops, list(photos), args.layer, args.out)
+        attention_picture(encoder, photos, -1, args.out)
+        similarity_picture(encoder, photos, args.layer, ASTRONAUT_FACE, args.out)
+    if "training" in sections:
+        train_digits(args.out / "digits")
+    if "llava" in sections:
+        llava_stage1(args.out / "llava_stage1")
     return 0
+
+
+def _example(name: str):
+    """Load a sibling example script as a module (examples/ is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"vlm_encoder_example_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_digits(out_dir: Path) -> dict:
+    """CLIP-style training from scratch on scikit-learn's digits, zero-shot on the held-out split."""
+    section("Contrastive training on builtin:digits (zero-shot, held-out split)")
+    result = _example("train_digits").run_digits_demo(out_dir)
+    print(f"zero-shot top-1 on held-out digits: {100 * result['zero_shot_top1']:.1f}% "
+          f"({result['steps']} steps, {result['seconds']:.0f} s); plots: {', '.join(result['plots'])}")
+    return result
+
+
+def llava_stage1(out_dir: Path) -> dict:
+    """LLaVA stage 1: train only the projector between a frozen encoder and a frozen small LM."""
+    section("LLaVA-style stage-1 alignment (projector only)")
+    module = _example("llava_stage1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the models are tiny: one thread is fastest
+    try:
+        result = module.run(module.QUICK, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+    print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
+    return result
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def _load_demo():
 
 def test_demo_runs_on_a_small_preset(tmp_path, capsys):
     demo = _load_demo()
-    assert demo.main(["--out", str(tmp_path), "--model", "vit_tiny_patch16_224", "--layer", "-2"]) == 0
+    assert demo.main(["--out", str(tmp_path), "--model", "vit_tiny_patch16_224", "--layer", "-2", "--sections", "encoder"]) == 0
     printed = capsys.readouterr().out
     for expected in ("== Features of every layer", "patch grid 14x14", "cls(l)      (3, 192)",
                      "patches(l)  (3, 196, 192)", "pooled      (3, 192)", "== Per-layer statistics", "wrote"):
