@@ -25,6 +25,7 @@ each repeat, to spread drift), median per contender; CUDA events on the GPU. Res
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import platform
@@ -198,6 +199,8 @@ def feature_functions(models: dict[str, nn.Module], depth: int) -> dict[str, Cal
     fns = {}
     if "ours" in models:
         fns["ours"] = lambda px, m=models["ours"]: m(px, layers=(-2,)).patches(-2)
+    if "ours_batched" in models:
+        fns["ours_batched"] = lambda px, m=models["ours_batched"]: m(px, layers=(-2,)).patches(-2)
     if "timm" in models:
         fns["timm"] = lambda px, m=models["timm"]: m.forward_intermediates(
             px, indices=[layer], stop_early=True, intermediates_only=True, output_fmt="NLC")[0]
@@ -422,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     timm_model = build_timm(workload, overrides)
     builders = {"ours": build_ours, "timm": lambda m: m, "open_clip": build_open_clip, "hf": build_hf}
     models = {name: builders[name](timm_model).to(device) for name in wanted}
+    if "ours" in models and device.type == "cpu":
+        # Ours has two CPU modes: the default runs attention and the patch embedding once per
+        # image (bitwise batch invariance); `set_batch_invariant(False)` makes one batched call.
+        models["ours_batched"] = copy.deepcopy(models["ours"])
+        models["ours_batched"].set_batch_invariant(False)
     depth = timm_dims(timm_model)["depth"]
 
     # Parity in float32 (TF32 off) before any cast: equal weights, equal computation.
