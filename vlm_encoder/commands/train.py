@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-3 vision_overrides.depth=4")
     parser.add_argument("--allow-partial-resume", action="store_true",
                         help="resume from a checkpoint without RNG or sampler state (the run will not be exact)")
+    parser.add_argument("--resume-fallback", action="store_true",
+                        help="with resume=auto, skip a newest checkpoint that does not load (truncated or "
+                             "corrupt file) and resume from the newest older one that does")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(func=run)
 
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, train
 
     config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    overrides = list(args.overrides) + (["allow_partial_resume=true"] if args.allow_partial_resume else [])
+    overrides = list(args.overrides) + (["allow_partial_resume=true"] if args.allow_partial_resume else []) + (
+        ["resume_fallback=true"] if args.resume_fallback else [])
     config = config.with_overrides(overrides)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))

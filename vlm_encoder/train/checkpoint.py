@@ -12,7 +12,10 @@ A checkpoint is a directory `checkpoints/step_XXXXXXXX/` holding
     manifest.json         size and SHA-256 of every file above, written last
 
 It is written into `.step_XXXXXXXX.tmp/` and renamed into place, so a directory named
-`step_*` is complete; a crash leaves only a hidden temporary directory, which is ignored.
+`step_*` is complete; a crash leaves only a hidden temporary directory, which is ignored
+(and removed by the next save). Replacing an existing `step_*` (a re-run of the same step)
+first renames the old one aside (`.step_XXXXXXXX.old/`), so a crash never leaves a
+half-deleted `step_*`.
 On resume, a file the manifest lists that is missing, of another size or another hash is an
 error naming it. A checkpoint without RNG or sampler state is refused unless the caller
 accepts a resume that is not exact (`allow_partial`).
@@ -43,6 +46,7 @@ STATE_FILE = "trainer_state.json"
 SAMPLER_FILE = "sampler.json"
 REQUIRED = (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE)
 PREFIX = "step_"
+TEMP_SUFFIXES = (".tmp", ".old")  # hidden `.step_*.tmp` (being written) / `.step_*.old` (being replaced)
 
 
 class CheckpointError(RuntimeError):
@@ -57,13 +61,38 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of a `step_XXXXXXXX` directory."""
+    return int(Path(path).name[len(PREFIX):])
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Complete (renamed-into-place) checkpoints of `directory`, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=checkpoint_step)
+
+
+def is_temporary(path: Path) -> bool:
+    """A hidden directory of an unfinished save (`.step_*.tmp`) or replacement (`.step_*.old`)."""
+    return path.name.startswith("." + PREFIX) and path.name.endswith(TEMP_SUFFIXES)
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries interrupted saves left in `directory`; returns what was removed."""
+    directory = Path(directory)
+    removed = [p for p in directory.iterdir() if p.is_dir() and is_temporary(p)] if directory.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _write_part(path: Path, write) -> None:
+    """Write one checkpoint file with `write(path)` (one place, so tests can interrupt a save
+    between any two files)."""
+    write(path)
 
 
 def _sha256(path: Path) -> str:
@@ -162,19 +191,20 @@ def save_checkpoint(
     final = directory / checkpoint_name(step)
     tmp = directory / f".{checkpoint_name(step)}.tmp"
     if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove_temporaries(directory)  # of this step and of saves killed earlier
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(capture_rng(), tmp / rng_file(rank))
+    rng = capture_rng()
+    _write_part(tmp / rng_file(rank), lambda p: torch.save(rng, p))
     if is_main:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        torch.save(scheduler_state, tmp / SCHEDULER_FILE)
+        model_cpu = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+        _write_part(tmp / MODEL_FILE, lambda p: save_file(model_cpu, str(p)))
+        _write_part(tmp / OPTIMIZER_FILE, lambda p: torch.save(optimizer_state, p))
+        _write_part(tmp / SCHEDULER_FILE, lambda p: torch.save(scheduler_state, p))
         if scaler_state is not None:
-            torch.save(scaler_state, tmp / SCALER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        (tmp / SAMPLER_FILE).write_text(json.dumps(sampler_state, indent=2))
+            _write_part(tmp / SCALER_FILE, lambda p: torch.save(scaler_state, p))
+        _write_part(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(trainer_state, indent=2)))
+        _write_part(tmp / SAMPLER_FILE, lambda p: p.write_text(json.dumps(sampler_state, indent=2)))
     barrier()
     if is_main:
         files = {}
@@ -182,12 +212,15 @@ def save_checkpoint(
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
             files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+        manifest = json.dumps({"step": step, "files": files}, indent=2)
+        _write_part(tmp / MANIFEST, lambda p: p.write_text(manifest))
         _fsync_dir(tmp)
-        if final.exists():  # a re-run of the same step replaces it
-            shutil.rmtree(final)
+        old = directory / f".{checkpoint_name(step)}.old"
+        if final.exists():  # a re-run of the same step: move the old one aside, never half-delete it
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(directory)
+        shutil.rmtree(old, ignore_errors=True)
         if keep is not None:
             for old in list_checkpoints(directory)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -206,16 +239,24 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a directory)")
     manifest_path = path / MANIFEST
+    if is_temporary(path):
+        raise CheckpointError(
+            f"{path} is the temporary directory of an interrupted save, not a checkpoint; "
+            f"resume from a complete {PREFIX}* directory"
+        )
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path} is truncated or corrupt ({err})") from None
-    for name, info in files.items():
+        sizes = {name: int(info["bytes"]) for name, info in files.items()}
+        hashes = {name: str(info["sha256"]) for name, info in files.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{manifest_path} is truncated or corrupt ({type(err).__name__}: {err})") from None
+    for name in files:
+        info = {"bytes": sizes[name], "sha256": hashes[name]}
         file = path / name
         if not file.is_file():
             if name.startswith("rng_rank") or name == SAMPLER_FILE:

@@ -75,6 +75,9 @@ class TrainConfig:
         resume: `auto` resumes from the run directory's last complete checkpoint; `never`
             refuses to start in a directory that holds checkpoints; a path resumes from it.
         allow_partial_resume: Accept a checkpoint without RNG or sampler state (not exact).
+        resume_fallback: With `resume=auto`, a newest checkpoint that does not load (a
+            truncated, corrupt or missing file) is skipped with a warning and the newest older
+            one that loads is used; without it, that is an error naming the broken file.
         eval_every: Evaluate every N optimizer steps (`0`: only at the end).
         eval_batch_size: Batch of the evaluation forward passes.
         log_every: Log the training loss every N steps.
@@ -122,6 +125,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"
     allow_partial_resume: bool = False
+    resume_fallback: bool = False
     eval_every: int = 0
     eval_batch_size: int = 256
     log_every: int = 10

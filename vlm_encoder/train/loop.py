@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,13 +184,14 @@ class Trainer:
             indices = batch.indices.to(self.device)
             keep = self.feature_valid[indices]
             return StepInputs(ids[keep], mask[keep], image_features=self.image_features[indices[keep]])
-        return StepInputs(ids, mask, pixel_values=batch.pixel_values.to(self.device))
+        pixels = batch.pixel_values.to(self.device) if batch.pixel_values is not None else None  # None: none readable
+        return StepInputs(ids, mask, pixel_values=pixels)
 
     # ---------------------------------------------------------------- one step
     def train_step(self, inputs: StepInputs) -> StepResult:
         """Loss, backward, clipping, the non-finite guard, the optimizer and schedule step,
         and the logit-scale clamp; `self.step` counts it (skipped or not)."""
-        acc, c, model = self.accelerator, self.config, self.model
+        acc, c = self.accelerator, self.config
         self.optimizer.zero_grad(set_to_none=True)
         loss, _ = loss_and_backward(
             self.forward, self.loss_fn, inputs, accum_steps=c.accum_steps, backward=acc.backward,
@@ -201,23 +203,44 @@ class Trainer:
         bad = (~torch.isfinite(loss.float()) | ~torch.isfinite(grad_norm)).float()
         if acc.num_processes > 1:
             bad = acc.reduce(bad, reduction="sum")
-        self.step += 1
         skipped = bool(bad.item() > 0)
         if skipped:
             if acc.scaler is not None:
                 self.optimizer.step()  # the fp16 scaler sees the inf, skips and lowers its scale
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps.append(self.step)
-            self.log.write("skipped_step", self.step, loss=float(loss), grad_norm=float(grad_norm),
-                           reason="non-finite loss or gradient; parameters left unchanged")
-            if acc.is_main_process:
-                print(f"step {self.step}: non-finite loss or gradient, update skipped", flush=True)
-        else:
-            self.optimizer.step()
+            return self.skip_step("non-finite loss or gradient", float(loss), float(grad_norm))
+        self.step += 1
+        self.optimizer.step()
         self.scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, model.max_logit_scale)
+        self._clamp_logit_scale()
         return StepResult(float(loss), float(grad_norm), skipped)
+
+    def skip_step(self, reason: str, loss: float = float("nan"), grad_norm: float = float("nan")) -> StepResult:
+        """Count a step without updating the parameters (the schedule still advances), and
+        log it with its number and `reason`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.skipped_steps.append(self.step)
+        self.log.write("skipped_step", self.step, loss=loss, grad_norm=grad_norm,
+                       reason=f"{reason}; parameters left unchanged")
+        if self.accelerator.is_main_process:
+            print(f"step {self.step}: {reason}, update skipped", flush=True)
+        with warnings.catch_warnings():  # the schedule counts steps, taken or not: intended here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+        self._clamp_logit_scale()
+        return StepResult(loss, grad_norm, True)
+
+    def _clamp_logit_scale(self) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0.0, self.model.max_logit_scale)
+
+    def _any_rank_empty(self, inputs: StepInputs) -> bool:
+        """True when this or another process has no pair left in its batch (every image
+        unreadable): all ranks then skip the step together, so none waits on the others."""
+        empty = torch.tensor(float(inputs.input_ids.shape[0] == 0), device=self.device)
+        if self.accelerator.num_processes > 1:
+            empty = self.accelerator.reduce(empty, reduction="sum")
+        return bool(empty.item() > 0)
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -241,7 +264,9 @@ class Trainer:
             keep=self.config.keep_checkpoints,
         )
 
-    def _resume_path(self) -> Path | None:
+    def _resume_candidates(self) -> list[Path]:
+        """Checkpoints to try, in order: `resume=auto` gives the newest complete one (and, with
+        `resume_fallback`, every older one after it); a path gives that path only."""
         resume = self.config.resume
         existing = ckpt.list_checkpoints(self.checkpoint_dir)
         if resume == "never":
@@ -250,10 +275,39 @@ class Trainer:
                     f"{self.checkpoint_dir} already holds checkpoints ({existing[-1].name}); "
                     "use resume=auto to continue the run or choose another output_dir"
                 )
-            return None
+            return []
         if resume == "auto":
-            return existing[-1] if existing else None
-        return Path(resume)
+            newest_first = existing[::-1]
+            return newest_first if self.config.resume_fallback else newest_first[:1]
+        return [Path(resume)]
+
+    def _resume_first_loadable(self, candidates: list[Path]) -> tuple[Path | None, dict[str, Any] | None]:
+        """Resume from the first candidate that loads. A broken one (a truncated or missing
+        file) is an error naming the file, unless `resume_fallback` lets `resume=auto` fall
+        back to the next older checkpoint (with a warning and a `resume_fallback` record)."""
+        for k, path in enumerate(candidates):
+            try:
+                return path, self.resume(path)
+            except ckpt.CheckpointError as err:
+                if self.config.resume != "auto":
+                    raise
+                older = ckpt.list_checkpoints(self.checkpoint_dir)
+                older = [p for p in older if ckpt.checkpoint_step(p) < ckpt.checkpoint_step(path)]
+                if not self.config.resume_fallback:
+                    hint = (f"set resume_fallback=true (--resume-fallback) to resume from the newest older one that "
+                            f"loads (next: {older[-1].name}), or delete it" if older
+                            else "no older checkpoint exists: delete it to start the run over")
+                    raise ckpt.CheckpointError(f"{err}; it is the run's newest checkpoint: {hint}") from None
+                message = f"skipping broken checkpoint {path.name}: {err}"
+                warnings.warn(message, stacklevel=2)
+                self.log.write("resume_fallback", 0, checkpoint=path.name, reason=str(err))
+                if self.accelerator.is_main_process:
+                    print(message, flush=True)
+                if k == len(candidates) - 1:
+                    raise ckpt.CheckpointError(
+                        f"no checkpoint of {self.checkpoint_dir} loads (the oldest failed with: {err})"
+                    ) from None
+        return None, None
 
     def resume(self, path: Path) -> dict[str, Any] | None:
         """Restore model, optimizer, scheduler, scaler, counters and sample position from a
@@ -293,11 +347,11 @@ class Trainer:
         evaluate, export the towers, write the plots."""
         acc, c = self.accelerator, self.config
         start = time.perf_counter()
-        resume_path = self._resume_path()
+        candidates = self._resume_candidates()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             c.save(self.run_dir / "config.yaml")
-        rng = self.resume(resume_path) if resume_path is not None else None
+        resume_path, rng = self._resume_first_loadable(candidates)
         if self.use_feature_cache:
             self.cache_image_features()
         batches = PairBatches(self.train_source, self.processor, self.tokenizer, c.seed,
@@ -316,7 +370,11 @@ class Trainer:
             for index, reason in batch.skipped:
                 self.skipped_images += 1
                 self.log.write("skipped_image", self.step, index=index, reason=reason)
-            out = self.train_step(self._inputs(batch))
+            inputs = self._inputs(batch)
+            if self._any_rank_empty(inputs):
+                out = self.skip_step("no readable image in the batch of this or another process")
+            else:
+                out = self.train_step(inputs)
             epoch, position = batch.epoch, batch.position + 1
             self.next_batch = (epoch + 1, 0) if position >= self.sampler.batches_per_epoch else (epoch, position)
             window_samples += len(batch.indices) * acc.num_processes

@@ -88,11 +88,20 @@ class HFSource:
         return value  # a PIL image or an array
 
     def captions(self, index: int) -> list[str]:
+        """The row's captions: a string, or a non-empty list of strings (anything else, e.g.
+        `None` or a number, is an error naming the row: a caption is never made up)."""
         value = self._texts[index]
-        captions = [value] if isinstance(value, str) else [str(v) for v in (value or [])]
-        if not captions:
-            raise ValueError(f"{self.name} row {index} has no caption in column {self.text_column!r}")
-        return captions
+        where = f"{self.name} row {index}, column {self.text_column!r}"
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: a caption must be a string or a list of strings, got {type(value).__name__}")
+        if not value:
+            raise ValueError(f"{where}: no caption (an empty list)")
+        wrong = [type(v).__name__ for v in value if not isinstance(v, str)]
+        if wrong:
+            raise ValueError(f"{where}: every caption must be a string, got {', '.join(sorted(set(wrong)))}")
+        return list(value)
 
 
 def _load_dataset(spec: str, split: str) -> Any:
