@@ -511,3 +511,35 @@ def test_cli_images_share_one_pca_basis(tmp_path, photo, monkeypatch):
         patches = encoder(pixels, layers=(-1,)).patches(-1)
     torch.testing.assert_close(seen["rgb"], pca_rgb(patches, (2, 2)))  # one basis over both images
     assert not torch.allclose(seen["rgb"][1], pca_rgb(patches[1:], (2, 2))[0], atol=1e-2)  # not one per image
+
+
+@pytest.mark.parametrize("kind, extra", [("pca", []), ("similarity", ["--point", "80", "10"])])
+def test_anyres_shows_the_assembled_unpadded_map(tmp_path, wide_and_tall, monkeypatch, capsys, kind, extra):
+    from vlm_encoder.anyres import encode_anyres
+    from vlm_encoder.viz import pictures
+
+    seen = {}
+    figure = "pca_figure" if kind == "pca" else "similarity_figure"
+    original = getattr(pictures, figure)
+
+    def capture(crops, maps, *args, **kwargs):
+        seen["maps"] = [tuple(m.shape[:2]) for m in maps]
+        seen["crops"] = [c.shape[:2] for c in crops]
+        return original(crops, maps, *args, **kwargs)
+
+    monkeypatch.setattr(pictures, figure, capture)
+    out = tmp_path / "anyres.png"
+    images = [a for path in wide_and_tall for a in ("--image", str(path))]
+    code = main(["viz", kind, *images, *extra, "--anyres", "32x64,64x32,64x64", "--out", str(out), "--panel-size",
+                 "40", *TINY])
+    assert code == 0, capsys.readouterr().err
+    assert out.is_file()
+    expected = []
+    for path in wide_and_tall:
+        feats = encode_anyres(_tiny(), Image.open(path).convert("RGB"), [(32, 64), (64, 32), (64, 64)], layer=-1)
+        expected.append(tuple(feats.feature_map.shape[1:]))
+    assert seen["maps"] == expected and expected[0] != expected[1]
+    assert seen["crops"] == [(h * 16, w * 16) for h, w in expected]  # the image drawn at the map's size
+    with pytest.raises(SystemExit):
+        main(["viz", kind, *images, *extra, "--anyres", "32by64", "--out", str(out), *TINY])
+    assert "is not HxW" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     vlm-encoder extract --model openai/clip-vit-large-patch14-336 --dataset ./images \\
         --layers -2 -1 --select cls,patch,pooled --out feats/ --dtype bf16 --batch-size 64
     vlm-encoder extract --model preset:vit_tiny_patch16_224 --override depth=4 --dataset list.txt --out feats/
+    vlm-encoder extract ... --resolution native --max-patches 576    # or --anyres 336x672,672x336,672x672
     accelerate launch --num_processes 4 -m vlm_encoder.cli extract ...    # one store, no merge
 
 Run it again with the same arguments after an interruption: it redoes only the shards that are
@@ -70,6 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="encoder and feature dtype (default fp32)")
     parser.add_argument("--image-size", type=_size, default=None, metavar="N|HxW",
                         help="resize to this instead of the model's size")
+    parser.add_argument("--resolution", choices=("fixed", "native"), default="fixed",
+                        help="fixed: one input size; native: each image at its own aspect ratio, sides multiples of "
+                             "the patch size, at most --max-patches patches, encoded alone; patches are stored "
+                             "per image with their grid (default fixed)")
+    parser.add_argument("--max-patches", type=int, default=None, metavar="N",
+                        help="patch budget per image with --resolution native (default: the model's input size's)")
+    parser.add_argument("--anyres", default=None, metavar="PINPOINTS",
+                        help="LLaVA-NeXT tiling over these resolutions, e.g. 336x672,672x336,672x672 (HxW); "
+                             "patches are each image's assembled token sequence, stored with its grid")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default 2)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
@@ -97,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         image_size=args.image_size,
         norm=args.norm,
+        resolution=args.resolution,
+        max_patches=args.max_patches,
+        anyres=args.anyres,
         split=args.split,
         image_column=args.image_column,
         max_pixels=args.max_pixels,

@@ -5,6 +5,7 @@
     vlm-encoder viz attention --image cat.jpg --layer -1 --out cat_attention.png
     vlm-encoder viz similarity --image cat.jpg --point 120 80 --layer -2 --out cat_sim.png
     vlm-encoder viz pca --image wide.jpg --resolution native --max-patches 256 --out wide_pca.png
+    vlm-encoder viz pca --image wide.jpg --anyres 336x672,672x336,672x672 --out wide_anyres.png
 
 Each picture kind is a sub-subcommand sharing the picture options (`add_picture_arguments`)
 and the model options (`add_model_arguments`).
@@ -104,6 +105,20 @@ def _common(args: argparse.Namespace) -> dict:
     }
 
 
+def parse_pinpoints(text: str) -> tuple[tuple[int, int], ...]:
+    """`336x672,672x336,672x672` (H x W pairs)."""
+    from ..extract.resolution import parse_pinpoints as parse
+
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _anyres(args: argparse.Namespace) -> dict:
+    return {"anyres": args.anyres} if args.anyres is not None else {}
+
+
 def _load(args: argparse.Namespace):
     from ..viz import load_image
 
@@ -117,7 +132,7 @@ def run_pca(args: argparse.Namespace) -> int:
     from ..viz import write_pca_picture
 
     images, encoder = _load(args)
-    path = write_pca_picture(encoder, images, **_common(args))
+    path = write_pca_picture(encoder, images, **_common(args), **_anyres(args))
     print(f"wrote {path}")
     return 0
 
@@ -140,7 +155,7 @@ def run_similarity(args: argparse.Namespace) -> int:
     images, encoder = _load(args)
     path = write_similarity_picture(
         encoder, images, patch=tuple(args.patch) if args.patch else None,
-        point=tuple(args.point) if args.point else None, **_common(args),
+        point=tuple(args.point) if args.point else None, **_common(args), **_anyres(args),
     )
     print(f"wrote {path}")
     return 0
@@ -163,6 +178,14 @@ def add_picture_arguments(parser: argparse.ArgumentParser, image_help: str, pane
     add_model_arguments(parser)
 
 
+def add_anyres_argument(parser: argparse.ArgumentParser) -> None:
+    """`--anyres PINPOINTS` (pictures of the patch features: pca, similarity)."""
+    parser.add_argument("--anyres", type=parse_pinpoints, default=None, metavar="PINPOINTS",
+                        help="tile each image LLaVA-NeXT style over these resolutions, e.g. 64x128,128x64,128x128 "
+                             "(HxW, multiples of the model's square input size), and show the assembled, unpadded "
+                             "feature map beside the whole image")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `viz` and its picture kinds to the `vlm-encoder` parser."""
     viz = subparsers.add_parser("viz", help="pictures of the encoder's features",
@@ -174,6 +197,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "by all images given) and show them as RGB beside each image.",
     )
     add_picture_arguments(pca, "image file (repeat for several images sharing one PCA basis)", 320)
+    add_anyres_argument(pca)
     pca.set_defaults(func=run_pca)
 
     attention = kinds.add_parser(
@@ -206,5 +230,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "after resize and crop is the query")
     where.add_argument("--patch", type=int, nargs=2, metavar=("ROW", "COL"),
                        help="the query patch by its position in the patch grid (negatives count from the end)")
+    add_anyres_argument(similarity)
     similarity.set_defaults(func=run_similarity)
     viz.set_defaults(func=lambda args: viz.print_help() or 2)

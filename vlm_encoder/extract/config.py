@@ -17,6 +17,7 @@ IMAGE_KINDS: tuple[str, ...] = ("pooled", "embeds")
 KINDS: tuple[str, ...] = LAYER_KINDS + IMAGE_KINDS
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHARD_SIZE = 1024
+RESOLUTIONS: tuple[str, ...] = ("fixed", "native")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,12 @@ class ExtractConfig:
         seed: Seed of a preset's random initialisation.
         dtype: `fp32`, `bf16` or `fp16`: the encoder's dtype and the stored features'.
         image_size: `(H, W)` to resize to instead of the processor's size.
+        resolution: `fixed` (every image at one size) or `native` (each image at its own
+            aspect ratio, at most `max_patches` patches, encoded alone; see `resolution.py`).
+        max_patches: Patch budget per image with `native` (default: the patches of the
+            model's input size); images are only shrunk to fit, never enlarged.
+        anyres: LLaVA-NeXT tiling over these `(H, W)` pinpoints (or `"336x672,672x336"`):
+            patches are each image's assembled token sequence.
         norm: Apply the final LayerNorm to the stored tokens.
         split: Split of a `datasets` source (default `train`, or the only one).
         image_column: Image column of a `datasets` source (default: the first `Image` feature).
@@ -61,6 +68,9 @@ class ExtractConfig:
     dtype: str = "fp32"
     image_size: tuple[int, int] | None = None
     norm: bool = False
+    resolution: str = "fixed"
+    max_patches: int | None = None
+    anyres: tuple[tuple[int, int], ...] | None = None
     split: str | None = None
     image_column: str | None = None
     max_pixels: int | None = None
@@ -98,6 +108,21 @@ class ExtractConfig:
             if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
                 raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size!r}")
             set_("image_size", size)
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution={self.resolution!r} is not supported; allowed: {', '.join(RESOLUTIONS)}")
+        if self.max_patches is not None:
+            if self.resolution != "native":
+                raise ValueError("max_patches applies to resolution='native' only")
+            if isinstance(self.max_patches, bool) or not isinstance(self.max_patches, int) or self.max_patches < 1:
+                raise ValueError(f"max_patches must be a positive int, got {self.max_patches!r}")
+        if self.anyres is not None:
+            from .resolution import parse_pinpoints
+
+            set_("anyres", parse_pinpoints(self.anyres))
+            if self.resolution != "fixed":
+                raise ValueError("anyres and resolution='native' exclude each other: choose one")
+        if self.mode != "fixed" and self.image_size is not None:
+            raise ValueError(f"image_size does not apply to {self.mode} resolution (each image keeps its own size)")
         set_("overrides", tuple((str(k), v) for k, v in self.overrides))
         for name, low in (("shard_size", 1), ("batch_size", 1), ("num_workers", 0), ("seed", 0)):
             value = getattr(self, name)
@@ -107,6 +132,11 @@ class ExtractConfig:
             raise ValueError(f"max_pixels must be a positive int or None, got {self.max_pixels!r}")
         if self.sleep_per_batch < 0:
             raise ValueError(f"sleep_per_batch must be >= 0, got {self.sleep_per_batch!r}")
+
+    @property
+    def mode(self) -> str:
+        """`fixed`, `native` or `anyres`."""
+        return "anyres" if self.anyres is not None else self.resolution
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from .shards import (
     write_json_atomic,
     write_shard,
 )
+from .resolution import GRID, NUM_PATCHES, ImagePreparer, VariablePlan, anyres_config
 from .sources import ImageSource, open_source
 
 MAX_PENDING_WRITES = 2
@@ -85,12 +87,15 @@ class ExtractSummary:
 
 
 class RowDataset(Dataset):
-    """Row id -> `(row, pixels (3, H, W) or None, failure reason or None)`; runs in the workers."""
+    """Row id -> `(row, pixels (3, H, W) or None, failure reason or None)`; runs in the workers.
+    With `prepare` (variable resolution), the pixels are what `prepare(image)` returns."""
 
-    def __init__(self, source: ImageSource, processor: ImageProcessor, max_pixels: int | None) -> None:
+    def __init__(self, source: ImageSource, processor: ImageProcessor, max_pixels: int | None,
+                 prepare: ImagePreparer | None = None) -> None:
         self.source = source
         self.processor = processor
         self.max_pixels = max_pixels
+        self.prepare = prepare
 
     def __len__(self) -> int:
         return len(self.source)
@@ -101,20 +106,22 @@ class RowDataset(Dataset):
         data = self.source.read(row)
         try:
             image = load_image(data, max_pixels=self.max_pixels)
-            return row, self.processor(image)[0], None
+            return row, self.prepare(image) if self.prepare is not None else self.processor(image)[0], None
         except ImageLoadError as err:
             return row, None, err.reason
         except (ValueError, TypeError, OSError, Image.DecompressionBombError) as err:
             return row, None, f"cannot be preprocessed ({type(err).__name__}: {err})"
 
 
-def collate_rows(items: list[tuple[int, torch.Tensor | None, str | None]]) -> dict[str, Any]:
-    """A batch: every row id, the rows that decoded with their pixels `(b, 3, H, W)`, the failures."""
+def collate_rows(items: list[tuple[int, Any, str | None]], stack: bool = True) -> dict[str, Any]:
+    """A batch: every row id, the rows that decoded with their pixels `(b, 3, H, W)` (a list
+    of per-image inputs when not `stack`), the failures."""
     ok = [(row, px) for row, px, _ in items if px is not None]
+    pixels = [px for _, px in ok]
     return {
         "rows": [row for row, _, _ in items],
         "ok_rows": [row for row, _ in ok],
-        "pixels": torch.stack([px for _, px in ok]) if ok else None,
+        "pixels": (torch.stack(pixels) if stack else pixels) if ok else None,
         "failures": [(row, reason) for row, px, reason in items if px is None],
     }
 
@@ -237,7 +244,7 @@ def _loader(config: ExtractConfig, dataset: RowDataset, batches: list[list[int]]
             dataset,
             batch_sampler=batches,
             num_workers=workers,
-            collate_fn=collate_rows,
+            collate_fn=collate_rows if config.mode == "fixed" else partial(collate_rows, stack=False),
             pin_memory=device.type == "cuda",
             prefetch_factor=4 if workers else None,
         )
@@ -266,6 +273,12 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
     encoder = build_encoder(config)
     processor = build_processor(encoder, config.image_size)
     plan = FeaturePlan(encoder, config.layers, config.select, config.norm)
+    prepare, tiling = None, None
+    if config.mode != "fixed":
+        tiling = anyres_config(encoder, config.anyres) if config.mode == "anyres" else None
+        budget = config.max_patches or encoder.config.grid_size[0] * encoder.config.grid_size[1]
+        prepare = ImagePreparer(processor, config.mode, encoder.config.input_stride, budget, tiling)
+        plan = VariablePlan(plan, config.mode, tiling, encoder.config.input_stride)
     source = open_source(config.dataset, split=config.split, image_column=config.image_column)
     layout = ShardLayout(len(source), config.shard_size)
     fingerprint = {
@@ -280,9 +293,18 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
         "shard_size": config.shard_size,
         "max_pixels": config.max_pixels or Image.MAX_IMAGE_PIXELS,
     }
+    if config.mode != "fixed":  # absent for fixed stores, so their fingerprint is unchanged
+        fingerprint["resolution"] = (
+            {"mode": "native", "max_patches": prepare.max_patches, "sizing": "navit"} if config.mode == "native"
+            else {"mode": "anyres", "policy": "llava_next", "pinpoints": [list(p) for p in config.anyres],
+                  "tile_size": tiling.tile_size}
+        )
     encoder = encoder.to(device=device, dtype=config.torch_dtype)
     height, width = processor.config.output_size
-    probe = plan(encoder, torch.zeros(1, 3, height, width, device=device, dtype=config.torch_dtype))
+    if prepare is None:
+        probe = plan(encoder, torch.zeros(1, 3, height, width, device=device, dtype=config.torch_dtype))
+    else:
+        probe = plan(encoder, [prepare(Image.new("RGB", (width, height)))])
     empty = {k: torch.empty((0, *v.shape[1:]), dtype=v.dtype) for k, v in probe.items()}
 
     if state.is_main_process:
@@ -298,6 +320,8 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
                              for k, v in empty.items()},
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "shards": [],
+                **({"ragged": {"keys": [k for k in empty if k.endswith(".patch")], "counts": NUM_PATCHES,
+                               "grid": GRID}} if prepare is not None else {}),
                 "complete": False,
             }
             write_json_atomic(out / "manifest.json", manifest)
@@ -317,11 +341,13 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
         bar = tqdm(total=rows_todo, unit="img", desc="extract", disable=not (config.progress and state.is_main_process),
                    smoothing=0.1)
         try:
-            dataset = RowDataset(source, processor, config.max_pixels)
+            dataset = RowDataset(source, processor, config.max_pixels, prepare)
             for batch in _loader(config, dataset, _batches(layout, todo, config.batch_size), device):
                 features = None
                 if batch["pixels"] is not None:
-                    pixels = batch["pixels"].to(device=device, dtype=config.torch_dtype, non_blocking=True)
+                    pixels = batch["pixels"]
+                    if prepare is None:
+                        pixels = pixels.to(device=device, dtype=config.torch_dtype, non_blocking=True)
                     features = {k: v.to("cpu") for k, v in plan(encoder, pixels).items()}
                 assembler.add(batch, features)
                 bar.update(len(batch["rows"]))

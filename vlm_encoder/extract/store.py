@@ -30,7 +30,9 @@ class FeatureColumn:
     """One feature (`layer{b}.cls`, `pooled`, ...) over the store's rows, read on indexing.
 
     Index by position (`0 .. len(store)-1`, rows in dataset-row-id order): an int gives one
-    row's tensor, a slice or a sequence of positions a stacked tensor.
+    row's tensor, a slice or a sequence of positions a stacked tensor. The patches of a
+    variable-resolution store (`--resolution native`, `--anyres`) are ragged: an int gives
+    that image's `(N_i, D)`, a slice or sequence a list of them.
     """
 
     def __init__(self, store: FeatureStore, key: str) -> None:
@@ -41,14 +43,27 @@ class FeatureColumn:
         return len(self.store)
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.store), *self.store.manifest["features"][self.key]["shape"])
+    def ragged(self) -> bool:
+        """Rows of different lengths (variable-resolution patches)."""
+        return self.key in self.store.ragged_keys
 
-    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> torch.Tensor:
+    @property
+    def shape(self) -> tuple[int | None, ...]:
+        """`(n, ...)`; `(n, None, D)` for ragged patches."""
+        row = self.store.manifest["features"][self.key]["shape"]
+        return (len(self.store), None, *row) if self.ragged else (len(self.store), *row)
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> torch.Tensor | list[torch.Tensor]:
         if isinstance(index, (int, np.integer)):
             position = self.store._position(int(index))
             shard, offset = self.store._locate(position)
+            if self.ragged:
+                bounds = self.store._offsets(shard)
+                return self.store._read(shard, self.key, int(bounds[offset]), int(bounds[offset + 1]))
             return self.store._read(shard, self.key, offset, offset + 1)[0]
+        if self.ragged:
+            positions = range(*index.indices(len(self.store))) if isinstance(index, slice) else index
+            return [self[int(p)] for p in positions]
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self.store))
             if step == 1:
@@ -92,6 +107,7 @@ class FeatureStore:
         for shard in self.shards:
             self._starts.append(self._starts[-1] + shard["rows_written"])
         self._handles: dict[int, Any] = {}
+        self._bounds: dict[int, np.ndarray] = {}
         self._row_ids: np.ndarray | None = None
 
     # ---- what the store holds --------------------------------------------------------
@@ -105,6 +121,16 @@ class FeatureStore:
     def keys(self) -> list[str]:
         """Feature names: `layer{block}.{cls,patch,registers}`, `pooled`, `embeds`."""
         return list(self.manifest["features"])
+
+    @property
+    def ragged_keys(self) -> list[str]:
+        """Keys whose rows differ in length: the patches of a variable-resolution store."""
+        return list(self.manifest.get("ragged", {}).get("keys", []))
+
+    @property
+    def resolution(self) -> dict[str, Any]:
+        """How images were sized: `{"mode": "fixed"}`, `native` (with `max_patches`) or `anyres` (with `pinpoints`)."""
+        return dict(self.manifest["fingerprint"].get("resolution", {"mode": "fixed"}))
 
     @property
     def layers(self) -> list[int]:
@@ -156,7 +182,9 @@ class FeatureStore:
         return self.column(layer, kind)
 
     def get(self, row_id: int) -> dict[str, torch.Tensor]:
-        """Every feature of one dataset row, by name.
+        """Every feature of one dataset row, by name. In a variable-resolution store the
+        patches are that image's `(N_i, D)`, with `grid` `(2,)` its patch grid `(h, w)` and
+        `num_patches` `()` its `N_i` (`--anyres`: `N_i` = base tokens + `h * w`).
 
         Raises:
             KeyError: The row is not in the store (failed, or not in the dataset).
@@ -210,6 +238,10 @@ class FeatureStore:
             if blocks is not None and block and int(block.removeprefix("layer")) not in blocks:
                 continue
             chosen.append(key)
+        ragged = [key for key in chosen if key in self.ragged_keys]
+        if ragged:
+            raise ValueError(f"{ragged} hold variable-length rows; read them with store.get(row_id) or "
+                             "store[layer, 'patch'][i], or leave kind 'patch' out")
         data: dict[str, Any] = {"row_id": self.row_ids}
         for key in chosen:
             values = FeatureColumn(self, key).load()
@@ -241,6 +273,13 @@ class FeatureStore:
             path = shard_path(self.path, self.shards[shard]["shard"])
             self._handles[shard] = safe_open(str(path), framework="pt")  # memory-mapped
         return self._handles[shard]
+
+    def _offsets(self, shard: int) -> np.ndarray:
+        """Row boundaries `(n + 1,)` of a shard's ragged patches (cumulative `num_patches`)."""
+        if shard not in self._bounds:
+            counts = self._read(shard, self.manifest["ragged"]["counts"], 0, self.shards[shard]["rows_written"])
+            self._bounds[shard] = np.concatenate([[0], np.cumsum(counts.numpy())])
+        return self._bounds[shard]
 
     def _read(self, shard: int, key: str, start: int, stop: int) -> torch.Tensor:
         return self._handle(shard).get_slice(key)[start:stop]

@@ -7,7 +7,10 @@ drawing in `figures.py` / `overlays.py`.
 Resolution: `fixed` runs every image through the encoder's processor (its native size, or
 `image_size`); `native` keeps each image's aspect ratio under a patch budget and encodes
 the images packed (`vlm_encoder.packing.encode_packed`; attention pictures encode each
-image alone, as the packed path returns no attention weights).
+image alone, as the packed path returns no attention weights). `anyres` (PCA and
+similarity) tiles each image LLaVA-NeXT style over the given pinpoints
+(`vlm_encoder.anyres.encode_anyres`) and shows the assembled, unpadded feature map beside
+the whole image (drawn at the map's size: one patch per `input_stride` pixels).
 """
 
 from __future__ import annotations
@@ -86,6 +89,30 @@ def _layer_patches(encoder, prepared: _Prepared, layer: int, resolution: Resolut
     return patches, grids
 
 
+def _anyres_patches(encoder, images, layer: int, pinpoints, image_size, max_patches, resolution):
+    """Per image: the assembled anyres map's tokens `(h_i * w_i, D)`, its grid, the image drawn
+    at `(h_i * p, w_i * p)`, and the scale `(sy, sx)` from the image's pixels to that drawing."""
+    from ..anyres import encode_anyres
+    from ..processing.convert import to_rgb
+
+    if image_size is not None or max_patches is not None or resolution != "fixed":
+        raise ValueError("anyres excludes image_size, max_patches and resolution='native': it picks its own tiling")
+    if not images:
+        raise ValueError("no images given: pass at least one image")
+    processor = processor_for(encoder)
+    stride = encoder.config.input_stride
+    patches, grids, crops, scales = [], [], [], []
+    for image in images:
+        feats = encode_anyres(encoder, image, pinpoints, processor=processor, layer=layer)
+        dim, h, w = feats.feature_map.shape
+        patches.append(feats.feature_map.reshape(dim, h * w).T)  # (h*w, D)
+        grids.append((h, w))
+        rgb = to_rgb(image, processor.config.background, processor.config.exif_transpose)
+        crops.append(np.asarray(Image.fromarray(rgb).resize((w * stride, h * stride), Image.BICUBIC)))
+        scales.append((h * stride / rgb.shape[0], w * stride / rgb.shape[1]))
+    return patches, grids, crops, scales
+
+
 def _layer_label(encoder, layer: int) -> tuple[int, str]:
     resolved = encoder.resolve_layers((layer,))[0]
     return resolved, f"layer {resolved} of {encoder.num_blocks} blocks"
@@ -102,6 +129,7 @@ def write_pca_picture(
     panel_px: int = 320,
     resolution: Resolution = "fixed",
     max_patches: int | None = None,
+    anyres: Sequence[tuple[int, int]] | None = None,
 ) -> Path:
     """Encode images, colour the patch features of `layer` by one shared 3-component PCA,
     and save the images beside their colour maps as a PNG.
@@ -117,19 +145,26 @@ def write_pca_picture(
         resolution: `fixed` or `native` (each image at its own aspect ratio).
         max_patches: Patch budget per image at `native` resolution (default the number of
             patches of the encoder's native size).
+        anyres: LLaVA-NeXT pinpoints `[(H, W), ...]`: show each image's assembled (unpadded)
+            anyres feature map instead.
 
     Returns:
         The path written.
     """
     encoder.eval()
     _, label = _layer_label(encoder, layer)
-    prepared = _prepare(encoder, images, image_size, resolution, max_patches)
-    patches, grids = _layer_patches(encoder, prepared, layer, resolution)
+    if anyres is not None:
+        patches, grids, crops, _ = _anyres_patches(encoder, images, layer, anyres, image_size, max_patches, resolution)
+        prepared = _Prepared([], crops, [])
+        resolution = "anyres"
+    else:
+        prepared = _prepare(encoder, images, image_size, resolution, max_patches)
+        patches, grids = _layer_patches(encoder, prepared, layer, resolution)
     basis = fit_pca_basis(torch.cat(patches)[None])  # one basis over every patch of every image
     rgb = [basis.colors(p.float().cpu()).reshape(h, w, 3) for p, (h, w) in zip(patches, grids)]
     grid_text = f"{grids[0][0]}x{grids[0][1]} patches" if len(set(grids)) == 1 else f"{resolution} resolution"
     fig = pca_figure(prepared.crops, rgb, names=names, layer_label=f"{label}, {grid_text}", panel_px=panel_px,
-                     keep_aspect=resolution == "native")
+                     keep_aspect=resolution != "fixed")
     return save_figure(fig, path)
 
 
@@ -216,6 +251,7 @@ def write_similarity_picture(
     panel_px: int = 320,
     resolution: Resolution = "fixed",
     max_patches: int | None = None,
+    anyres: Sequence[tuple[int, int]] | None = None,
 ) -> Path:
     """Save the cosine similarity of one patch of the first image to every patch of every
     image, as heat maps over the images, the chosen patch boxed.
@@ -233,6 +269,8 @@ def write_similarity_picture(
         panel_px: Side of each panel in pixels.
         resolution: `fixed` or `native`.
         max_patches: Patch budget per image at `native` resolution.
+        anyres: LLaVA-NeXT pinpoints `[(H, W), ...]`: compare patches of each image's
+            assembled (unpadded) anyres feature map instead.
 
     Returns:
         The path written.
@@ -241,11 +279,21 @@ def write_similarity_picture(
         raise ValueError("give the query patch either as patch=(row, col) or as point=(x, y), exactly one of them")
     encoder.eval()
     _, label = _layer_label(encoder, layer)
-    prepared = _prepare(encoder, images, image_size, resolution, max_patches)
-    patches, grids = _layer_patches(encoder, prepared, layer, resolution)
+    scales = None
+    if anyres is not None:
+        patches, grids, crops, scales = _anyres_patches(encoder, images, layer, anyres, image_size, max_patches,
+                                                        resolution)
+        prepared = _Prepared([], crops, [])
+    else:
+        prepared = _prepare(encoder, images, image_size, resolution, max_patches)
+        patches, grids = _layer_patches(encoder, prepared, layer, resolution)
     stride = encoder.config.input_stride
     names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
-    if point is not None:
+    if point is not None and scales is not None:
+        (sy, sx), (h, w) = scales[0], grids[0]
+        row, col = min(int(point[1] * sy) // stride, h - 1), min(int(point[0] * sx) // stride, w - 1)
+        where = f"at point ({point[0]:g}, {point[1]:g}) of {names[0]}"
+    elif point is not None:
         processor = prepared.processors[0].config
         x, y = point_in_processed_image(point[0], point[1], image_size_of(images[0], processor), processor)
         row, col = patch_at_point(x, y, stride, grids[0])
