@@ -48,7 +48,7 @@ def test_native_store_holds_each_images_patches_and_grid(tmp_path, images):
     encoder = build_encoder(cfg)
     processor = build_processor(encoder, None)
     assert store.resolution == {"mode": "native", "max_patches": 24, "sizing": "navit"}
-    # navit: 32x96 fits 24 patches as it is (4x12 = 48 > 24 -> shrunk), 64x32 -> 8x4 = 32 > 24 -> shrunk, 40x40 -> 5x5
+    # navit, budget 24: 32x96 (4x12 = 48) and 64x32 (8x4 = 32) are shrunk, 40x40 (5x5 = 25) too
     for row, (h, w) in enumerate(SHAPES):
         got = store.get(row)
         gh, gw = got["grid"].tolist()
