@@ -24,6 +24,7 @@ from .layers import (
     Block,
     PatchEmbed,
     ResNetStem,
+    init_linears_and_norms,
     resample_patch_projection,
     resample_pos_embed,
     rowwise_linear,
@@ -102,14 +103,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
     # ------------------------------------------------------------------ set-up
     def reset_parameters(self) -> None:
         """ViT initialisation: truncated normal (std 0.02) for linears and the position table."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linears_and_norms(self, std=0.02)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:

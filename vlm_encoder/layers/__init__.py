@@ -2,6 +2,7 @@
 
 from .attention import Attention, attention_weights, dot_product_attention
 from .block import Block, DropPath, LayerScale
+from .init import init_linears_and_norms
 from .map_head import AttentionPoolHead
 from .mlp import Mlp, RowwiseMlp, SwiGLU, build_mlp, get_activation, rowwise_linear
 from .patch_embed import PatchEmbed, resample_patch_projection
@@ -23,6 +24,7 @@ __all__ = [
     "SwiGLU",
     "build_mlp",
     "get_activation",
+    "init_linears_and_norms",
     "resample_patch_projection",
     "rowwise_linear",
     "resample_pos_embed",

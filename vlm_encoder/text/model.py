@@ -12,7 +12,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..layers import Block
+from ..layers import Block, init_linears_and_norms
 from ..pretrained import PretrainedMixin
 from .config import TextConfig
 from .output import TextOutput
@@ -53,14 +53,7 @@ class TextEncoder(PretrainedMixin, nn.Module):
 
     def reset_parameters(self) -> None:
         """open_clip's text init: embeddings N(0, 0.02) / N(0, 0.01), linears truncated N(0, 0.02)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linears_and_norms(self, std=0.02)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
 
