@@ -264,3 +264,23 @@ def test_benchmark_tiny_run_writes_results(tmp_path):
     assert rows["packed"]["processed_tokens"] < rows["padded"]["processed_tokens"]
     assert all(r["real_tokens_per_s"] > 0 and r["peak_memory_mb"] >= 0 for r in rows.values())
     assert "| packed |" in (tmp_path / "packing_throughput_cpu_tiny.md").read_text()
+
+
+def test_segment_mask_attention_equals_the_dense_block_mask():
+    """The per-segment attention path computes what the dense block-diagonal mask computes."""
+    from vlm_encoder.layers import Attention, SegmentMask
+
+    attn = Attention(32, 4).eval()
+    segments = SegmentMask(((5, 7, 4), (9, 7)))
+    x = torch.randn(2, 16, 32)
+    dense = segments.dense()
+    assert torch.equal(dense[0, 0], block_diagonal_mask([5, 7, 4])[0, 0])
+    with torch.no_grad():
+        by_segment, _ = attn(x, attn_mask=segments)
+        by_mask, _ = attn(x, attn_mask=dense)
+        with_weights, weights = attn(x, attn_mask=segments, return_weights=True)
+    torch.testing.assert_close(by_segment, by_mask, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(with_weights, by_mask, atol=1e-6, rtol=1e-6)
+    assert weights[0, :, 0, 5:].abs().max() == 0  # no attention across segments
+    with pytest.raises(ValueError, match="do not tile"):
+        attn(x, attn_mask=SegmentMask(((5, 7), (9, 7))))

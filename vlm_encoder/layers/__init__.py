@@ -1,6 +1,6 @@
 """Building blocks of the encoder, one concept per module. Layers never import models."""
 
-from .attention import Attention, attention_weights, dot_product_attention
+from .attention import Attention, SegmentMask, attention_weights, dot_product_attention
 from .block import Block, DropPath, LayerScale
 from .init import init_linears_and_norms
 from .map_head import AttentionPoolHead
@@ -21,6 +21,7 @@ __all__ = [
     "RowwiseMlp",
     "PatchEmbed",
     "ResNetStem",
+    "SegmentMask",
     "SwiGLU",
     "build_mlp",
     "get_activation",

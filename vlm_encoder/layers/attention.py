@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,30 @@ def dot_product_attention(
     )
 
 
+@dataclass(frozen=True)
+class SegmentMask:
+    """Block-diagonal attention over packed sequences, without the dense mask's waste.
+
+    Row `p` of a `(P, T, D)` batch holds consecutive segments of `lengths[p]` tokens (summing
+    to `T`); a token attends only within its segment. `Attention` then runs one fused call per
+    segment (a variable-length kernel in effect): no masked-out block is computed, and each
+    image's attention is exactly the call it would get alone.
+
+    Attributes:
+        lengths: Per row, the segment lengths in token order.
+    """
+
+    lengths: tuple[tuple[int, ...], ...]
+
+    def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The equivalent boolean mask `(P, 1, T, T)`, True where attention is allowed."""
+        rows = []
+        for lengths in self.lengths:
+            ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+            rows.append(ids[:, None] == ids[None, :])
+        return torch.stack(rows)[:, None]
+
+
 def attention_weights(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probabilities `softmax(q k^T / sqrt(d))` `(B, heads, Tq, Tk)`."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, Tq, Tk)
@@ -78,7 +104,7 @@ class Attention(nn.Module):
         Args:
             x: Tokens `(B, T, D)`.
             attn_mask: Optional boolean mask `(B, 1, T, T)` or `(T, T)`, True where attention
-                is allowed (block-diagonal masks for packed sequences).
+                is allowed, or a `SegmentMask` for packed sequences (one call per segment).
             return_weights: Also return the attention probabilities (explicit softmax path;
                 the default path stays on the fused kernel where there is one).
 
@@ -89,6 +115,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         weights = None
+        if isinstance(attn_mask, SegmentMask):
+            if not return_weights:
+                return self.proj(_segment_attention(q, k, v, attn_mask)), None
+            attn_mask = attn_mask.dense(x.device)
         if return_weights:
             weights = attention_weights(q, k, attn_mask)
             x = (weights @ v).transpose(1, 2).reshape(B, T, D)
@@ -99,6 +129,22 @@ class Attention(nn.Module):
         else:
             x = dot_product_attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(x), weights
+
+
+def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: SegmentMask) -> torch.Tensor:
+    """One fused call per segment of each row, written into the merged `(B, T, D)` layout."""
+    B, H, T, d = q.shape
+    if len(segments.lengths) != B or any(sum(lengths) != T for lengths in segments.lengths):
+        raise ValueError(f"SegmentMask lengths {segments.lengths} do not tile a batch of {B} rows of {T} tokens")
+    out = q.new_empty(B, T, H * d)
+    for row, lengths in enumerate(segments.lengths):
+        start = 0
+        for n in lengths:
+            part = slice(start, start + n)
+            attended = F.scaled_dot_product_attention(q[row : row + 1, :, part], k[row : row + 1, :, part], v[row : row + 1, :, part])
+            out[row, part].view(n, H, d).copy_(attended[0].transpose(0, 1))  # (n, H, d)
+            start += n
+    return out
 
 
 def _per_image_attention(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, SegmentMask
 from .mlp import build_mlp
 
 
@@ -75,7 +75,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_weights: bool = False
+        self, x: torch.Tensor, attn_mask: torch.Tensor | SegmentMask | None = None, return_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(B, T, D) -> (B, T, D)`, plus attention weights `(B, heads, T, T)` when asked."""
         attended, weights = self.attn(self.norm1(x), attn_mask=attn_mask, return_weights=return_weights)

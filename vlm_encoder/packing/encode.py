@@ -3,13 +3,14 @@
 
 Each image is embedded at its own size (patch embedding, the position table resampled to
 its grid, its own CLS / register tokens at the start of its segment); the segments are
-packed (`pack.py`) and every block runs once over the batch of packs with a block-diagonal
-mask, so no token is padding (except at the end of packs shorter than the longest one). The final norm and the pooling (CLS, mean of the image's patches, or MAP
-over the image's tokens only) are applied per image.
+packed (`pack.py`) and every block runs once over the batch of packs, so no token is padding
+(except at the end of packs shorter than the longest one). The final norm and the pooling
+(CLS, mean of the image's patches, or MAP over the image's tokens only) are applied per image.
 
-Attention: the blocks' own attention (`layers.attention`, `scaled_dot_product_attention`)
-with the boolean block mask `(P, 1, T, T)`; masked blocks are computed and discarded, so
-`max_tokens_per_pack` bounds that waste.
+Attention: the linears run over the whole packed batch; the attention itself runs once per
+image segment (`layers.SegmentMask`: a variable-length kernel in effect, one fused
+`scaled_dot_product_attention` call per segment), so no masked-out block is computed. The
+dense block-diagonal mask (`PackedBatch.batched()`) gives the same result.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def encode_packed(
     last = max(wanted)
     wanted_set = set(wanted)
     checkpointing = encoder.grad_checkpointing and encoder.training and torch.is_grad_enabled()
-    x, mask = packed.batched()  # (P, T, D), (P, 1, T, T)
+    x, _ = packed.batched()  # (P, T, D)
+    mask = packed.segment_mask()  # one attention call per image segment, no masked blocks
     captured: dict[int, torch.Tensor] = {}
     for i, block in enumerate(encoder.blocks[: last + 1]):
         if checkpointing:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layers.attention import SegmentMask
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -153,6 +155,17 @@ class PackedBatch:
             rows.append(tokens)
             masks.append(block_diagonal_mask(lengths, device))
         return torch.cat(rows, dim=0), torch.cat(masks, dim=0)  # (P, T, D), (P, 1, T, T)
+
+    def segment_mask(self) -> SegmentMask:
+        """The block-diagonal structure of `batched()` as a `SegmentMask`: attention then runs
+        once per image segment (and once over each pack's end padding), computing no masked
+        block."""
+        T = max(t.shape[1] for t in self.tokens)
+        rows = []
+        for p, tokens in enumerate(self.tokens):
+            pad = T - tokens.shape[1]
+            rows.append(tuple(self.lengths(p)) + ((pad,) if pad else ()))
+        return SegmentMask(tuple(rows))
 
     def unpack(self, packs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Split per-pack tensors `(1, T_p, D)` (e.g. a block's output; rows of a `batched`
