@@ -12,28 +12,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from vlm_encoder.validation import check_positive_int as _positive_int
+from vlm_encoder.validation import optional_positive_pair as _optional_pair
+
 FusionKind = Literal["concat", "weighted_sum"]
 FUSION_KINDS: tuple[str, ...] = get_args(FusionKind)
-
-
-def _positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _optional_pair(value: Any, name: str) -> tuple[int, int] | None:
-    """`None`, an int (square) or a 2-sequence (JSON gives lists) to `(h, w)`."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        return (int(value[0]), int(value[1]))
-    raise ValueError(f"{name} must be None, a positive int or a pair of positive ints (h, w), got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from .validation import check_choice as _choice
+
 Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
 PosEmbedKind = Literal["learned", "sincos", "none"]
 PoolKind = Literal["cls", "gap", "map", "none"]
@@ -37,11 +39,6 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
     ):
         return (int(value[0]), int(value[1]))
     raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
-
-
-def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)

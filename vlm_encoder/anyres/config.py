@@ -6,15 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from ..validation import check_positive_int as _positive_int
 from .select import Size, validate_pinpoints
 
 TilePolicy = Literal["llava_next", "internvl"]
 TILE_POLICIES: tuple[str, ...] = get_args(TilePolicy)
-
-
-def _positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from ..validation import check_choice as _choice
+from ..validation import positive_pair as _pair
+
 ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "none"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 ResizeBackend = Literal["pil", "torchvision"]
@@ -30,19 +33,6 @@ HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 
 
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    """An int or a 2-sequence of positive ints (JSON gives lists) as `(h, w)`."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        return (int(value[0]), int(value[1]))
-    raise ValueError(f"{name} must be a positive int or a pair of positive ints (h, w), got {value!r}")
-
-
 def _triple(value: Any, name: str, *, low: float, high: float, integer: bool = False) -> tuple:
     """A number or a 3-sequence (one per RGB channel) in `[low, high]`."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -57,11 +47,6 @@ def _triple(value: Any, name: str, *, low: float, high: float, integer: bool = F
             return tuple(int(v) for v in value) if integer else tuple(float(v) for v in value)
     kind = "ints" if integer else "numbers"
     raise ValueError(f"{name} must be one or three {kind} in [{low}, {high}] (R, G, B), got {value!r}")
-
-
-def _choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
