@@ -42,7 +42,20 @@ def _check_chunk(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
 
 
-class ClipLoss(nn.Module):
+class _ChunkedGatheredLoss(nn.Module):
+    """What both losses share: the chunk size and how features are gathered across ranks."""
+
+    def __init__(
+        self, chunk_size: int | None = None, gather_with_grad: bool = True, group: dist.ProcessGroup | None = None
+    ) -> None:
+        super().__init__()
+        _check_chunk(chunk_size)
+        self.chunk_size = chunk_size
+        self.gather_with_grad = gather_with_grad
+        self.group = group
+
+
+class ClipLoss(_ChunkedGatheredLoss):
     """Symmetric softmax cross-entropy over the batch (CLIP, InfoNCE).
 
     `loss = (CE(logits, diag) + CE(logits.T, diag)) / 2` with
@@ -56,15 +69,6 @@ class ClipLoss(nn.Module):
             other ranks' features as constants (open_clip's `gather_with_grad=False`).
         group: Process group to gather over (default: the world when initialised).
     """
-
-    def __init__(
-        self, chunk_size: int | None = None, gather_with_grad: bool = True, group: dist.ProcessGroup | None = None
-    ) -> None:
-        super().__init__()
-        _check_chunk(chunk_size)
-        self.chunk_size = chunk_size
-        self.gather_with_grad = gather_with_grad
-        self.group = group
 
     def forward(
         self,
@@ -100,7 +104,7 @@ class ClipLoss(nn.Module):
         return ((image_lse - positives).mean() + (text_lse - positives).mean()) / 2
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_ChunkedGatheredLoss):
     """Pairwise sigmoid loss (SigLIP): `-sum_ij log sigmoid(y_ij (t * image_i . text_j + b)) / B`
     with `y = +1` for matching pairs and `-1` otherwise, summed over blocks of `chunk_size`
     image rows.
@@ -111,15 +115,6 @@ class SigLipLoss(nn.Module):
             gathered captions of other ranks (exact full-batch gradients).
         group: Process group to gather over (default: the world when initialised).
     """
-
-    def __init__(
-        self, chunk_size: int | None = None, gather_with_grad: bool = True, group: dist.ProcessGroup | None = None
-    ) -> None:
-        super().__init__()
-        _check_chunk(chunk_size)
-        self.chunk_size = chunk_size
-        self.gather_with_grad = gather_with_grad
-        self.group = group
 
     def forward(
         self,
