@@ -206,6 +206,43 @@ def test_locked_image_tower_runs_once_per_image_and_stays_frozen(tmp_path):
     assert not torch.equal(proj, model.image_proj.weight)  # the new head trains
 
 
+def test_locked_image_features_that_are_not_finite_are_left_out_and_counted(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, lock_image=True, max_steps=6))
+    plain = trainer.model.vision.image_embeds
+    calls = []
+
+    def poisoned(pixels):
+        out = plain(pixels)
+        if not calls:  # the first cached batch starts with image 0
+            out = out.clone()
+            out[0] = float("nan")
+        calls.append(out.shape[0])
+        return out
+
+    trainer.model.vision.image_embeds = poisoned
+    result = trainer.fit()
+    assert not trainer.feature_valid[0] and trainer.feature_valid[1:].all()
+    assert result.skipped_images == 1 and result.skipped_steps == []
+    skipped = [r for r in read_metrics(trainer.log.path) if r["kind"] == "skipped_image"]
+    assert [(r["index"], r["reason"]) for r in skipped] == [(0, "non-finite features from the locked image tower")]
+    assert torch.isfinite(trainer.image_features).all()
+
+
+def test_tensorboard_scalars_match_the_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Trainer(tiny_config(tmp_path, max_steps=3, eval_split="test", eval_every=3))
+    trainer.fit()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    records = read_metrics(trainer.log.path)
+    losses = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in logged] == [s for s, _ in losses] == [1, 2, 3]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in losses], rel=1e-6)
+    assert any(tag.startswith("eval/") for tag in events.Tags()["scalars"])
+
+
 # ---------------------------------------------------------------- config
 def test_config_yaml_overrides_and_resolved_copy(tmp_path):
     path = tmp_path / "c.yaml"

@@ -27,13 +27,15 @@ class TrainConfig:
 
     Attributes:
         data: Training data: `builtin:digits`, `builtin:shapes`, a hub dataset name, a local
-            `imagefolder` directory (captions in `metadata.jsonl` / `metadata.csv`), parquet
-            files (`*.parquet` path or glob) or a directory written by `Dataset.save_to_disk`.
+            `imagefolder` directory (captions in `metadata.jsonl` / `metadata.csv`), a folder
+            of parquet files, a `.parquet` / `.csv` / `.tsv` / `.jsonl` / webdataset `.tar`
+            file or glob, or a directory written by `Dataset.save_to_disk`.
         train_split: Split used for training.
         eval_data: Evaluation data (same forms as `data`); default: `data` itself.
         eval_split: Split used for evaluation (`None`: no evaluation).
         data_options: Options of a builtin source (`num_train`, `num_test`, `canvas`, `seed`
-            for shapes; `canvas` for digits).
+            for shapes; `canvas` for digits), or keyword arguments of `datasets.load_dataset`
+            (`name`, `revision`, ...) for the others.
         image_column: Column holding images (PIL images, bytes or file paths).
         text_column: Column holding captions (a string, or a list of captions per image).
         label_column: Optional integer label column for zero-shot evaluation.

@@ -70,6 +70,19 @@ class StepResult:
     skipped: bool
 
 
+def enable_cpu_fp16(accelerator: Any) -> None:
+    """Make `mixed_precision="fp16"` mean the same on the CPU as on a GPU.
+
+    accelerate runs an fp16 request on the CPU in float32, with no gradient scaler, and says
+    nothing. Here the CPU gets what a GPU gets: float16 autocast and a `torch.amp.GradScaler`
+    (scaled backward, unscaled clipping, overflow steps skipped, the scale saved in checkpoints).
+    Must run before `accelerator.prepare`.
+    """
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+
+
 class Trainer:
     """Builds everything a `TrainConfig` describes and runs it.
 
@@ -98,6 +111,7 @@ class Trainer:
         self.config = c = config
         self.accelerator = accelerator or Accelerator(cpu=c.cpu, mixed_precision=c.mixed_precision)
         acc = self.accelerator
+        enable_cpu_fp16(acc)
         self.stop_after = stop_after
         self.run_dir = Path(c.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -150,7 +164,10 @@ class Trainer:
     @torch.no_grad()
     def cache_image_features(self) -> None:
         """LiT: run the locked image tower once over the training images (sharded over
-        processes, then gathered) and keep `(N, Dv)` features for every epoch."""
+        processes, then gathered) and keep `(N, Dv)` features for every epoch.
+
+        Unreadable images, and images whose features are not finite (NaN / inf would poison
+        every batch they join, every epoch), are left out, logged and counted."""
         acc, source = self.accelerator, self.train_source
         reader = ImageReader(source, self.processor)
         mine = list(shard(len(source), acc.process_index, acc.num_processes))
@@ -163,8 +180,14 @@ class Trainer:
                 self.log.write("skipped_image", self.step, index=i, reason=reason)
             if kept:
                 with self._autocast():
-                    feats.append(vision.image_embeds(pixels.to(self.device)).float())
-                index.append(torch.tensor(kept, device=self.device))
+                    batch_feats = vision.image_embeds(pixels.to(self.device)).float()
+                finite = torch.isfinite(batch_feats).all(dim=-1)
+                for i, ok in zip(kept, finite.tolist()):
+                    if not ok:
+                        self.log.write("skipped_image", self.step, index=i,
+                                       reason="non-finite features from the locked image tower")
+                feats.append(batch_feats[finite])
+                index.append(torch.tensor(kept, device=self.device)[finite])
         width = vision.config.embed_dim or vision.config.width
         local = torch.cat(feats) if feats else torch.zeros(0, width, device=self.device)
         local_index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=self.device)

@@ -1,5 +1,6 @@
 """Image-caption sources: the builtin datasets, or anything `datasets` reads (a hub name, a
-local `imagefolder` with `metadata.jsonl` / `metadata.csv`, parquet files, a saved dataset).
+local `imagefolder` with `metadata.jsonl` / `metadata.csv`, parquet / csv / jsonl files,
+webdataset tar shards, a saved dataset).
 
 A source is indexable: `image(i)` (anything `ImageProcessor` takes, or raises
 `ImageLoadError`), `captions(i)` (one or more strings), and for zero-shot evaluation
@@ -8,6 +9,7 @@ A source is indexable: `image(i)` (anything `ImageProcessor` takes, or raises
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,13 +38,15 @@ class HFSource:
 
     Images are read undecoded and decoded with `load_image`, so a broken file raises
     `ImageLoadError` (the loop skips and counts it) instead of failing inside `datasets`.
+    A column of file paths (a csv / tsv / jsonl file list, as open_clip's csv datasets have)
+    is read from disk, relative paths against `root` (the folder of the source file).
     """
 
     in_memory = False
 
     def __init__(
         self, dataset: Any, name: str, image_column: str, text_column: str, label_column: str | None = None,
-        class_names: tuple[str, ...] | None = None,
+        class_names: tuple[str, ...] | None = None, root: str | os.PathLike | None = None,
     ) -> None:
         from datasets import Image as ImageFeature
 
@@ -56,6 +60,7 @@ class HFSource:
         self.name = name
         self.image_column = image_column
         self.text_column = text_column
+        self.root = Path(root) if root is not None else None
         if label_column is None and "label" in columns and hasattr(dataset.features["label"], "names"):
             label_column = "label"  # imagefolder's class-folder labels
         self.labels = [int(v) for v in dataset[label_column]] if label_column else None
@@ -81,8 +86,11 @@ class HFSource:
             raise ImageLoadError(where, "no bytes and no path")
         if isinstance(value, (bytes, bytearray)):
             return load_image(bytes(value))
-        if isinstance(value, str):
-            return load_image(value)
+        if isinstance(value, str):  # a file path; a relative one is relative to the source's folder
+            path = Path(value).expanduser()
+            if not path.is_absolute() and self.root is not None:
+                path = self.root / path
+            return load_image(str(path))
         if value is None:
             raise ImageLoadError(where, "empty image cell")
         return value  # a PIL image or an array
@@ -104,26 +112,72 @@ class HFSource:
         return list(value)
 
 
-def _load_dataset(spec: str, split: str) -> Any:
+# File suffixes a spec can end in, and the `datasets` builder that reads them.
+FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".tar": "webdataset",
+}
+GLOB_CHARS = set("*?[")
+
+
+def _builder_for(spec: str) -> str:
+    suffix = Path(spec).suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        raise ValueError(
+            f"{spec}: cannot tell the format from the suffix {suffix or '(none)'!r}; allowed: "
+            f"{', '.join(FILE_BUILDERS)}, a directory, a saved dataset or a hub name"
+        )
+    return FILE_BUILDERS[suffix]
+
+
+def _pick_split(loaded: Any, spec: str, split: str) -> Any:
     import datasets
 
-    path = Path(spec)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{spec}: no split {split!r}; splits: {sorted(loaded)}")
-            return loaded[split]
-        return loaded
-    if path.is_dir():
-        loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
-    elif spec.endswith(".parquet"):
-        loaded = datasets.load_dataset("parquet", data_files={split: spec})
-    else:
-        loaded = datasets.load_dataset(spec)
-    if split not in loaded:
-        raise ValueError(f"{spec}: no split {split!r}; splits: {sorted(loaded)}")
-    return loaded[split]
+    if isinstance(loaded, (datasets.DatasetDict, dict)):
+        if split not in loaded:
+            raise ValueError(f"{spec}: no split {split!r}; splits: {sorted(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+def _load_dataset(spec: str, split: str, options: dict[str, Any] | None = None) -> tuple[Any, Path | None]:
+    """The `datasets.Dataset` of `spec`'s `split`, and the folder that relative image paths
+    in its rows are resolved against (`None` for hub datasets)."""
+    import datasets
+
+    options = dict(options or {})
+    if options.get("trust_remote_code"):
+        raise ValueError(f"{spec}: trust_remote_code is not allowed; vlm-encoder never runs a dataset's own code")
+    options.pop("trust_remote_code", None)
+    path = Path(spec).expanduser()
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return _pick_split(datasets.load_from_disk(str(path)), spec, split), path  # save_to_disk
+    if path.is_dir():  # imagefolder (+ metadata.jsonl / .csv), parquet or csv files, a hub-style repo
+        return _pick_split(datasets.load_dataset(str(path), **options), spec, split), path
+    if path.is_file() or GLOB_CHARS & set(spec):
+        builder = _builder_for(spec)
+        if builder == "csv" and Path(spec).suffix.lower() == ".tsv":
+            options.setdefault("delimiter", "\t")
+        if not path.is_file() and not sorted(path.parent.glob(path.name)):
+            raise FileNotFoundError(f"{spec}: no file matches")
+        loaded = datasets.load_dataset(builder, data_files={split: str(path)}, **options)
+        return loaded[split], path.parent
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise FileNotFoundError(f"{spec}: no such file or directory (and not a hub name such as owner/name)")
+    try:
+        loaded = datasets.load_dataset(spec, **options)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"{spec}: no local file or folder of that name, and the Hugging Face hub could not be reached "
+            f"({err}); with HF_HUB_OFFLINE=1 only "
+            "datasets already in the local cache load. Give a local directory, parquet / csv / tar files or a "
+            "saved dataset instead"
+        ) from err
+    return _pick_split(loaded, spec, split), None
 
 
 def open_source(
@@ -136,11 +190,27 @@ def open_source(
     label_column: str | None = None,
     class_names: tuple[str, ...] | None = None,
 ) -> PairSource:
-    """Open a source by its spec (`builtin:digits`, `builtin:shapes`, a hub name, a directory or
-    a parquet path/glob) and split.
+    """Open a source by its spec and split.
+
+    Specs: `builtin:digits` / `builtin:shapes`; a folder (an `imagefolder` with `metadata.jsonl`
+    or `metadata.csv`, a folder of parquet / csv files, or a hub-style dataset repository); a
+    folder written by `Dataset.save_to_disk`; a `.parquet`, `.csv`, `.tsv`, `.json(l)` or
+    webdataset `.tar` file or glob (`shards/*.tar`); or a hub name (`owner/name`).
+
+    Args:
+        spec: The source.
+        split: Its split (`train`, `test`, ...). A single file or glob is that split.
+        options: Options of a builtin (`num_train`, `seed`, ...), or keyword arguments of
+            `datasets.load_dataset` (`name`, `revision`, `data_dir`, ...) for the others.
+            `trust_remote_code` is refused.
+        image_column / text_column / label_column: Column names (webdataset shards: the file
+            suffixes, e.g. `jpg` and `txt`).
+        class_names: Class names for zero-shot evaluation (default: the label feature's).
 
     Raises:
-        ValueError: Unknown builtin, missing split or column.
+        ValueError: Unknown builtin or suffix, missing split or column, `trust_remote_code`.
+        FileNotFoundError: A path or glob that names nothing.
+        ConnectionError: A hub name that is neither cached nor reachable.
     """
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX):]
@@ -150,5 +220,5 @@ def open_source(
         if class_names is not None:
             source.class_names = tuple(class_names)
         return source
-    dataset = _load_dataset(spec, split)
-    return HFSource(dataset, f"{spec}[{split}]", image_column, text_column, label_column, class_names)
+    dataset, root = _load_dataset(spec, split, options)
+    return HFSource(dataset, f"{spec}[{split}]", image_column, text_column, label_column, class_names, root=root)
