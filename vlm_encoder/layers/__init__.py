@@ -1,6 +1,6 @@
 """Building blocks of the encoder, one concept per module. Layers never import models."""
 
-from .attention import Attention, SegmentMask, attention_weights, dot_product_attention
+from .attention import Attention, SegmentMask, attention_weights
 from .block import Block, DropPath, LayerScale
 from .init import init_linears_and_norms
 from .map_head import AttentionPoolHead
@@ -11,7 +11,6 @@ from .stem import ResNetStem
 
 __all__ = [
     "Attention",
-    "dot_product_attention",
     "attention_weights",
     "AttentionPoolHead",
     "Block",

@@ -9,42 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def dot_product_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Scaled dot-product attention `softmax(q k^T / sqrt(d)) v` over `(B, heads, T, d)`,
-    through `F.scaled_dot_product_attention`.
-
-    On the CPU the fused kernel is called once per image: its rounding depends on how the
-    whole batch is split into work for the threads, so for some shapes an image's output
-    would change bitwise with the batch it is in. Per image, the features are identical
-    whatever the batch (the loop costs nothing measurable: each call still has heads x
-    query blocks of parallel work). Elsewhere it is one batched call.
-
-    Args:
-        q: Queries `(B, heads, Tq, d)`.
-        k: Keys `(B, heads, Tk, d)`.
-        v: Values `(B, heads, Tk, d)`.
-        attn_mask: Optional boolean mask broadcastable to `(B, heads, Tq, Tk)`, True where
-            attention is allowed.
-
-    Returns:
-        `(B, heads, Tq, d)`.
-    """
-    B = q.shape[0]
-    if q.device.type != "cpu" or B == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    per_image_mask = attn_mask is not None and attn_mask.ndim == 4 and attn_mask.shape[0] == B
-    return torch.cat(
-        [
-            F.scaled_dot_product_attention(
-                q[i : i + 1], k[i : i + 1], v[i : i + 1], attn_mask=attn_mask[i : i + 1] if per_image_mask else attn_mask
-            )
-            for i in range(B)
-        ]
-    )
-
-
 @dataclass(frozen=True)
 class SegmentMask:
     """Block-diagonal attention over packed sequences, without the dense mask's waste.
@@ -97,7 +61,8 @@ class Attention(nn.Module):
         self.batch_invariant_cpu = True
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_weights: bool = False
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_weights: bool = False,
+        causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend over the tokens.
 
@@ -107,14 +72,21 @@ class Attention(nn.Module):
                 is allowed, or a `SegmentMask` for packed sequences (one call per segment).
             return_weights: Also return the attention probabilities (explicit softmax path;
                 the default path stays on the fused kernel where there is one).
+            causal: Each token attends to itself and the tokens before it (a text tower). Passed
+                to the kernel as `is_causal`, so the flash kernel serves it (an explicit mask
+                would rule it out); `attn_mask` must then be `None`.
 
         Returns:
             The attended tokens `(B, T, D)` and the weights `(B, heads, T, T)` or `None`.
         """
         B, T, D = x.shape
+        if causal and attn_mask is not None:
+            raise ValueError("causal=True takes no attn_mask (the causal mask is implied)")
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         weights = None
+        if causal and return_weights:
+            attn_mask, causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), False
         if isinstance(attn_mask, SegmentMask):
             if not return_weights:
                 return self.proj(_segment_attention(q, k, v, attn_mask)), None
@@ -123,11 +95,10 @@ class Attention(nn.Module):
             weights = attention_weights(q, k, attn_mask)
             x = (weights @ v).transpose(1, 2).reshape(B, T, D)
         elif x.device.type == "cpu" and B > 1 and self.batch_invariant_cpu:
-            x = _per_image_attention(q, k, v, attn_mask)
-        elif x.device.type == "cpu":
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, T, D)
-        else:
-            x = dot_product_attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+            x = _per_image_attention(q, k, v, attn_mask, causal)
+        else:  # one batched call
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+            x = x.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(x), weights
 
 
@@ -148,15 +119,21 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segmen
 
 
 def _per_image_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool = False
 ) -> torch.Tensor:
-    """CPU path of `dot_product_attention` (one fused call per image), writing each image's
-    heads straight into the merged `(B, T, D)` layout: one copy, as the batched path has."""
+    """The batch-invariant CPU path: one fused call per image, each image's heads written
+    straight into the merged `(B, T, D)` layout (one copy, as the batched path has).
+
+    PyTorch's fused CPU kernel rounds depending on how the whole batch is split into work for
+    the threads, so for some shapes an image's output would change bitwise with the batch it
+    is in. Per image, the features are identical whatever the batch (each call still has
+    heads x query blocks of parallel work, so the loop costs little)."""
     B, H, T, d = q.shape
     out = q.new_empty(B, T, H * d)
     per_image_mask = attn_mask is not None and attn_mask.ndim == 4 and attn_mask.shape[0] == B
     for i in range(B):
         mask = attn_mask[i : i + 1] if per_image_mask else attn_mask
-        attended = F.scaled_dot_product_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], attn_mask=mask)
+        attended = F.scaled_dot_product_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], attn_mask=mask,
+                                                  is_causal=causal)
         out[i].view(T, H, d).copy_(attended[0].transpose(0, 1))  # (T, H, d)
     return out

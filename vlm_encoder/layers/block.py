@@ -75,10 +75,12 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | SegmentMask | None = None, return_weights: bool = False
+        self, x: torch.Tensor, attn_mask: torch.Tensor | SegmentMask | None = None, return_weights: bool = False,
+        causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(B, T, D) -> (B, T, D)`, plus attention weights `(B, heads, T, T)` when asked."""
-        attended, weights = self.attn(self.norm1(x), attn_mask=attn_mask, return_weights=return_weights)
+        """`(B, T, D) -> (B, T, D)`, plus attention weights `(B, heads, T, T)` when asked
+        (`causal`: each token attends to itself and the tokens before it)."""
+        attended, weights = self.attn(self.norm1(x), attn_mask=attn_mask, return_weights=return_weights, causal=causal)
         x = x + self.drop_path(self.ls1(attended))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, weights

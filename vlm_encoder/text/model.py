@@ -45,9 +45,6 @@ class TextEncoder(PretrainedMixin, nn.Module):
             Block(c.width, c.num_heads, c.mlp_dim, act=c.act, norm_eps=c.norm_eps) for _ in range(c.depth)
         )
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps)
-        self.register_buffer(
-            "causal_mask", torch.ones(c.context_length, c.context_length, dtype=torch.bool).tril(), persistent=False
-        )
         self.grad_checkpointing = False
         self.reset_parameters()
 
@@ -89,18 +86,15 @@ class TextEncoder(PretrainedMixin, nn.Module):
             ValueError: A row without an end token, or with it at position 0 (pooling would
                 read the first position or padding).
         """
-        is_eot = input_ids == self.config.eot_token_id  # (B, L)
-        positions = is_eot.int().argmax(dim=1)  # first occurrence; 0 when absent
-        bad = (positions == 0).nonzero().flatten()
-        if bad.numel():
-            rows = bad[:8].tolist()
-            raise ValueError(
-                f"rows {rows} of input_ids have no end-of-text token (id {self.config.eot_token_id}) after "
-                "position 0; tokenize with ClipTokenizer, which always keeps the end token"
-            )
+        positions = self._eot_positions(input_ids)
+        self._check_values(input_ids, positions)
         return positions
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def _eot_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_eot = input_ids == self.config.eot_token_id  # (B, L)
+        return is_eot.int().argmax(dim=1)  # first occurrence; 0 when absent
+
+    def _check_shape(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a (B, L) tensor, got {shape}")
@@ -112,10 +106,25 @@ class TextEncoder(PretrainedMixin, nn.Module):
                 f"input_ids has {L} tokens, more than context_length={self.config.context_length}; "
                 "tokenize with this context length (truncation keeps the end token)"
             )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+
+    def _check_values(self, input_ids: torch.Tensor, eot: torch.Tensor) -> None:
+        """Ids inside the vocabulary and an end token after position 0 in every row: one
+        host-device synchronisation (none under `torch.compile`, which these data-dependent
+        checks would split into several graphs)."""
+        if torch.compiler.is_compiling() or not input_ids.numel():
+            return
+        V = self.config.vocab_size
+        flags = torch.stack([((input_ids < 0) | (input_ids >= V)).any(), (eot == 0).any()]).tolist()
+        if flags[0]:
             raise ValueError(
-                f"input_ids hold ids outside the vocabulary [0, {self.config.vocab_size}): "
+                f"input_ids hold ids outside the vocabulary [0, {V}): "
                 f"min {int(input_ids.min())}, max {int(input_ids.max())}"
+            )
+        if flags[1]:
+            rows = (eot == 0).nonzero().flatten()[:8].tolist()
+            raise ValueError(
+                f"rows {rows} of input_ids have no end-of-text token (id {self.config.eot_token_id}) after "
+                "position 0; tokenize with ClipTokenizer, which always keeps the end token"
             )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextOutput:
@@ -130,16 +139,15 @@ class TextEncoder(PretrainedMixin, nn.Module):
         Returns:
             `TextOutput` with `tokens (B, L, D)` and `pooled (B, D)` at the end token.
         """
-        self._check_ids(input_ids)
+        self._check_shape(input_ids)
         B, L = input_ids.shape
         eot = self.eot_positions(input_ids)
         x = self.token_embed(input_ids) + self.pos_embed[:, :L]  # (B, L, D)
-        mask = self.causal_mask[:L, :L]  # (L, L), True where attention is allowed
-        for block in self.blocks:
+        for block in self.blocks:  # causal attention: the kernel's is_causal, no mask tensor
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, _ = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+                x, _ = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, causal=True)
             else:
-                x, _ = block(x, attn_mask=mask)
+                x, _ = block(x, causal=True)
         x = self.norm(x)
         pooled = x[torch.arange(B, device=x.device), eot]  # (B, D)
         return TextOutput(tokens=x, pooled=pooled)
