@@ -338,6 +338,23 @@ def test_save_pretrained_round_trip(tmp_path, name):
     torch.testing.assert_close(loaded(x, layers=(0, -1)).pooled, enc(x, layers=(0, -1)).pooled, rtol=0, atol=0)
 
 
+def test_image_processor_travels_with_the_saved_model(tmp_path):
+    from vlm_encoder import load_encoder
+    from vlm_encoder.processing import ImageProcessor, ProcessorConfig
+
+    enc = tiny()
+    enc.image_processor = ImageProcessor(ProcessorConfig(resize_mode="shortest_edge", size=40, crop_size=32,
+                                                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    enc.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "processor_config.json").is_file()
+    assert VisionEncoder.from_pretrained(tmp_path / "model").image_processor == enc.image_processor
+    assert load_encoder(tmp_path / "model").image_processor == enc.image_processor
+    # Saving a model without preprocessing over it removes the file: it was not this model's.
+    tiny().save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model" / "processor_config.json").exists()
+    assert VisionEncoder.from_pretrained(tmp_path / "model").image_processor is None
+
+
 def test_from_pretrained_rejects_wrong_model_type(tmp_path):
     import json
 

@@ -243,6 +243,29 @@ def test_tensorboard_scalars_match_the_jsonl(tmp_path):
     assert any(tag.startswith("eval/") for tag in events.Tags()["scalars"])
 
 
+def test_lit_from_a_pretrained_image_tower(tmp_path):
+    """`vision_init` loads the tower through `load_encoder`; its own preprocessing is used,
+    the tower stays bitwise frozen and the export carries the preprocessing."""
+    from vlm_encoder.processing import ImageProcessor, ProcessorConfig
+
+    tower = VisionEncoder(preset_config("vit_tiny_patch16_224", **TINY["vision_overrides"]))
+    tower.image_processor = ImageProcessor(ProcessorConfig(resize_mode="exact", size=16, mean=(0.4, 0.5, 0.6),
+                                                           std=(0.2, 0.2, 0.2)))
+    tower.save_pretrained(tmp_path / "tower")
+    config = tiny_config(tmp_path, vision_init=str(tmp_path / "tower"), lock_image=True, max_steps=3)
+    trainer = Trainer(config)
+    assert trainer.processor == tower.image_processor
+    trainer.fit()
+    for name, value in tower.state_dict().items():
+        assert torch.equal(trainer.model.vision.state_dict()[name], value), name
+    exported = ContrastiveModel.from_pretrained(tmp_path / "run" / "export" / "model")
+    assert exported.vision.image_processor == tower.image_processor
+    with pytest.raises(ValueError, match="init_model and vision_init both given"):
+        tiny_config(tmp_path, vision_init=str(tmp_path / "tower"), init_model=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="vision_checkpoint is set without vision_init"):
+        tiny_config(tmp_path, vision_checkpoint="w.safetensors")
+
+
 # ---------------------------------------------------------------- config
 def test_config_yaml_overrides_and_resolved_copy(tmp_path):
     path = tmp_path / "c.yaml"

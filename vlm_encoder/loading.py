@@ -33,6 +33,7 @@ import torch
 
 from .config import VisionConfig
 from .encoder import VisionEncoder
+from .pretrained import PROCESSOR_NAME, read_image_processor
 from .weights import (
     WeightsError,
     load_state_dict_strict,
@@ -338,7 +339,7 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         # No fixed-size processor: use vlm_encoder.packing.resize_to_budget(policy="naflex").
         encoder.image_processor = None
         info["max_num_patches"] = _naflex_max_patches(files)
-    else:
+    elif model_type != VisionEncoder.model_type:  # our own format read its processor_config.json
         encoder.image_processor = _image_processor(files)
     encoder.source_info = info
     return encoder
@@ -348,6 +349,9 @@ def _load_own(files: SourceFiles, config_path: Path, checkpoint: str | os.PathLi
     encoder = VisionEncoder(VisionEncoder.read_config(config_path.parent))
     weights = Path(checkpoint) if checkpoint is not None else files.get(SAFETENSORS_FILE)
     load_state_dict_strict(encoder, read_state_dict(weights), source=str(weights))
+    processor = files.get(PROCESSOR_NAME, required=False)
+    if processor is not None:
+        encoder.set_image_processor(read_image_processor(processor.parent))
     return encoder
 
 

@@ -21,6 +21,7 @@ from .weights import WeightsError, load_state_dict_strict, read_state_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+PROCESSOR_NAME = "processor_config.json"  # the image tower's preprocessing, when it has one
 
 T = TypeVar("T", bound="PretrainedMixin")
 
@@ -40,8 +41,14 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def resolve_pretrained_dir(source: str | os.PathLike, files: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME), revision: str | None = None) -> Path:
-    """A local directory holding `files`: `source` itself, or the hub cache of a repo id.
+def resolve_pretrained_dir(
+    source: str | os.PathLike,
+    files: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME),
+    revision: str | None = None,
+    optional: tuple[str, ...] = (),
+) -> Path:
+    """A local directory holding `files` (and `optional` ones when the repo has them):
+    `source` itself, or the hub cache of a repo id.
 
     Raises:
         FileNotFoundError: A local directory without the files, or a hub id whose files are
@@ -58,6 +65,8 @@ def resolve_pretrained_dir(source: str | os.PathLike, files: tuple[str, ...] = (
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    from huggingface_hub.errors import EntryNotFoundError
+
     try:
         local = [hf_hub_download(str(source), f, revision=revision) for f in files]
     except LocalEntryNotFoundError:
@@ -65,6 +74,11 @@ def resolve_pretrained_dir(source: str | os.PathLike, files: tuple[str, ...] = (
             f"{source}: the files {list(files)} are not in the Hugging Face cache and the hub cannot be reached "
             "(offline). Download them where a network is, or pass a local directory path instead."
         ) from None
+    for name in optional:
+        try:
+            hf_hub_download(str(source), name, revision=revision)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            pass  # the repo has no such file (or it is not cached while offline)
     return Path(local[0]).parent
 
 
@@ -81,7 +95,9 @@ class PretrainedMixin:
     model_type: ClassVar[str]
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write `config.json` and `model.safetensors` into `save_directory`.
+        """Write `config.json` and `model.safetensors` into `save_directory`, and the image
+        tower's preprocessing as `processor_config.json` when it has one (a loaded pretrained
+        tower does), so `from_pretrained` gives back the same preprocessing.
 
         The files are written and flushed to disk in a temporary directory beside it, then
         moved into place, so an interrupted save never leaves a half-written file behind: a new
@@ -98,14 +114,21 @@ class PretrainedMixin:
             config = {"model_type": self.model_type, **self.config.to_dict()}
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
             save_model(self, str(staging / WEIGHTS_NAME))
-            for name in (CONFIG_NAME, WEIGHTS_NAME):
+            names = [WEIGHTS_NAME, CONFIG_NAME]
+            processor = self.get_image_processor()
+            if processor is not None:
+                (staging / PROCESSOR_NAME).write_text(json.dumps(processor.to_dict(), indent=2, sort_keys=True))
+                names.append(PROCESSOR_NAME)
+            for name in names:
                 _fsync(staging / name)
             if not target.exists():
                 staging.chmod(0o755)  # mkdtemp makes it private; a saved model is not
                 os.replace(staging, target)
             else:
-                for name in (WEIGHTS_NAME, CONFIG_NAME):
+                for name in names:
                     os.replace(staging / name, target / name)
+                if processor is None:  # a preprocessing file left by an earlier save is not this model's
+                    (target / PROCESSOR_NAME).unlink(missing_ok=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -144,8 +167,32 @@ class PretrainedMixin:
         Returns:
             The model in eval mode.
         """
-        directory = resolve_pretrained_dir(source, revision=revision)
+        directory = resolve_pretrained_dir(source, revision=revision, optional=(PROCESSOR_NAME,))
         model = cls(cls.read_config(directory))
         load_state_dict_strict(model, read_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        model.set_image_processor(read_image_processor(directory))
         model.to(device=device, dtype=dtype)
         return model.eval()
+
+    def get_image_processor(self) -> Any:
+        """The image tower's preprocessing (an `ImageProcessor`) or `None`."""
+        return getattr(self, "image_processor", None)
+
+    def set_image_processor(self, processor: Any) -> None:
+        """Attach the image tower's preprocessing (`None`: keep what is there)."""
+        if processor is not None:
+            self.image_processor = processor
+
+
+def read_image_processor(directory: Path) -> Any:
+    """The `ImageProcessor` saved in `directory` (`processor_config.json`), or `None`."""
+    path = Path(directory) / PROCESSOR_NAME
+    if not path.is_file():
+        return None
+    from .processing import ImageProcessor
+
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: not valid JSON ({err})") from None
+    return ImageProcessor.from_dict(data)

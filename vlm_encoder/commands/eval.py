@@ -56,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=args.cpu)
     model = ContrastiveModel.from_pretrained(args.model, device=accelerator.device)
     use_batched_cpu_attention(model)
-    try:
-        processor = ImageProcessor.from_pretrained(args.model)
-    except (FileNotFoundError, ValueError, OSError):
-        processor = ImageProcessor.default_for(model.vision.config)
+    processor = model.get_image_processor() or ImageProcessor.default_for(model.vision.config)
     source = open_source(args.data, args.split, options=options, image_column=args.image_column,
                          text_column=args.text_column, label_column=args.label_column,
                          class_names=tuple(args.class_names) if args.class_names else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoder import VisionEncoder
-from ..pretrained import PretrainedMixin, resolve_pretrained_dir, WEIGHTS_NAME
+from ..pretrained import PROCESSOR_NAME, WEIGHTS_NAME, PretrainedMixin, read_image_processor, resolve_pretrained_dir
 from ..text.hf_text import HFTextEncoder
 from ..text.model import TextEncoder
 from ..weights import load_state_dict_strict, read_state_dict
@@ -165,11 +166,33 @@ class ContrastiveModel(PretrainedMixin, nn.Module):
         Returns:
             The model in eval mode.
         """
-        directory = Path(resolve_pretrained_dir(source, revision=revision))
+        directory = Path(resolve_pretrained_dir(source, revision=revision, optional=(PROCESSOR_NAME,)))
         model = cls.from_config(cls.read_config(directory))
         load_state_dict_strict(model, read_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        model.set_image_processor(read_image_processor(directory))
         model.to(device=device, dtype=dtype)
         return model.eval()
+
+    @classmethod
+    def from_open_clip(
+        cls, arch: str, checkpoint: str | None = None, cache_dir: str | None = None
+    ) -> "ContrastiveModel":
+        """A whole open_clip CLIP model (both towers, logit scale): see
+        `vlm_encoder.converters.open_clip_clip.load_open_clip_contrastive`.
+
+        Example:
+            >>> model = ContrastiveModel.from_open_clip("ViT-B-32", "laion2b_s34b_b79k")
+        """
+        from ..converters.open_clip_clip import load_open_clip_contrastive
+
+        return load_open_clip_contrastive(arch, checkpoint, cache_dir)
+
+    def get_image_processor(self) -> Any:
+        return self.vision.image_processor
+
+    def set_image_processor(self, processor: Any) -> None:
+        if processor is not None:
+            self.vision.image_processor = processor
 
     # ------------------------------------------------------------- training set-up
     def build_loss(self, chunk_size: int | None = None, gather_with_grad: bool = True) -> ClipLoss | SigLipLoss:

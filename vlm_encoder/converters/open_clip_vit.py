@@ -315,34 +315,55 @@ def load_open_clip(arch: str, checkpoint: str | None = None, cache_dir: str | No
         UnsupportedOpenClipModel: The tower uses an option we do not express.
         WeightsError: The file does not fit the architecture.
     """
+    path, preprocess = resolve_checkpoint(arch, checkpoint, cache_dir)
+    return vision_from_state_dict(arch, read_state_dict(path), preprocess, source=str(path))
+
+
+def resolve_checkpoint(arch: str, checkpoint: str | None, cache_dir: str | None) -> tuple[str, dict[str, Any]]:
+    """The weight file of `arch` (`checkpoint` itself when it is a file, else a pretrained
+    tag's download through open_clip's cache) and its preprocessing settings.
+
+    Raises:
+        ValueError: Unknown architecture or tag.
+        RuntimeError: The weights are not in the cache and cannot be downloaded.
+    """
     import open_clip
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:
         raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
-    vc = _vision_cfg(model_cfg)
     preprocess = dataclasses.asdict(PreprocessCfg())
-    preprocess["size"] = vc.image_size
+    preprocess["size"] = _vision_cfg(model_cfg).image_size
     if checkpoint is not None and os.path.isfile(checkpoint):
-        path = checkpoint
-    else:
-        path, tag_cfg = _pretrained_file(arch, checkpoint, cache_dir)
-        preprocess = merge_preprocess_dict(preprocess, tag_cfg)
-        if bool(tag_cfg.get("quick_gelu", False)) != bool(model_cfg.get("quick_gelu", False)):
-            warnings.warn(
-                f"open_clip tag {checkpoint!r} was trained with quick_gelu={tag_cfg.get('quick_gelu', False)} "
-                f"but {arch!r} has quick_gelu={model_cfg.get('quick_gelu', False)}; following the architecture "
-                "as open_clip does (use the '-quickgelu' architecture to match the training)",
-                UserWarning,
-                stacklevel=2,
-            )
+        return checkpoint, preprocess
+    path, tag_cfg = _pretrained_file(arch, checkpoint, cache_dir)
+    if bool(tag_cfg.get("quick_gelu", False)) != bool(model_cfg.get("quick_gelu", False)):
+        warnings.warn(
+            f"open_clip tag {checkpoint!r} was trained with quick_gelu={tag_cfg.get('quick_gelu', False)} "
+            f"but {arch!r} has quick_gelu={model_cfg.get('quick_gelu', False)}; following the architecture "
+            "as open_clip does (use the '-quickgelu' architecture to match the training)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return path, merge_preprocess_dict(preprocess, tag_cfg)
+
+
+def vision_from_state_dict(
+    arch: str, state_dict: Mapping[str, torch.Tensor], preprocess: dict[str, Any], source: str
+) -> VisionEncoder:
+    """The `VisionEncoder` of `arch` with the image tower of a full open_clip `state_dict`
+    (read from `source`, named in errors), carrying `preprocess` as its image processor."""
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(arch)
+    vc = _vision_cfg(model_cfg)
     trunk = build_timm_trunk(model_cfg) if vc.timm_model_name else None
     config = _config_from_trunk(model_cfg, trunk) if trunk is not None else config_from_open_clip(model_cfg)
     encoder = VisionEncoder(config)
-    with naming(str(path)):
-        weights = convert_state_dict(read_state_dict(path), config, timm_trunk=trunk is not None)
-        load_state_dict_strict(encoder, weights, source=f"open_clip {arch} weights ({path})")
+    with naming(source):
+        weights = convert_state_dict(state_dict, config, timm_trunk=trunk is not None)
+        load_state_dict_strict(encoder, weights, source=f"open_clip {arch} weights ({source})")
     encoder.eval()
     encoder.image_processor = _image_processor(preprocess)
     return encoder

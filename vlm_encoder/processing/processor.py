@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..pretrained import resolve_pretrained_dir, write_atomic
+from ..pretrained import PROCESSOR_NAME, resolve_pretrained_dir, write_atomic
 from .config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ProcessorConfig, ResizeBackend
 from .convert import to_rgb
 from .from_hf import config_from_hf
@@ -23,7 +23,7 @@ from .transforms import center_crop_or_pad, rescale_and_normalize, resize, resiz
 if TYPE_CHECKING:
     from ..config import VisionConfig
 
-PROCESSOR_CONFIG_NAME = "processor_config.json"
+PROCESSOR_CONFIG_NAME = PROCESSOR_NAME  # the file save_pretrained writes beside a model
 PROCESSOR_TYPE = "vlm_encoder.ImageProcessor"
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]

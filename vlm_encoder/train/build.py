@@ -12,16 +12,28 @@ from ..determinism import set_batch_invariant
 from ..contrastive import ContrastiveModel
 from ..presets import preset_config
 from ..encoder import VisionEncoder
+from ..loading import load_encoder
 from ..text import TextEncoder, text_preset_config
 from .config import TrainConfig
 
 
+OPEN_CLIP_PREFIX = "open_clip:"
+
+
 def build_model(config: TrainConfig) -> ContrastiveModel:
-    """A random model from the config's presets and overrides, or `init_model` loaded."""
-    if config.init_model:
+    """The model a run starts from: `init_model` loaded (a saved `ContrastiveModel` or an
+    open_clip CLIP), or a new one whose image tower is `vision_init` loaded or built from the
+    preset, with a text tower from its preset."""
+    if config.init_model and config.init_model.startswith(OPEN_CLIP_PREFIX):
+        arch, _, checkpoint = config.init_model[len(OPEN_CLIP_PREFIX) :].partition(":")
+        model = ContrastiveModel.from_open_clip(arch, checkpoint or None)
+    elif config.init_model:
         model = ContrastiveModel.from_pretrained(config.init_model)
     else:
-        vision = VisionEncoder(preset_config(config.vision_preset, **_tuples(config.vision_overrides)))
+        if config.vision_init:
+            vision = load_encoder(config.vision_init, checkpoint=config.vision_checkpoint)
+        else:
+            vision = VisionEncoder(preset_config(config.vision_preset, **_tuples(config.vision_overrides)))
         text = TextEncoder(text_preset_config(config.text_preset, **config.text_overrides))
         model = ContrastiveModel(vision, text, config.embed_dim, objective=config.objective)
     if config.lock_image:

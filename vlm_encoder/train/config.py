@@ -47,7 +47,15 @@ class TrainConfig:
         text_overrides: `TextConfig` fields replacing the preset's.
         embed_dim: Width of the shared embedding space.
         objective: `clip` or `siglip`.
-        init_model: A `save_pretrained` directory to start from instead of random weights.
+        init_model: A whole model to start from instead of random weights: a `ContrastiveModel`
+            `save_pretrained` directory, or an open_clip CLIP as `open_clip:ARCH` or
+            `open_clip:ARCH:TAG_OR_FILE` (both towers and the logit scale, e.g.
+            `open_clip:ViT-B-32:laion2b_s34b_b79k`).
+        vision_init: A pretrained image tower for a new model (any `load_encoder` source: a
+            directory, a hub id such as `google/siglip-base-patch16-224`, `open_clip:ARCH`,
+            `timm:NAME`); the text tower and the heads start from random weights. LiT is this
+            with `lock_image: true`. Replaces `vision_preset` / `vision_overrides`.
+        vision_checkpoint: The weight file (or open_clip tag) for `vision_init`.
         lock_image: LiT: the image tower is frozen, in eval mode, without gradients.
         cache_image_features: With `lock_image`, compute each image's tower output once and
             reuse it every epoch.
@@ -103,6 +111,8 @@ class TrainConfig:
     embed_dim: int = 128
     objective: Literal["clip", "siglip"] = "clip"
     init_model: str | None = None
+    vision_init: str | None = None
+    vision_checkpoint: str | None = None
     lock_image: bool = False
     cache_image_features: bool = True
     epochs: int = 1
@@ -167,6 +177,13 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
             raise ValueError(f"templates must be a non-empty list of strings with exactly one '{{}}', got {self.templates!r}")
+        if self.init_model and self.vision_init:
+            raise ValueError(
+                "init_model and vision_init both given: init_model loads a whole model, vision_init only an image "
+                "tower for a new one; give one"
+            )
+        if self.vision_checkpoint and not self.vision_init:
+            raise ValueError("vision_checkpoint is set without vision_init")
         if self.resume not in ("auto", "never") and not self.resume:
             raise ValueError("resume must be 'auto', 'never' or a checkpoint path")
 

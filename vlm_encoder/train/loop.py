@@ -127,7 +127,9 @@ class Trainer:
         use_batched_cpu_attention(model)
         self.model = model
         self.tokenizer = model.text.tokenizer()
-        self.processor = ImageProcessor.default_for(model.vision.config)
+        # A pretrained tower's own preprocessing (its mean / std, resize); else the default.
+        self.processor = model.get_image_processor() or ImageProcessor.default_for(model.vision.config)
+        model.set_image_processor(self.processor)  # saved with the model and its image tower
         options = dict(options=c.data_options, image_column=c.image_column, text_column=c.text_column,
                        label_column=c.label_column, class_names=c.class_names)
         self.train_source = train_source or open_source(c.data, c.train_split, **options)
@@ -441,8 +443,7 @@ class Trainer:
         """Each tower and the whole model with `save_pretrained` under `export/`."""
         out = self.run_dir / "export"
         if self.accelerator.is_main_process:
-            self.model.save_pretrained(out / "model")
-            self.processor.save_pretrained(out / "model")
+            self.model.save_pretrained(out / "model")  # with the image processor of the run
             self.model.vision.save_pretrained(out / "vision")
             self.model.text.save_pretrained(out / "text")
         self.accelerator.wait_for_everyone()
