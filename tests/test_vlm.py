@@ -234,3 +234,60 @@ def test_from_llava_siglip_tower(tmp_path):
     save_tiny_siglip_llava(tmp_path / "default", "default")
     with pytest.raises(ValueError, match="no CLS token"):
         VisionLanguageModel.from_llava(tmp_path / "default")
+
+
+# ------------------------------------------------------------------ save / load
+def test_save_and_load_round_trip_gives_the_same_logits(tmp_path):
+    from projectors import Projector
+
+    vlm = make_vlm("llama", kind="mlp2x_gelu", layers=(-2, -1))
+    vlm.set_trainable(language_model=True)
+    target = tmp_path / "vlm"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")  # the user's own file stays
+    vlm.save_pretrained(target)
+    assert {"vlm_config.json", "encoder", "projector", "language_model", "tokenizer.json"} <= {p.name for p in target.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging directory left behind"
+    loaded = VisionLanguageModel.from_pretrained(target)
+    assert loaded.feature_layers == vlm.feature_layers and loaded.trainable == vlm.trainable
+    assert isinstance(loaded.projector, Projector)
+    ids, pixels = torch.tensor([prompt(), prompt()]), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, pixels).logits, vlm.eval()(ids, pixels).logits, rtol=0, atol=0)
+    # Saved again without the LM over the same directory: the stale LM goes, from_pretrained asks for one.
+    vlm.save_pretrained(target, language_model=False)
+    assert not (target / "language_model").exists() and (target / "tokenizer.json").exists()
+    with pytest.raises(FileNotFoundError, match="saved without its language model"):
+        VisionLanguageModel.from_pretrained(target)
+    again = VisionLanguageModel.from_pretrained(target, language_model=vlm.language_model)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, pixels).logits, vlm(ids, pixels).logits, rtol=0, atol=0)
+
+
+def test_anyres_model_round_trip_keeps_the_newline(tmp_path):
+    from vlm_encoder.anyres import AnyresConfig
+
+    anyres = AnyresConfig(tile_size=32, pinpoints=((32, 64), (64, 32), (64, 64)))
+    projector = build_projector("mlp2x_gelu", 32, D_LLM)
+    vlm = VisionLanguageModel(tiny_encoder(), projector, tiny_gpt2(), IMAGE_ID, (-2,), anyres=anyres)
+    with torch.no_grad():
+        vlm.image_newline.normal_()
+    vlm.save_pretrained(tmp_path / "vlm")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "vlm")
+    assert loaded.anyres == anyres
+    assert torch.equal(loaded.image_newline, vlm.image_newline)
+    (tmp_path / "vlm" / "image_newline.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="image_newline.safetensors is missing"):
+        VisionLanguageModel.from_pretrained(tmp_path / "vlm")
+
+
+def test_from_pretrained_names_what_is_wrong(tmp_path):
+    from vlm_encoder import WeightsError
+
+    with pytest.raises(FileNotFoundError, match="no vlm_config.json"):
+        VisionLanguageModel.from_pretrained(tmp_path)
+    make_vlm().save_pretrained(tmp_path / "vlm")
+    config = tmp_path / "vlm" / "vlm_config.json"
+    config.write_text(config.read_text().replace("vlm_encoder.vlm", "llava"))
+    with pytest.raises(WeightsError, match="model_type='llava'"):
+        VisionLanguageModel.from_pretrained(tmp_path / "vlm")

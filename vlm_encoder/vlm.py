@@ -20,9 +20,13 @@ stage-1 feature alignment); `set_trainable` switches each part.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -32,6 +36,11 @@ from .anyres import AnyresConfig, assemble_tokens
 from .anyres import num_image_tokens as anyres_num_image_tokens
 from .anyres import num_tiles as anyres_num_tiles
 from .encoder import VisionEncoder
+from .pretrained import write_atomic
+
+VLM_MODEL_TYPE = "vlm_encoder.vlm"
+VLM_CONFIG_NAME = "vlm_config.json"
+VLM_NEWLINE_NAME = "image_newline.safetensors"
 
 FeatureSelect = Literal["patch", "cls_patch"]
 FEATURE_SELECTS = ("patch", "cls_patch")
@@ -417,6 +426,161 @@ class VisionLanguageModel(nn.Module):
         inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, image_sizes=image_sizes)
         return self.language_model.generate(**inputs, **generate_kwargs)
 
+    # ---------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, *, language_model: bool = True) -> Path:
+        """Write the whole model into `save_directory`:
+
+            vlm_config.json        image_token_id, feature_layers, feature_select, anyres, trainable
+            encoder/               VisionEncoder.save_pretrained (with its image processor)
+            projector/             Projector.save_pretrained
+            language_model/        the LM's own save_pretrained (safetensors); left out with
+                                   `language_model=False` (a frozen LM: give it to
+                                   `from_pretrained(..., language_model=...)` instead)
+            image_newline.safetensors   the learned newline token, when the model has one
+
+        Everything is written into a temporary directory beside the target first, then moved
+        in by renames (a new directory: one rename; an existing one: each file in one rename,
+        each sub-directory after its old version is moved aside), so no entry is ever half
+        written. Other files in an existing directory are kept.
+
+        Returns:
+            The directory.
+        """
+        from safetensors.torch import save_file
+
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            entries = [VLM_CONFIG_NAME, "encoder", "projector"]
+            self.encoder.save_pretrained(staging / "encoder")
+            self.projector.save_pretrained(staging / "projector")
+            if language_model:
+                self.language_model.save_pretrained(staging / "language_model")
+                entries.append("language_model")
+            if self.image_newline is not None:
+                save_file({"image_newline": self.image_newline.detach().cpu().contiguous()},
+                          str(staging / VLM_NEWLINE_NAME))
+                entries.append(VLM_NEWLINE_NAME)
+            config = {
+                "model_type": VLM_MODEL_TYPE,
+                "image_token_id": self.image_token_id,
+                "feature_layers": list(self.feature_layers),
+                "feature_select": self.feature_select,
+                "anyres": self.anyres.to_dict() if self.anyres is not None else None,
+                "trainable": dict(self.trainable),
+                "language_model": "language_model" if language_model else None,
+            }
+            write_atomic(staging / VLM_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+            if not target.exists():
+                staging.chmod(0o755)
+                os.replace(staging, target)
+                return target
+            stale = [VLM_NEWLINE_NAME] if self.image_newline is None else []
+            stale += ["language_model"] if not language_model else []
+            for name in [*entries, *stale]:
+                old = target / name
+                if old.is_dir():  # a directory cannot be renamed over: move the old one aside first
+                    os.replace(old, staging / f".old-{name}")
+                elif name not in entries:
+                    old.unlink(missing_ok=True)
+                if name in entries:
+                    os.replace(staging / name, target / name)  # a file is replaced in one rename
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        language_model: nn.Module | str | os.PathLike | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> VisionLanguageModel:
+        """Load a model written by `save_pretrained`.
+
+        Args:
+            path: The directory.
+            language_model: The LM, for a model saved with `language_model=False` (or to use
+                another one): a module, or a directory read by `AutoModelForCausalLM`
+                (never with remote code). Default: the saved `language_model/`.
+            dtype: Cast everything to this dtype (default: the LM's dtype).
+            device: Where to put the model.
+            **kwargs: Constructor options overriding the saved ones (e.g. `train_language_model=True`).
+
+        Returns:
+            The model in eval mode.
+
+        Raises:
+            FileNotFoundError: A missing part (named), or no LM saved and none given.
+            WeightsError: A config that is not a VisionLanguageModel's, or weights that do not fit.
+        """
+        from safetensors.torch import load_file
+
+        from projectors import Projector
+
+        from .weights import WeightsError
+
+        directory = Path(path)
+        config_path = directory / VLM_CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} has no {VLM_CONFIG_NAME} (expected a VisionLanguageModel.save_pretrained directory)")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise WeightsError(f"{config_path}: not valid JSON ({err})") from None
+        if config.get("model_type") != VLM_MODEL_TYPE:
+            raise WeightsError(f"{config_path} has model_type={config.get('model_type')!r}, expected {VLM_MODEL_TYPE!r}")
+        if language_model is None:
+            if not config.get("language_model"):
+                raise FileNotFoundError(
+                    f"{directory} was saved without its language model (save_pretrained(..., language_model=False)); "
+                    "pass it: VisionLanguageModel.from_pretrained(path, language_model=<module or directory>)"
+                )
+            language_model = directory / config["language_model"]
+        if not isinstance(language_model, nn.Module):
+            from transformers import AutoModelForCausalLM
+
+            lm_path = Path(language_model)
+            if not lm_path.is_dir():
+                raise FileNotFoundError(f"language model directory {lm_path} does not exist")
+            language_model = AutoModelForCausalLM.from_pretrained(
+                lm_path, trust_remote_code=False, **({"dtype": dtype} if dtype is not None else {})
+            )
+        dtype = dtype or language_model.get_input_embeddings().weight.dtype
+        encoder = VisionEncoder.from_pretrained(directory / "encoder", dtype=dtype)
+        projector = Projector.from_pretrained(directory / "projector").to(dtype=dtype)
+        anyres = config.get("anyres")
+        trainable = config.get("trainable") or {}
+        options = {f"train_{name}": flag for name, flag in trainable.items()}
+        options.update(kwargs)
+        model = cls(
+            encoder,
+            projector,
+            language_model.to(dtype=dtype),
+            image_token_id=int(config["image_token_id"]),
+            feature_layers=tuple(config["feature_layers"]),
+            feature_select=config["feature_select"],
+            anyres=AnyresConfig(**{**anyres, "pinpoints": _tuples(anyres["pinpoints"])}) if anyres else None,
+            **options,
+        )
+        newline_path = directory / VLM_NEWLINE_NAME
+        if model.image_newline is not None:
+            if not newline_path.is_file():
+                raise FileNotFoundError(f"{directory}: the model has an image_newline but {VLM_NEWLINE_NAME} is missing")
+            saved = load_file(str(newline_path))
+            if set(saved) != {"image_newline"} or saved["image_newline"].shape != model.image_newline.shape:
+                raise WeightsError(
+                    f"{newline_path}: expected one tensor 'image_newline' of shape {tuple(model.image_newline.shape)}, "
+                    f"got {({k: tuple(v.shape) for k, v in saved.items()})}"
+                )
+            with torch.no_grad():
+                model.image_newline.copy_(saved["image_newline"])
+        return model.to(device=device).eval()
+
     # --------------------------------------------------------------- loading
     @classmethod
     def from_llava(
@@ -583,3 +747,7 @@ class VisionLanguageModel(nn.Module):
             with torch.no_grad():
                 model.image_newline.copy_(hf_model.model.image_newline.to(lm_dtype))
         return model.to(device=device).eval()
+
+
+def _tuples(pinpoints: Any) -> Any:
+    return tuple(tuple(p) for p in pinpoints) if pinpoints is not None else None
