@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all test-gpu bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ''
+
+test-gpu: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/encoder_throughput.py

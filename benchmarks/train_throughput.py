@@ -88,7 +88,13 @@ def make_step(impl: str, model, arch: dict, batch: int, device: torch.device, lo
     """A closure running one training step; returns it and its inputs' description."""
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    if impl == "ours":  # the Trainer's optimizer (fused on a GPU, no decay on norms / biases)
+        from vlm_encoder.train import TrainConfig
+        from vlm_encoder.train.build import build_optimizer
+
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
+    else:  # open_clip's AdamW at its best: fused on a GPU
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(1, 49000, (batch, arch["context"]), device=device)
     ids[:, 0], ids[:, -1] = 49406, 49407
     mask = torch.ones_like(ids)

@@ -59,7 +59,8 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: weight decay on matrices only."""
+    """AdamW over the trainable parameters: weight decay on matrices only; fused on a GPU
+    (build it after the model is on its device)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -68,8 +69,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # The fused kernel (one launch for all parameters) where every parameter is on a GPU.
+    trainable = decay + no_decay
+    fused = bool(trainable) and all(p.device.type == "cuda" for p in trainable)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas), eps=config.eps
+        [g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+        **({"fused": True} if fused else {}),
     )
 
 

@@ -138,6 +138,7 @@ class Trainer:
         self.eval_source = eval_source
         self.sampler = EpochSampler(len(self.train_source), c.batch_size, c.seed, acc.process_index, acc.num_processes)
         self.total_steps = c.max_steps or c.epochs * self.sampler.batches_per_epoch
+        model.to(acc.device)  # before the optimizer, so it can pick the fused GPU kernel
         self.optimizer = build_optimizer(model, c)
         self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
         self.loss_fn = model.build_loss()
