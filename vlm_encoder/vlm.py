@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -648,10 +649,35 @@ class VisionLanguageModel(nn.Module):
         return cls._from_hf_llava(path, "llava_next", dtype=dtype, device=device, **kwargs)
 
     @classmethod
+    def from_llava_onevision(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> VisionLanguageModel:
+        """Load a transformers `LlavaOnevisionForConditionalGeneration` checkpoint directory
+        (LLaVA-OneVision: a SigLIP tower, `anyres_max_N` tiling).
+
+        As `from_llava_next`, plus the token budget: `anyres.budget_tiles` is the `N` of the
+        checkpoint's `vision_aspect_ratio` (`anyres_max_9`), so an image whose unpadded tile
+        grid holds more than about `N` tiles' worth of tokens is downscaled bilinearly, as
+        transformers does. One image per sample gives the same logits as transformers
+        (`batch_num_images=None`, its single-image path); transformers' multi-image path
+        (only the base tile of each image in a sample holding several) is not reproduced.
+
+        Raises:
+            ValueError: Not a LLaVA-OneVision checkpoint, a `vision_aspect_ratio` other than
+                `anyres_max_N`, or what `from_llava_next` rejects.
+        """
+        return cls._from_hf_llava(path, "llava_onevision", dtype=dtype, device=device, **kwargs)
+
+    @classmethod
     def _from_hf_llava(
         cls,
         path: str | os.PathLike,
-        family: Literal["llava", "llava_next"],
+        family: Literal["llava", "llava_next", "llava_onevision"],
         *,
         dtype: torch.dtype | None,
         device: str | torch.device | None,
@@ -668,6 +694,7 @@ class VisionLanguageModel(nn.Module):
         families = {
             "llava": (transformers.LlavaConfig, transformers.LlavaForConditionalGeneration),
             "llava_next": (transformers.LlavaNextConfig, transformers.LlavaNextForConditionalGeneration),
+            "llava_onevision": (transformers.LlavaOnevisionConfig, transformers.LlavaOnevisionForConditionalGeneration),
         }
         config_class, model_class = families[family]
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -692,7 +719,13 @@ class VisionLanguageModel(nn.Module):
             )
         feature_select = "patch" if strategy == "default" or encoder.cls_token is None else "cls_patch"
         anyres = None
-        if family == "llava_next":
+        budget_tiles = None
+        if family == "llava_onevision":
+            aspect = str(config.vision_aspect_ratio)
+            if not re.fullmatch(r"anyres_max_[1-9]\d*", aspect):
+                raise ValueError(f"{path}: vision_aspect_ratio={aspect!r}; only 'anyres_max_N' is supported")
+            budget_tiles = int(aspect[len("anyres_max_") :])
+        if family in ("llava_next", "llava_onevision"):
             if feature_select != "patch":
                 raise ValueError(
                     f"{path}: vision_feature_select_strategy='full' keeps the CLS token of the {vision_type} tower, "
@@ -701,6 +734,7 @@ class VisionLanguageModel(nn.Module):
             anyres = AnyresConfig(
                 tile_size=config.vision_config.image_size,
                 pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
+                budget_tiles=budget_tiles,
             )
 
         hf_model = model_class.from_pretrained(

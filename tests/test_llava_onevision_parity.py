@@ -1,0 +1,118 @@
+"""LLaVA-OneVision: a tiny random transformers `LlavaOnevisionForConditionalGeneration` (SigLIP
+tower, `vision_feature_select_strategy='full'`, `anyres_max_N` budget) loaded with
+`VisionLanguageModel.from_llava_onevision` gives transformers' packed image features and logits,
+for images small enough to keep every token and large enough to be downscaled to the budget."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    SiglipVisionConfig,
+)
+
+from vlm_encoder.vlm import VisionLanguageModel
+
+TILE = 32
+PINPOINTS = [[TILE * r, TILE * c] for r in range(1, 4) for c in range(1, 4)]  # up to 3x3 tiles
+IMAGE_ID = 99
+BUDGET = 2  # anyres_max_2: a map of more than ~2 tiles' worth of tokens is downscaled
+# (height, width): wide, large square, tall, odd (all downscaled), and a small one (kept).
+SIZES = [(40, 80), (96, 96), (120, 45), (77, 61), (20, 26)]
+
+
+def save_tiny_onevision(directory, aspect=f"anyres_max_{BUDGET}"):
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=TILE, patch_size=8)
+    text = LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+                                  image_grid_pinpoints=PINPOINTS, vision_aspect_ratio=aspect)
+    torch.manual_seed(2)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases so a wrong mapping shows
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_processor():
+    return LlavaOnevisionImageProcessor(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
+
+
+def images(sizes=SIZES):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llava_onevision")
+    ref = save_tiny_onevision(directory)
+    return ref, VisionLanguageModel.from_llava_onevision(directory)
+
+
+def test_config_and_budget(checkpoint):
+    ref, vlm = checkpoint
+    assert vlm.anyres.budget_tiles == BUDGET and vlm.feature_select == "patch" and vlm.feature_layers == (2,)
+    torch.testing.assert_close(vlm.image_newline, ref.model.image_newline, rtol=0, atol=0)
+    full = vlm.anyres.replace(budget_tiles=None)
+    from vlm_encoder.anyres import num_image_tokens
+
+    # A large image is downscaled to the budget (fewer tokens than without it); a small one is not.
+    assert vlm.num_image_tokens((96, 96)) == 46 < num_image_tokens((96, 96), full, vlm.tile_side) == 172
+    assert vlm.num_image_tokens((20, 26)) == num_image_tokens((20, 26), full, vlm.tile_side) == 36
+
+
+def test_image_features_match_transformers(checkpoint):
+    ref, vlm = checkpoint
+    processed = hf_processor()(images(), return_tensors="pt")
+    with torch.no_grad():
+        expected = ref.model.get_image_features(processed["pixel_values"], processed["image_sizes"]).pooler_output
+        got = vlm.anyres_image_features(processed["pixel_values"], processed["image_sizes"])
+    assert len(got) == len(expected) == len(SIZES)
+    for g, e, size in zip(got, expected, SIZES):
+        assert g.shape == e.shape and g.shape[0] == vlm.num_image_tokens(size)
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-4)
+
+
+def test_logits_match_transformers_one_image_per_sample(checkpoint):
+    ref, vlm = checkpoint
+    sizes = [SIZES[1], SIZES[4]]  # one downscaled, one kept
+    rows = [vlm.expand_image_tokens([1, 5, IMAGE_ID, 7], image_size=[size]) for size in sizes]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    processed = hf_processor()(images(sizes), return_tensors="pt")
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask, pixel_values=processed["pixel_values"],
+                       image_sizes=processed["image_sizes"]).logits
+        got = vlm(ids, processed["pixel_values"], attention_mask=mask, image_sizes=processed["image_sizes"]).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-4)
+
+
+def test_unknown_aspect_policy_is_refused(tmp_path):
+    save_tiny_onevision(tmp_path, aspect="pad")
+    with pytest.raises(ValueError, match="vision_aspect_ratio='pad'; only 'anyres_max_N'"):
+        VisionLanguageModel.from_llava_onevision(tmp_path)
+
+
+def test_tiles_match_llava_onevision_image_processor():
+    from vlm_encoder.anyres import tile_image
+    from vlm_encoder.processing import ImageProcessor, ProcessorConfig
+
+    hf = hf_processor()
+    ours = ImageProcessor(ProcessorConfig(resize_mode="exact", size=TILE, interpolation="bicubic", backend="torchvision",
+                                          mean=tuple(hf.image_mean), std=tuple(hf.image_std)))
+    batch = images()
+    expected = hf(batch, return_tensors="pt")
+    assert expected["image_sizes"].tolist() == [list(s) for s in SIZES]
+    for image, want in zip(batch, expected["pixel_values"]):
+        tiles = tile_image(image, PINPOINTS, ours)
+        torch.testing.assert_close(tiles.pixel_values, want[: tiles.num_tiles], rtol=0, atol=1e-6)
+        assert not want[tiles.num_tiles :].any()  # transformers pads the batch with zero tiles
