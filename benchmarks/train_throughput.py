@@ -169,6 +169,11 @@ def measure_best(impl: str, compile_modes: list[bool], **kwargs) -> dict:
     return {**best, "runs": [{k: r[k] for k in ("compile", "samples_per_s", "peak_gib")} for r in runs]}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median samples/s (the upper one of an even count)."""
+    return sorted(runs, key=lambda r: r["samples_per_s"])[len(runs) // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -181,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--modes", default="both,locked")
     parser.add_argument("--quick", action="store_true", help="few steps (CPU smoke measurement)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repeats per contender; the median run is reported (default 3)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -201,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         locked = mode == "locked"
         arch_name = args.arch or (("b16" if locked else "b32") if cuda else "tiny")
         arch = ARCHS[arch_name]
-        pair = {impl: measure_best(impl, compile_modes, arch=arch, batch=batch, device=device, locked=locked,
-                                   steps=steps, warmup=warmup) for impl in ("open_clip", "ours")}
+        runs: dict[str, list[dict]] = {"open_clip": [], "ours": []}
+        for _ in range(args.repeats):  # interleaved, so drift on the machine hits both alike
+            for impl in ("open_clip", "ours"):
+                runs[impl].append(measure_best(impl, compile_modes, arch=arch, batch=batch, device=device,
+                                               locked=locked, steps=steps, warmup=warmup))
+        pair = {impl: {**_median_run(r), "repeats": [x["samples_per_s"] for x in r]} for impl, r in runs.items()}
         ratio = pair["ours"]["samples_per_s"] / pair["open_clip"]["samples_per_s"]
         mem = (pair["ours"]["peak_gib"] / pair["open_clip"]["peak_gib"]) if cuda else None
         rows.append({"mode": mode, "arch": arch_name, "ours": pair["ours"], "open_clip": pair["open_clip"], "speed_ratio": ratio,
@@ -213,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)"
     report = {
         "device": device_name, "date": dt.date.today().isoformat(), "torch": torch.__version__,
-        "archs": {r["arch"]: ARCHS[r["arch"]] for r in rows}, "compile": compile_mode, "batch": batch, "steps": steps, "warmup": warmup, "rows": rows,
+        "archs": {r["arch"]: ARCHS[r["arch"]] for r in rows}, "compile": compile_mode, "batch": batch,
+        "repeats": args.repeats, "steps": steps, "warmup": warmup, "rows": rows,
         "targets": {"both": "1.25x open_clip samples/s, no more memory (H100, ViT-B/32, batch 1024)",
                     "locked": "3x open_clip samples/s (H100, cached image features)"},
     }
@@ -221,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"train_throughput_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}"
     (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = [f"# Training throughput ({report['date']}, {device_name}, torch {torch.__version__})", "",
-             f"Batch {batch}, {steps} timed steps after {warmup} warm-up; compile setting `{compile_mode}` "
-             "(each side's faster run is compared).", "",
+             f"Batch {batch}, {steps} timed steps after {warmup} warm-up, median of {args.repeats} interleaved "
+             f"repeats per contender; compile setting `{compile_mode}` (each side's faster run is compared).", "",
              "| mode | arch | open_clip samples/s (compiled?) | ours samples/s (compiled?) | speed ratio | memory ratio |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -7,11 +7,13 @@ hub is reached only through `huggingface_hub`'s own download and cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -82,6 +84,40 @@ def resolve_pretrained_dir(
     return Path(local[0]).parent
 
 
+@contextlib.contextmanager
+def staging_directory(target: Path) -> Iterator[Path]:
+    """A fresh hidden directory beside `target` to write a save into (removed afterwards,
+    with whatever it still holds)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_into_place(staging: Path, target: Path, entries: list[str], stale: tuple[str, ...] = ()) -> None:
+    """Publish a save written in `staging` (see `staging_directory`) as `target`.
+
+    A new `target` appears whole in one rename. In an existing one each of `entries` replaces
+    its old version: a file in one rename, a sub-directory after its old version is moved
+    aside (into `staging`, deleted with it); the `stale` entries (this save's files that the
+    model no longer has) are removed; anything else there is kept.
+    """
+    if not target.exists():
+        staging.chmod(0o755)  # mkdtemp makes it private; a saved model is not
+        os.replace(staging, target)
+        return
+    for name in [*entries, *stale]:
+        old = target / name
+        if old.is_dir():  # a directory cannot be renamed over
+            os.replace(old, staging / f".old-{name}")
+        elif name not in entries:
+            old.unlink(missing_ok=True)
+        if name in entries:
+            os.replace(staging / name, target / name)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -108,9 +144,7 @@ class PretrainedMixin:
             The directory.
         """
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        try:
+        with staging_directory(target) as staging:
             config = {"model_type": self.model_type, **self.config.to_dict()}
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
             save_model(self, str(staging / WEIGHTS_NAME))
@@ -121,16 +155,8 @@ class PretrainedMixin:
                 names.append(PROCESSOR_NAME)
             for name in names:
                 _fsync(staging / name)
-            if not target.exists():
-                staging.chmod(0o755)  # mkdtemp makes it private; a saved model is not
-                os.replace(staging, target)
-            else:
-                for name in names:
-                    os.replace(staging / name, target / name)
-                if processor is None:  # a preprocessing file left by an earlier save is not this model's
-                    (target / PROCESSOR_NAME).unlink(missing_ok=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            # A preprocessing file left by an earlier save is not this model's.
+            move_into_place(staging, target, names, stale=(PROCESSOR_NAME,) if processor is None else ())
         return target
 
     @classmethod

@@ -24,8 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +35,7 @@ from .anyres import AnyresConfig, assemble_tokens
 from .anyres import num_image_tokens as anyres_num_image_tokens
 from .anyres import num_tiles as anyres_num_tiles
 from .encoder import VisionEncoder
-from .pretrained import write_atomic
+from .pretrained import move_into_place, staging_directory, write_atomic
 
 VLM_MODEL_TYPE = "vlm_encoder.vlm"
 VLM_CONFIG_NAME = "vlm_config.json"
@@ -450,9 +448,7 @@ class VisionLanguageModel(nn.Module):
         from safetensors.torch import save_file
 
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        try:
+        with staging_directory(target) as staging:
             entries = [VLM_CONFIG_NAME, "encoder", "projector"]
             self.encoder.save_pretrained(staging / "encoder")
             self.projector.save_pretrained(staging / "projector")
@@ -473,22 +469,8 @@ class VisionLanguageModel(nn.Module):
                 "language_model": "language_model" if language_model else None,
             }
             write_atomic(staging / VLM_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
-            if not target.exists():
-                staging.chmod(0o755)
-                os.replace(staging, target)
-                return target
-            stale = [VLM_NEWLINE_NAME] if self.image_newline is None else []
-            stale += ["language_model"] if not language_model else []
-            for name in [*entries, *stale]:
-                old = target / name
-                if old.is_dir():  # a directory cannot be renamed over: move the old one aside first
-                    os.replace(old, staging / f".old-{name}")
-                elif name not in entries:
-                    old.unlink(missing_ok=True)
-                if name in entries:
-                    os.replace(staging / name, target / name)  # a file is replaced in one rename
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            stale = tuple(name for name in ("language_model", VLM_NEWLINE_NAME) if name not in entries)
+            move_into_place(staging, target, entries, stale)
         return target
 
     @classmethod
