@@ -64,8 +64,16 @@ def test_native_store_holds_each_images_patches_and_grid(tmp_path, images):
         torch.testing.assert_close(got["layer1.cls"], ref.cls(1)[0], rtol=0, atol=0)
         torch.testing.assert_close(got["pooled"], ref.pooled[0], rtol=0, atol=0)
     assert [tuple(g.shape) for g in store[-1, "patch"][:]] == [tuple(store.get(r)["layer1.patch"].shape) for r in range(3)]
-    with pytest.raises(ValueError, match="variable-length"):
-        store.to_hf_dataset()
+    # Exported with one (N_i, D) array per row, and back through parquet unchanged.
+    path = store.to_parquet(tmp_path / "native.parquet")
+    from datasets import Dataset
+
+    exported = Dataset.from_parquet(str(path)).with_format("numpy")
+    for row in range(3):
+        got = store.get(row)
+        np.testing.assert_array_equal(exported[row]["layer1.patch"], got["layer1.patch"].numpy())
+        np.testing.assert_array_equal(exported[row]["grid"], got["grid"].numpy())
+        assert exported[row]["num_patches"] == got["num_patches"].item()
 
 
 def test_native_is_batch_size_invariant(tmp_path, images):

@@ -223,6 +223,9 @@ class FeatureStore:
     def to_hf_dataset(self, layers: Sequence[int] | None = None, kinds: Sequence[str] | None = None) -> Any:
         """A `datasets.Dataset` with `row_id` and one column per feature (loads them in memory).
 
+        The patches of a variable-resolution store become `Array2D((None, D))` columns (one
+        `(N_i, D)` array per row), beside its `grid` and `num_patches` columns.
+
         Args:
             layers: Layers to include (default all stored).
             kinds: Kinds to include (default all stored).
@@ -238,15 +241,20 @@ class FeatureStore:
             if blocks is not None and block and int(block.removeprefix("layer")) not in blocks:
                 continue
             chosen.append(key)
-        ragged = [key for key in chosen if key in self.ragged_keys]
-        if ragged:
-            raise ValueError(f"{ragged} hold variable-length rows; read them with store.get(row_id) or "
-                             "store[layer, 'patch'][i], or leave kind 'patch' out")
         data: dict[str, Any] = {"row_id": self.row_ids}
+        features: dict[str, Any] = {"row_id": datasets.Value("int64")}
         for key in chosen:
             values = FeatureColumn(self, key).load()
-            data[key] = (values.float() if values.dtype == torch.bfloat16 else values).numpy()
-        return datasets.Dataset.from_dict(data)
+            if key in self.ragged_keys:  # a list of (N_i, D)
+                rows = [_numpy(v) for v in values]
+                width = int(self.manifest["features"][key]["shape"][-1])
+                dtype = str(rows[0].dtype) if rows else "float32"
+                data[key] = rows
+                features[key] = datasets.Array2D(shape=(None, width), dtype=dtype)
+            else:
+                data[key] = _numpy(values)
+                features[key] = _feature_type(data[key])
+        return datasets.Dataset.from_dict(data, features=datasets.Features(features))
 
     def to_parquet(self, path: str | os.PathLike, **kwargs: Any) -> Path:
         """Write `to_hf_dataset(**kwargs)` as a parquet file."""
@@ -331,3 +339,21 @@ class CachedFeatures(Dataset):
         row = int(self.column.store.row_ids[index])
         label = self.labels(row) if callable(self.labels) else self.labels[row]
         return features, label
+
+
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy (bfloat16, which numpy lacks, as float32)."""
+    return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
+
+
+def _feature_type(values: np.ndarray) -> Any:
+    """The `datasets` feature of a column whose rows are `values[i]` (a scalar, vector or matrix)."""
+    import datasets
+
+    dtype = str(values.dtype)
+    row_shape = values.shape[1:]
+    if not row_shape:
+        return datasets.Value(dtype)
+    if len(row_shape) == 1:
+        return datasets.Sequence(datasets.Value(dtype), length=row_shape[0])
+    return {2: datasets.Array2D, 3: datasets.Array3D, 4: datasets.Array4D}[len(row_shape)](shape=row_shape, dtype=dtype)
