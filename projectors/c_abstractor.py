@@ -1,10 +1,12 @@
-"""`c_abstractor`: convolutional blocks, adaptive pooling, convolutional blocks, MLP.
+"""`c_abstractor`: RegNet stages, adaptive pooling, RegNet stages, MLP readout.
 
 Honeybee's C-Abstractor (Cha et al. 2024, "Honeybee: Locality-enhanced Projector for
-Multimodal LLM"): residual conv blocks keep locality, adaptive average pooling sets the
-token count `M = h' * w'`, then a readout MLP. Honeybee's blocks are RegNet bottlenecks
-with squeeze-excitation; here they are plain residual bottlenecks (1x1, 3x3, 1x1 convs with
-LayerNorm2d and SiLU).
+Multimodal LLM"), built as Honeybee builds it from timm: `depth` RegNet bottleneck blocks
+(`timm.models.regnet.RegStage`: 1x1 conv, depthwise 3x3 conv, squeeze-excitation, 1x1 conv,
+residual; LayerNorm2d and SiLU) at the input grid keep locality, adaptive average pooling
+sets the token count `M = h' * w'`, `depth` more blocks, then the readout `Linear, SiLU,
+Linear`. Honeybee also adds a learned position embedding sized for one input token count;
+this projector takes any grid and leaves it out (the encoder's tokens carry their position).
 """
 
 from __future__ import annotations
@@ -12,41 +14,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
+from timm.models.regnet import RegStage
 from torch import nn
 
 from .config import ProjectorConfig
-from .kind import ProjectorKind, build_mlp, grid_to_tokens, tokens_to_grid
+from .kind import ProjectorKind, grid_to_tokens, tokens_to_grid
 from .registry import register_projector
 
 
-class ConvResBlock(nn.Module):
-    """Residual bottleneck `(B, C_in, h, w) -> (B, C_out, h, w)`."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.norm1 = LayerNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = LayerNorm2d(out_channels)
-        self.conv3 = nn.Conv2d(out_channels, out_channels, 1, bias=False)
-        self.norm3 = LayerNorm2d(out_channels)
-        self.shortcut = (
-            nn.Identity()
-            if in_channels == out_channels
-            else nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), LayerNorm2d(out_channels))
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.silu(self.norm1(self.conv1(x)))
-        y = F.silu(self.norm2(self.conv2(y)))
-        y = self.norm3(self.conv3(y))
-        return F.silu(y + self.shortcut(x))
+def reg_stage(depth: int, in_channels: int, out_channels: int) -> RegStage:
+    """Honeybee's `RegBlock`: a stride-1 timm RegNet stage with SiLU and LayerNorm2d."""
+    return RegStage(depth, in_channels, out_channels, stride=1, dilation=1, act_layer=nn.SiLU, norm_layer=LayerNorm2d)
 
 
 @register_projector("c_abstractor")
 class CAbstractorProjector(ProjectorKind):
-    """`depth` conv blocks at the input grid, adaptive average pooling to `target_grid`,
-    `depth` conv blocks, then `mlp2x_gelu` to `out_dim`."""
+    """`depth` RegNet blocks at the input grid, adaptive average pooling to `target_grid`,
+    `depth` RegNet blocks, then `Linear(hidden, out), SiLU, Linear(out, out)`."""
 
     options = ("target_grid", "depth", "hidden_dim")
     needs_grid = True
@@ -63,11 +47,13 @@ class CAbstractorProjector(ProjectorKind):
         assert config.target_grid is not None
         hidden = config.mlp_hidden_dim
         self.target_grid = config.target_grid
-        self.stage1 = nn.Sequential(
-            *(ConvResBlock(config.fused_dim if i == 0 else hidden, hidden) for i in range(config.depth))
+        self.stage1 = reg_stage(config.depth, config.fused_dim, hidden)
+        self.stage2 = reg_stage(config.depth, hidden, hidden)
+        self.readout = nn.Sequential(
+            nn.Linear(hidden, config.out_dim, bias=config.bias),
+            nn.SiLU(),
+            nn.Linear(config.out_dim, config.out_dim, bias=config.bias),
         )
-        self.stage2 = nn.Sequential(*(ConvResBlock(hidden, hidden) for _ in range(config.depth)))
-        self.readout = build_mlp(hidden, config.out_dim, config.out_dim, 2, config.bias)
 
     def num_output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
         return self.target_grid[0] * self.target_grid[1]

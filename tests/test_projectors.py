@@ -240,3 +240,31 @@ def test_mismatched_inputs_raise():
 def test_config_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown ProjectorConfig fields"):
         ProjectorConfig.from_dict({"kind": "linear", "in_dim": 2, "out_dim": 3, "colour": 1})
+
+
+def test_c_abstractor_is_honeybees_network_from_timm():
+    """Honeybee builds its C-Abstractor as `RegStage(depth, in, hidden, stride=1, dilation=1,
+    act_layer=SiLU, norm_layer=LayerNorm2d)`, adaptive pooling, the same stage, then
+    `Linear, SiLU, Linear`: built that way from timm with our weights, it gives our output."""
+    from functools import partial
+
+    from timm.layers import LayerNorm2d
+    from timm.models.regnet import RegStage
+
+    projector = build_projector("c_abstractor", D_IN, D_OUT, target_grid=2, depth=3, hidden_dim=24).eval()
+    reg_block = partial(RegStage, stride=1, dilation=1, act_layer=nn.SiLU, norm_layer=LayerNorm2d)
+    net = nn.Sequential(reg_block(3, D_IN, 24), nn.AdaptiveAvgPool2d((2, 2)), reg_block(3, 24, 24))
+    readout = nn.Sequential(nn.Linear(24, D_OUT), nn.SiLU(), nn.Linear(D_OUT, D_OUT))
+    body = projector.body
+    with torch.no_grad():
+        for p in projector.parameters():  # off the init, so every weight matters
+            p.add_(torch.randn_like(p) * 0.05)
+        net[0].load_state_dict(body.stage1.state_dict())
+        net[2].load_state_dict(body.stage2.state_dict())
+        readout.load_state_dict(body.readout.state_dict())
+        x = torch.randn(2, N, D_IN)
+        grid = x.transpose(1, 2).reshape(2, D_IN, *GRID)  # Honeybee: 'b (h w) d -> b d h w'
+        expected = readout(net(grid).flatten(2).transpose(1, 2))
+        torch.testing.assert_close(projector(x, grid_size=GRID), expected, rtol=0, atol=1e-6)
+    assert any(isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 for m in body.stage1.modules())  # depthwise 3x3
+    assert any("se" in name for name, _ in body.stage1.named_modules())  # squeeze-excitation
