@@ -183,6 +183,15 @@ def test_nan_batch_is_skipped_and_logged(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_non_finite_starting_weights_are_refused_by_name(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.logit_scale.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match=rf"init_model {tmp_path / 'bad'} has non-finite .* logit_scale"):
+        Trainer(tiny_config(tmp_path, init_model=str(tmp_path / "bad"), max_steps=1)).fit()
+
+
 def test_logit_scale_is_clamped_in_place(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, max_steps=1))
     with torch.no_grad():

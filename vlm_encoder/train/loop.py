@@ -368,6 +368,22 @@ class Trainer:
         self.log.write("eval", self.step, **metrics)
         return metrics
 
+    def _check_finite_parameters(self, resumed_from: Path | None) -> None:
+        """Refuse to start from weights holding NaN or inf: every step would be skipped (the
+        guard keeps parameters as they are), so the run would never move. A logit scale
+        pushed to +inf is first clamped to its maximum, as after every step."""
+        self._clamp_logit_scale()
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            c = self.config
+            origin = (f"checkpoint {resumed_from}" if resumed_from is not None
+                      else f"init_model {c.init_model}" if c.init_model
+                      else f"vision_init {c.vision_init}" if c.vision_init else "the model given to Trainer")
+            raise ValueError(
+                f"{origin} has non-finite (NaN or inf) values in {len(bad)} parameter(s): {', '.join(bad[:8])}"
+                + (" ..." if len(bad) > 8 else "") + "; training from them would skip every step"
+            )
+
     def fit(self) -> TrainResult:
         """Train to `total_steps` (resuming first when the run directory holds a checkpoint),
         evaluate, export the towers, write the plots."""
@@ -378,6 +394,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             c.save(self.run_dir / "config.yaml")
         resume_path, rng = self._resume_first_loadable(candidates)
+        self._check_finite_parameters(resume_path)
         if self.use_feature_cache:
             self.cache_image_features()
         batches = PairBatches(self.train_source, self.processor, self.tokenizer, c.seed,
