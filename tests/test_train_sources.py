@@ -148,6 +148,8 @@ def test_hub_style_repository_folder(tmp_path):
     )
     assert_same_pairs(open_source(str(repo), "train"))
     assert len(open_source(str(repo), "test")) == 2
+    with pytest.raises(ValueError, match=r"no split 'validation'"):
+        open_source(str(repo), "validation")
 
 
 # ---------------------------------------------------------------- errors
@@ -162,6 +164,8 @@ def test_bad_specs_are_named(tmp_path, monkeypatch):
         open_source(str(tmp_path / "x.bin"), "train")
     with pytest.raises(ConnectionError, match="no-such-owner/no-such-pairs: no local file or folder"):
         open_source("no-such-owner/no-such-pairs", "train")
+    with pytest.raises(ValueError, match="streaming=True is not supported"):
+        open_source("no-such-owner/no-such-pairs", "train", options={"streaming": True})
     with pytest.raises(ValueError, match="trust_remote_code is not allowed"):
         open_source("no-such-owner/no-such-pairs", "train", options={"trust_remote_code": True})
 

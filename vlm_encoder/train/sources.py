@@ -144,6 +144,19 @@ def _pick_split(loaded: Any, spec: str, split: str) -> Any:
     return loaded
 
 
+def _load_split(spec: str, path_or_name: str, split: str, options: dict[str, Any]) -> Any:
+    """`load_dataset(path_or_name, split=split)`: only that split is prepared (a hub repo
+    with per-split files downloads just those); an unknown split is named with the others."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path_or_name, split=split, **options)
+    except ValueError as err:
+        if "Unknown split" not in str(err):
+            raise
+        raise ValueError(f"{spec}: no split {split!r} ({err})") from None
+
+
 def _load_dataset(spec: str, split: str, options: dict[str, Any] | None = None) -> tuple[Any, Path | None]:
     """The `datasets.Dataset` of `spec`'s `split`, and the folder that relative image paths
     in its rows are resolved against (`None` for hub datasets)."""
@@ -153,11 +166,18 @@ def _load_dataset(spec: str, split: str, options: dict[str, Any] | None = None) 
     if options.get("trust_remote_code"):
         raise ValueError(f"{spec}: trust_remote_code is not allowed; vlm-encoder never runs a dataset's own code")
     options.pop("trust_remote_code", None)
+    if options.get("streaming"):
+        raise ValueError(
+            f"{spec}: streaming=True is not supported: training draws a seeded permutation of the rows and resumes "
+            "mid-epoch, which needs random access. Let `datasets` download and prepare it (the default), or "
+            "convert it to parquet / webdataset shards on disk"
+        )
+    options.pop("streaming", None)
     path = Path(spec).expanduser()
     if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
         return _pick_split(datasets.load_from_disk(str(path)), spec, split), path  # save_to_disk
     if path.is_dir():  # imagefolder (+ metadata.jsonl / .csv), parquet or csv files, a hub-style repo
-        return _pick_split(datasets.load_dataset(str(path), **options), spec, split), path
+        return _load_split(spec, str(path), split, options), path
     if path.is_file() or GLOB_CHARS & set(spec):
         builder = _builder_for(spec)
         if builder == "csv" and Path(spec).suffix.lower() == ".tsv":
@@ -169,7 +189,7 @@ def _load_dataset(spec: str, split: str, options: dict[str, Any] | None = None) 
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise FileNotFoundError(f"{spec}: no such file or directory (and not a hub name such as owner/name)")
     try:
-        loaded = datasets.load_dataset(spec, **options)
+        loaded = _load_split(spec, spec, split, options)  # the same call as a hub-style folder above
     except ConnectionError as err:
         raise ConnectionError(
             f"{spec}: no local file or folder of that name, and the Hugging Face hub could not be reached "
@@ -177,7 +197,7 @@ def _load_dataset(spec: str, split: str, options: dict[str, Any] | None = None) 
             "datasets already in the local cache load. Give a local directory, parquet / csv / tar files or a "
             "saved dataset instead"
         ) from err
-    return _pick_split(loaded, spec, split), None
+    return loaded, None
 
 
 def open_source(
