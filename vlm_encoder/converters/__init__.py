@@ -7,5 +7,7 @@ the family's explicit list of ignored keys (text tower, logit scale, classifier,
 anything left over or missing raises `WeightsError` naming the keys. They never guess the
 family from the keys: `vlm_encoder.load_encoder` chooses it from `config.json`'s `model_type`.
 
-`open_clip_vit` and `timm_vit` load those libraries' towers (`load_open_clip`, `load_timm`).
+`open_clip_vit` and `timm_vit` load those libraries' towers (`load_open_clip`, `load_timm`);
+`open_clip_clip` loads a whole open_clip CLIP (both towers, logit scale) as a
+`ContrastiveModel` (`load_open_clip_contrastive`, `ContrastiveModel.from_open_clip`).
 """

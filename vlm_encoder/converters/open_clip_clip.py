@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from ..text import TextConfig, TextEncoder
 from ..text.config import CLIP_VOCAB_SIZE
 from ..weights import WeightsError, load_state_dict_strict, naming, read_state_dict, strip_prefixes
 from .open_clip_vit import _BLOCK_RENAMES, UnsupportedOpenClipModel, resolve_checkpoint, vision_from_state_dict
+
+if TYPE_CHECKING:
+    from ..contrastive import ContrastiveModel
 
 # text_cfg options and the values our TextEncoder expresses (open_clip's defaults).
 _TEXT_DEFAULTS: dict[str, Any] = {
@@ -139,7 +142,9 @@ def convert_text_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def load_open_clip_contrastive(arch: str, checkpoint: str | None = None, cache_dir: str | None = None) -> Any:
+def load_open_clip_contrastive(
+    arch: str, checkpoint: str | None = None, cache_dir: str | None = None
+) -> ContrastiveModel:
     """Load a whole open_clip CLIP model (image tower, text tower, logit scale) as a
     `ContrastiveModel`, ready for `Trainer(config, model=...)` or zero-shot evaluation.
 
