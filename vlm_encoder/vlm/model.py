@@ -20,10 +20,8 @@ stage-1 feature alignment); `set_trainable` switches each part.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -31,15 +29,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .anyres import AnyresConfig, assemble_tokens
-from .anyres import num_image_tokens as anyres_num_image_tokens
-from .anyres import num_tiles as anyres_num_tiles
-from .encoder import VisionEncoder
-from .pretrained import move_into_place, staging_directory, write_atomic
-
-VLM_MODEL_TYPE = "vlm_encoder.vlm"
-VLM_CONFIG_NAME = "vlm_config.json"
-VLM_NEWLINE_NAME = "image_newline.safetensors"
+from ..anyres import AnyresConfig, assemble_tokens
+from ..anyres import num_image_tokens as anyres_num_image_tokens
+from ..anyres import num_tiles as anyres_num_tiles
+from ..encoder import VisionEncoder
 
 FeatureSelect = Literal["patch", "cls_patch"]
 FEATURE_SELECTS = ("patch", "cls_patch")
@@ -425,7 +418,6 @@ class VisionLanguageModel(nn.Module):
         inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, image_sizes=image_sizes)
         return self.language_model.generate(**inputs, **generate_kwargs)
 
-    # ---------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike, *, language_model: bool = True) -> Path:
         """Write the whole model into `save_directory`:
 
@@ -445,33 +437,9 @@ class VisionLanguageModel(nn.Module):
         Returns:
             The directory.
         """
-        from safetensors.torch import save_file
+        from .saving import save_vlm
 
-        target = Path(save_directory)
-        with staging_directory(target) as staging:
-            entries = [VLM_CONFIG_NAME, "encoder", "projector"]
-            self.encoder.save_pretrained(staging / "encoder")
-            self.projector.save_pretrained(staging / "projector")
-            if language_model:
-                self.language_model.save_pretrained(staging / "language_model")
-                entries.append("language_model")
-            if self.image_newline is not None:
-                save_file({"image_newline": self.image_newline.detach().cpu().contiguous()},
-                          str(staging / VLM_NEWLINE_NAME))
-                entries.append(VLM_NEWLINE_NAME)
-            config = {
-                "model_type": VLM_MODEL_TYPE,
-                "image_token_id": self.image_token_id,
-                "feature_layers": list(self.feature_layers),
-                "feature_select": self.feature_select,
-                "anyres": self.anyres.to_dict() if self.anyres is not None else None,
-                "trainable": dict(self.trainable),
-                "language_model": "language_model" if language_model else None,
-            }
-            write_atomic(staging / VLM_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
-            stale = tuple(name for name in ("language_model", VLM_NEWLINE_NAME) if name not in entries)
-            move_into_place(staging, target, entries, stale)
-        return target
+        return save_vlm(self, save_directory, language_model)
 
     @classmethod
     def from_pretrained(
@@ -501,68 +469,9 @@ class VisionLanguageModel(nn.Module):
             FileNotFoundError: A missing part (named), or no LM saved and none given.
             WeightsError: A config that is not a VisionLanguageModel's, or weights that do not fit.
         """
-        from safetensors.torch import load_file
+        from .saving import load_vlm
 
-        from projectors import Projector
-
-        from .weights import WeightsError
-
-        directory = Path(path)
-        config_path = directory / VLM_CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{directory} has no {VLM_CONFIG_NAME} (expected a VisionLanguageModel.save_pretrained directory)")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise WeightsError(f"{config_path}: not valid JSON ({err})") from None
-        if config.get("model_type") != VLM_MODEL_TYPE:
-            raise WeightsError(f"{config_path} has model_type={config.get('model_type')!r}, expected {VLM_MODEL_TYPE!r}")
-        if language_model is None:
-            if not config.get("language_model"):
-                raise FileNotFoundError(
-                    f"{directory} was saved without its language model (save_pretrained(..., language_model=False)); "
-                    "pass it: VisionLanguageModel.from_pretrained(path, language_model=<module or directory>)"
-                )
-            language_model = directory / config["language_model"]
-        if not isinstance(language_model, nn.Module):
-            from transformers import AutoModelForCausalLM
-
-            lm_path = Path(language_model)
-            if not lm_path.is_dir():
-                raise FileNotFoundError(f"language model directory {lm_path} does not exist")
-            language_model = AutoModelForCausalLM.from_pretrained(
-                lm_path, trust_remote_code=False, **({"dtype": dtype} if dtype is not None else {})
-            )
-        dtype = dtype or language_model.get_input_embeddings().weight.dtype
-        encoder = VisionEncoder.from_pretrained(directory / "encoder", dtype=dtype)
-        projector = Projector.from_pretrained(directory / "projector").to(dtype=dtype)
-        anyres = config.get("anyres")
-        trainable = config.get("trainable") or {}
-        options = {f"train_{name}": flag for name, flag in trainable.items()}
-        options.update(kwargs)
-        model = cls(
-            encoder,
-            projector,
-            language_model.to(dtype=dtype),
-            image_token_id=int(config["image_token_id"]),
-            feature_layers=tuple(config["feature_layers"]),
-            feature_select=config["feature_select"],
-            anyres=AnyresConfig(**{**anyres, "pinpoints": _tuples(anyres["pinpoints"])}) if anyres else None,
-            **options,
-        )
-        newline_path = directory / VLM_NEWLINE_NAME
-        if model.image_newline is not None:
-            if not newline_path.is_file():
-                raise FileNotFoundError(f"{directory}: the model has an image_newline but {VLM_NEWLINE_NAME} is missing")
-            saved = load_file(str(newline_path))
-            if set(saved) != {"image_newline"} or saved["image_newline"].shape != model.image_newline.shape:
-                raise WeightsError(
-                    f"{newline_path}: expected one tensor 'image_newline' of shape {tuple(model.image_newline.shape)}, "
-                    f"got {({k: tuple(v.shape) for k, v in saved.items()})}"
-                )
-            with torch.no_grad():
-                model.image_newline.copy_(saved["image_newline"])
-        return model.to(device=device).eval()
+        return load_vlm(path, language_model, dtype, device, **kwargs)
 
     # --------------------------------------------------------------- loading
     @classmethod
@@ -595,7 +504,9 @@ class VisionLanguageModel(nn.Module):
             ValueError: Not a LLaVA checkpoint, or a vision tower, activation or feature
                 layer that is not supported.
         """
-        return cls._from_hf_llava(path, "llava", dtype=dtype, device=device, **kwargs)
+        from .llava import load_hf_llava
+
+        return load_hf_llava(path, "llava", dtype=dtype, device=device, **kwargs)
 
     @classmethod
     def from_llava_next(
@@ -628,7 +539,9 @@ class VisionLanguageModel(nn.Module):
                 with a CLS tower (transformers' own reshape fails on it), or what `from_llava`
                 rejects.
         """
-        return cls._from_hf_llava(path, "llava_next", dtype=dtype, device=device, **kwargs)
+        from .llava import load_hf_llava
+
+        return load_hf_llava(path, "llava_next", dtype=dtype, device=device, **kwargs)
 
     @classmethod
     def from_llava_onevision(
@@ -653,117 +566,6 @@ class VisionLanguageModel(nn.Module):
             ValueError: Not a LLaVA-OneVision checkpoint, a `vision_aspect_ratio` other than
                 `anyres_max_N`, or what `from_llava_next` rejects.
         """
-        return cls._from_hf_llava(path, "llava_onevision", dtype=dtype, device=device, **kwargs)
+        from .llava import load_hf_llava
 
-    @classmethod
-    def _from_hf_llava(
-        cls,
-        path: str | os.PathLike,
-        family: Literal["llava", "llava_next", "llava_onevision"],
-        *,
-        dtype: torch.dtype | None,
-        device: str | torch.device | None,
-        **kwargs: Any,
-    ) -> VisionLanguageModel:
-        import transformers
-        from transformers import AutoModelForCausalLM
-
-        from projectors import build_projector, convert_hf_llava_projector
-
-        from .converters import hf_clip, hf_siglip
-        from .weights import load_state_dict_strict
-
-        families = {
-            "llava": (transformers.LlavaConfig, transformers.LlavaForConditionalGeneration),
-            "llava_next": (transformers.LlavaNextConfig, transformers.LlavaNextForConditionalGeneration),
-            "llava_onevision": (transformers.LlavaOnevisionConfig, transformers.LlavaOnevisionForConditionalGeneration),
-        }
-        config_class, model_class = families[family]
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-        if not isinstance(config, config_class):
-            raise ValueError(f"{path}: model_type={config.model_type!r}, expected {family!r} ({model_class.__name__})")
-        towers = {"clip_vision_model": hf_clip, "siglip_vision_model": hf_siglip}
-        vision_type = config.vision_config.model_type
-        if vision_type not in towers:
-            raise ValueError(f"{path}: vision tower {vision_type!r} is not supported; supported: {', '.join(towers)}")
-        if config.projector_hidden_act != "gelu":
-            raise ValueError(f"{path}: projector_hidden_act={config.projector_hidden_act!r}; only 'gelu' (mlp2x_gelu) is supported")
-        converter = towers[vision_type]
-        encoder = VisionEncoder(converter.config_from_hf(config.vision_config))
-        hf_layers = config.vision_feature_layer
-        hf_layers = [hf_layers] if isinstance(hf_layers, int) else list(hf_layers)
-        feature_layers = tuple(hf_layer_to_block(k, encoder.num_blocks) for k in hf_layers)
-        strategy = config.vision_feature_select_strategy
-        if strategy == "default" and encoder.cls_token is None:
-            raise ValueError(
-                f"{path}: vision_feature_select_strategy='default' drops the first token, but the {vision_type} tower "
-                "has no CLS token (transformers would drop a patch); only 'full' is supported for it"
-            )
-        feature_select = "patch" if strategy == "default" or encoder.cls_token is None else "cls_patch"
-        anyres = None
-        budget_tiles = None
-        if family == "llava_onevision":
-            aspect = str(config.vision_aspect_ratio)
-            if not re.fullmatch(r"anyres_max_[1-9]\d*", aspect):
-                raise ValueError(f"{path}: vision_aspect_ratio={aspect!r}; only 'anyres_max_N' is supported")
-            budget_tiles = int(aspect[len("anyres_max_") :])
-        if family in ("llava_next", "llava_onevision"):
-            if feature_select != "patch":
-                raise ValueError(
-                    f"{path}: vision_feature_select_strategy='full' keeps the CLS token of the {vision_type} tower, "
-                    "which cannot be laid out on the tile grid; only 'default' is supported for it"
-                )
-            anyres = AnyresConfig(
-                tile_size=config.vision_config.image_size,
-                pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
-                budget_tiles=budget_tiles,
-            )
-
-        hf_model = model_class.from_pretrained(
-            path, trust_remote_code=False, **({"dtype": dtype} if dtype is not None else {})
-        )
-        load_state_dict_strict(
-            encoder, converter.convert_state_dict(hf_model.model.vision_tower.state_dict()), source=f"{path} (vision tower)"
-        )
-        projector = build_projector(
-            "mlp2x_gelu",
-            (encoder.width,) * len(feature_layers),
-            config.text_config.hidden_size,
-            bias=config.multimodal_projector_bias,
-        )
-        load_state_dict_strict(
-            projector,
-            convert_hf_llava_projector(hf_model.model.multi_modal_projector.state_dict()),
-            source=f"{path} (multi_modal_projector)",
-        )
-        # The causal LM shares the loaded decoder and head; it is built on the meta device so
-        # no second copy of the weights is ever allocated.
-        with torch.device("meta"):
-            language_model = AutoModelForCausalLM.from_config(config.text_config)
-        setattr(language_model, language_model.base_model_prefix, hf_model.model.language_model)
-        language_model.set_output_embeddings(hf_model.lm_head)
-        language_model.generation_config = hf_model.generation_config
-        left_on_meta = [n for n, t in [*language_model.named_parameters(), *language_model.named_buffers()] if t.is_meta]
-        if left_on_meta:
-            raise ValueError(f"{path}: the causal LM could not take every module of the LLaVA LM: {left_on_meta[:5]}")
-        lm_dtype = hf_model.lm_head.weight.dtype
-        encoder.to(dtype=lm_dtype)
-        projector.to(dtype=lm_dtype)
-        model = cls(
-            encoder,
-            projector,
-            language_model,
-            image_token_id=config.image_token_id,
-            feature_layers=feature_layers,
-            feature_select=feature_select,
-            anyres=anyres,
-            **kwargs,
-        )
-        if model.image_newline is not None:
-            with torch.no_grad():
-                model.image_newline.copy_(hf_model.model.image_newline.to(lm_dtype))
-        return model.to(device=device).eval()
-
-
-def _tuples(pinpoints: Any) -> Any:
-    return tuple(tuple(p) for p in pinpoints) if pinpoints is not None else None
+        return load_hf_llava(path, "llava_onevision", dtype=dtype, device=device, **kwargs)

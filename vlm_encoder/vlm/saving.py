@@ -1,0 +1,135 @@
+"""Writing and reading a whole `VisionLanguageModel` (`save_pretrained` / `from_pretrained`):
+
+    vlm_config.json              image_token_id, feature_layers, feature_select, anyres, trainable
+    encoder/                     VisionEncoder.save_pretrained (with its image processor)
+    projector/                   Projector.save_pretrained
+    language_model/              the LM's own save_pretrained (safetensors), unless left out
+    image_newline.safetensors    the learned newline token, when the model has one
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..anyres import AnyresConfig
+from ..encoder import VisionEncoder
+from ..pretrained import move_into_place, staging_directory, write_atomic
+from .model import VisionLanguageModel
+
+VLM_MODEL_TYPE = "vlm_encoder.vlm"
+VLM_CONFIG_NAME = "vlm_config.json"
+VLM_NEWLINE_NAME = "image_newline.safetensors"
+
+
+def save_vlm(model: VisionLanguageModel, save_directory: str | os.PathLike, language_model: bool = True) -> Path:
+    """`VisionLanguageModel.save_pretrained` (see there)."""
+    from safetensors.torch import save_file
+
+    target = Path(save_directory)
+    with staging_directory(target) as staging:
+        entries = [VLM_CONFIG_NAME, "encoder", "projector"]
+        model.encoder.save_pretrained(staging / "encoder")
+        model.projector.save_pretrained(staging / "projector")
+        if language_model:
+            model.language_model.save_pretrained(staging / "language_model")
+            entries.append("language_model")
+        if model.image_newline is not None:
+            save_file({"image_newline": model.image_newline.detach().cpu().contiguous()},
+                      str(staging / VLM_NEWLINE_NAME))
+            entries.append(VLM_NEWLINE_NAME)
+        config = {
+            "model_type": VLM_MODEL_TYPE,
+            "image_token_id": model.image_token_id,
+            "feature_layers": list(model.feature_layers),
+            "feature_select": model.feature_select,
+            "anyres": model.anyres.to_dict() if model.anyres is not None else None,
+            "trainable": dict(model.trainable),
+            "language_model": "language_model" if language_model else None,
+        }
+        write_atomic(staging / VLM_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+        stale = tuple(name for name in ("language_model", VLM_NEWLINE_NAME) if name not in entries)
+        move_into_place(staging, target, entries, stale)
+    return target
+
+
+def load_vlm(
+    path: str | os.PathLike,
+    language_model: nn.Module | str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> VisionLanguageModel:
+    """`VisionLanguageModel.from_pretrained` (see there)."""
+    from safetensors.torch import load_file
+
+    from projectors import Projector
+
+    from ..weights import WeightsError
+
+    directory = Path(path)
+    config_path = directory / VLM_CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {VLM_CONFIG_NAME} (expected a VisionLanguageModel.save_pretrained directory)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{config_path}: not valid JSON ({err})") from None
+    if config.get("model_type") != VLM_MODEL_TYPE:
+        raise WeightsError(f"{config_path} has model_type={config.get('model_type')!r}, expected {VLM_MODEL_TYPE!r}")
+    if language_model is None:
+        if not config.get("language_model"):
+            raise FileNotFoundError(
+                f"{directory} was saved without its language model (save_pretrained(..., language_model=False)); "
+                "pass it: VisionLanguageModel.from_pretrained(path, language_model=<module or directory>)"
+            )
+        language_model = directory / config["language_model"]
+    if not isinstance(language_model, nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        lm_path = Path(language_model)
+        if not lm_path.is_dir():
+            raise FileNotFoundError(f"language model directory {lm_path} does not exist")
+        language_model = AutoModelForCausalLM.from_pretrained(
+            lm_path, trust_remote_code=False, **({"dtype": dtype} if dtype is not None else {})
+        )
+    dtype = dtype or language_model.get_input_embeddings().weight.dtype
+    encoder = VisionEncoder.from_pretrained(directory / "encoder", dtype=dtype)
+    projector = Projector.from_pretrained(directory / "projector").to(dtype=dtype)
+    anyres = config.get("anyres")
+    trainable = config.get("trainable") or {}
+    options = {f"train_{name}": flag for name, flag in trainable.items()}
+    options.update(kwargs)
+    model = VisionLanguageModel(
+        encoder,
+        projector,
+        language_model.to(dtype=dtype),
+        image_token_id=int(config["image_token_id"]),
+        feature_layers=tuple(config["feature_layers"]),
+        feature_select=config["feature_select"],
+        anyres=AnyresConfig(**{**anyres, "pinpoints": _tuples(anyres["pinpoints"])}) if anyres else None,
+        **options,
+    )
+    newline_path = directory / VLM_NEWLINE_NAME
+    if model.image_newline is not None:
+        if not newline_path.is_file():
+            raise FileNotFoundError(f"{directory}: the model has an image_newline but {VLM_NEWLINE_NAME} is missing")
+        saved = load_file(str(newline_path))
+        if set(saved) != {"image_newline"} or saved["image_newline"].shape != model.image_newline.shape:
+            raise WeightsError(
+                f"{newline_path}: expected one tensor 'image_newline' of shape {tuple(model.image_newline.shape)}, "
+                f"got {({k: tuple(v.shape) for k, v in saved.items()})}"
+            )
+        with torch.no_grad():
+            model.image_newline.copy_(saved["image_newline"])
+    return model.to(device=device).eval()
+
+
+
+def _tuples(pinpoints: Any) -> Any:
+    return tuple(tuple(p) for p in pinpoints) if pinpoints is not None else None
