@@ -131,7 +131,7 @@ def loss_and_backward(
         return loss.detach(), ContrastiveOutput(image.detach(), text.detach(), scale.detach(), bias)
 
     micro = inputs.split(accum_steps)
-    bare = unwrapped or forward
+    bare = unwrapped if unwrapped is not None else forward  # a compiled module has no truth value
     states, images, texts = [], [], []
     with torch.no_grad():
         for part in micro:
