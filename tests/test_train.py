@@ -394,3 +394,15 @@ def test_compiled_training_forward_matches_eager(tmp_path, accum_steps):
         pixel_values=torch.randn(4, 3, 16, 16),
     )
     assert explanation.graph_break_count == 0
+
+
+def test_grad_checkpointing_run_equals_the_plain_run(tmp_path):
+    """`grad_checkpointing: true` recomputes the blocks of both towers in the backward pass
+    (with GradCache accumulation on top): the parameters after training equal the plain run's."""
+    steps = dict(max_steps=3, accum_steps=2)
+    plain, _ = _train(tiny_config(tmp_path / "plain", **steps))
+    checkpointed, _ = _train(tiny_config(tmp_path / "ckpt", grad_checkpointing=True, **steps))
+    assert checkpointed.model.vision.grad_checkpointing and checkpointed.model.text.grad_checkpointing
+    a, b = params(plain.model), params(checkpointed.model)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6, msg=name)
