@@ -406,3 +406,40 @@ def test_grad_checkpointing_run_equals_the_plain_run(tmp_path):
     a, b = params(plain.model), params(checkpointed.model)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_hugging_face_text_tower_trains_through_the_config(tmp_path):
+    """`text_model`: a local HF model directory (a tiny BERT) as the text tower, pooled by
+    `text_pooling`; it trains, evaluates, exports and loads back."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from vlm_encoder.text import HFTextEncoder
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    words = sorted({w for c in ("red green blue yellow purple white circle square triangle above below left right "
+                                "of a an the").split() for w in [c]})
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(bert / "vocab.txt")).save_pretrained(str(bert))
+    BertModel(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(bert))
+    config = tiny_config(tmp_path, text_model=str(bert), text_pooling="cls", max_steps=3, eval_split="test",
+                         eval_batch_size=8)
+    trainer = Trainer(config)
+    assert isinstance(trainer.model.text, HFTextEncoder) and trainer.model.text.config.pooling == "cls"
+    before = params(trainer.model)
+    result = trainer.fit()
+    assert not result.skipped_steps and "i2t_R@1" in result.metrics
+    after = params(trainer.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text."))
+    exported = ContrastiveModel.from_pretrained(tmp_path / "run" / "export" / "model")
+    assert isinstance(exported.text, HFTextEncoder)
+    tower = HFTextEncoder.from_pretrained(tmp_path / "run" / "export" / "text")  # a plain HF directory + pooling
+    assert tower.config.pooling == "cls" and tower.config.context_length == 12
+    tokens = tower.tokenizer()(["a red circle above a blue square"])
+    trainer.model.text.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tower(tokens.input_ids, tokens.attention_mask).pooled,
+                                   trainer.model.text(tokens.input_ids, tokens.attention_mask).pooled, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="text_pooling='max'; allowed: mean, cls"):
+        tiny_config(tmp_path, text_model=str(bert), text_pooling="max")

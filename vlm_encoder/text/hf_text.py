@@ -7,6 +7,7 @@ it is read with `local_files_only=True`, so nothing is downloaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from .output import TextOutput, TokenizedText
+
+HF_TEXT_TOWER_NAME = "text_tower.json"  # pooling and context length beside the HF files
 
 HFPooling = Literal["mean", "cls"]
 HF_POOLINGS: tuple[str, ...] = get_args(HFPooling)
@@ -131,6 +134,43 @@ class HFTextEncoder(nn.Module):
             self.model.gradient_checkpointing_enable()
         else:
             self.model.gradient_checkpointing_disable()
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the tower as a Hugging Face directory (the model and its tokenizer, so
+        `AutoModel` / `AutoTokenizer` read it) plus `text_tower.json` (pooling, context length),
+        published by renames like every save of this package.
+
+        Returns:
+            The directory; `HFTextEncoder.from_pretrained(directory)` gives this tower back.
+        """
+        from transformers import AutoTokenizer
+
+        from ..pretrained import move_into_place, staging_directory
+
+        target = Path(save_directory)
+        with staging_directory(target) as staging:
+            self.model.save_pretrained(str(staging))
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(_check_dir(self.config.model_dir)), local_files_only=True, trust_remote_code=False
+            )
+            tokenizer.save_pretrained(str(staging))
+            settings = {"pooling": self.config.pooling, "context_length": self.config.context_length}
+            (staging / HF_TEXT_TOWER_NAME).write_text(json.dumps(settings, indent=2))
+            move_into_place(staging, target, sorted(p.name for p in staging.iterdir()))
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "HFTextEncoder":
+        """Load a tower written by `save_pretrained` (in eval mode).
+
+        Raises:
+            FileNotFoundError: No `text_tower.json` or no HF model in the directory.
+        """
+        path = Path(directory)
+        if not (path / HF_TEXT_TOWER_NAME).is_file():
+            raise FileNotFoundError(f"{path} has no {HF_TEXT_TOWER_NAME} (expected HFTextEncoder.save_pretrained output)")
+        settings = json.loads((path / HF_TEXT_TOWER_NAME).read_text())
+        return cls(HFTextConfig(str(path), **settings)).eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextOutput:
         """Encode token ids.

@@ -13,7 +13,7 @@ from ..contrastive import ContrastiveModel
 from ..presets import preset_config
 from ..encoder import VisionEncoder
 from ..loading import load_encoder
-from ..text import TextEncoder, text_preset_config
+from ..text import HFTextConfig, HFTextEncoder, TextEncoder, text_preset_config
 from .config import TrainConfig
 
 
@@ -23,7 +23,7 @@ OPEN_CLIP_PREFIX = "open_clip:"
 def build_model(config: TrainConfig) -> ContrastiveModel:
     """The model a run starts from: `init_model` loaded (a saved `ContrastiveModel` or an
     open_clip CLIP), or a new one whose image tower is `vision_init` loaded or built from the
-    preset, with a text tower from its preset."""
+    preset, and whose text tower is `text_model` loaded or built from its preset."""
     if config.init_model and config.init_model.startswith(OPEN_CLIP_PREFIX):
         arch, _, checkpoint = config.init_model[len(OPEN_CLIP_PREFIX) :].partition(":")
         model = ContrastiveModel.from_open_clip(arch, checkpoint or None)
@@ -34,7 +34,11 @@ def build_model(config: TrainConfig) -> ContrastiveModel:
             vision = load_encoder(config.vision_init, checkpoint=config.vision_checkpoint)
         else:
             vision = VisionEncoder(preset_config(config.vision_preset, **_tuples(config.vision_overrides)))
-        text = TextEncoder(text_preset_config(config.text_preset, **config.text_overrides))
+        if config.text_model:
+            length = config.text_overrides.get("context_length", 77)
+            text = HFTextEncoder(HFTextConfig(config.text_model, pooling=config.text_pooling, context_length=length))
+        else:
+            text = TextEncoder(text_preset_config(config.text_preset, **config.text_overrides))
         model = ContrastiveModel(vision, text, config.embed_dim, objective=config.objective)
     if config.lock_image:
         model.freeze_vision()

@@ -44,7 +44,11 @@ class TrainConfig:
         vision_preset: `create_encoder` preset of the image tower.
         vision_overrides: `VisionConfig` fields replacing the preset's (e.g. `{width: 64}`).
         text_preset: Text tower preset (`tiny`, `small`, `base`).
-        text_overrides: `TextConfig` fields replacing the preset's.
+        text_overrides: `TextConfig` fields replacing the preset's (`context_length` also
+            sets the length of a `text_model`'s tokenizer).
+        text_model: A local Hugging Face text model directory (model + tokenizer, e.g. a BERT)
+            as the text tower instead of the CLIP-style one; its weights start the run.
+        text_pooling: How a `text_model` is pooled: `mean` (over the attention mask) or `cls`.
         embed_dim: Width of the shared embedding space.
         objective: `clip` or `siglip`.
         init_model: A whole model to start from instead of random weights: a `ContrastiveModel`
@@ -108,6 +112,8 @@ class TrainConfig:
     vision_overrides: dict[str, Any] = field(default_factory=dict)
     text_preset: str = "tiny"
     text_overrides: dict[str, Any] = field(default_factory=dict)
+    text_model: str | None = None
+    text_pooling: Literal["mean", "cls"] = "mean"
     embed_dim: int = 128
     objective: Literal["clip", "siglip"] = "clip"
     init_model: str | None = None
@@ -182,6 +188,10 @@ class TrainConfig:
                 "init_model and vision_init both given: init_model loads a whole model, vision_init only an image "
                 "tower for a new one; give one"
             )
+        if self.text_pooling not in ("mean", "cls"):
+            raise ValueError(f"text_pooling={self.text_pooling!r}; allowed: mean, cls")
+        if self.text_model and self.init_model:
+            raise ValueError("text_model and init_model both given: init_model already holds a text tower; give one")
         if self.vision_checkpoint and not self.vision_init:
             raise ValueError("vision_checkpoint is set without vision_init")
         if self.resume not in ("auto", "never") and not self.resume:
