@@ -197,3 +197,27 @@ def test_training_reads_a_parquet_folder_and_evaluates_its_test_split(tmp_path):
     result = Trainer(config).fit()
     assert result.metrics["num_images"] == N and result.metrics["num_captions"] == 2 * N
     assert result.skipped_images == 0
+
+
+def test_hub_name_loads_from_the_datasets_cache_offline(tmp_path, monkeypatch):
+    """A hub name whose dataset was downloaded and prepared once loads offline from the
+    `datasets` cache, as it does for a user without network after a first run. The cache entry
+    is made the way `datasets` makes one (a prepared parquet build, moved to
+    `{owner}___{name}/default/0.0.0/{hash}` with `{name}-{split}.arrow`)."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "datasets_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    hf_dataset().to_parquet(str(tmp_path / "train.parquet"))
+    datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "train.parquet")}, cache_dir=str(cache))
+    (built,) = [p for p in (cache / "parquet").glob("*/*/*") if p.is_dir()]
+    entry = cache / "someone___pairs" / "default" / "0.0.0" / built.name
+    entry.parent.mkdir(parents=True)
+    built.rename(entry)
+    (entry / "parquet-train.arrow").rename(entry / "pairs-train.arrow")
+
+    assert_same_pairs(open_source("someone/pairs", "train"))
+    with pytest.raises(ValueError, match=r"someone/pairs: no split 'test'"):
+        open_source("someone/pairs", "test")
