@@ -5,8 +5,8 @@ Multimodal LLM"), built as Honeybee builds it from timm: `depth` RegNet bottlene
 (`timm.models.regnet.RegStage`: 1x1 conv, depthwise 3x3 conv, squeeze-excitation, 1x1 conv,
 residual; LayerNorm2d and SiLU) at the input grid keep locality, adaptive average pooling
 sets the token count `M = h' * w'`, `depth` more blocks, then the readout `Linear, SiLU,
-Linear`. Honeybee also adds a learned position embedding sized for one input token count;
-this projector takes any grid and leaves it out (the encoder's tokens carry their position).
+Linear`. Honeybee's learned position embedding on the input tokens is the option
+`pos_embed_grid` (off by default: the encoder's tokens already carry their position).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class CAbstractorProjector(ProjectorKind):
     """`depth` RegNet blocks at the input grid, adaptive average pooling to `target_grid`,
     `depth` RegNet blocks, then `Linear(hidden, out), SiLU, Linear(out, out)`."""
 
-    options = ("target_grid", "depth", "hidden_dim")
+    options = ("target_grid", "depth", "hidden_dim", "pos_embed_grid")
     needs_grid = True
     reference = "Honeybee C-Abstractor (Cha et al. 2024)"
     tokens = "h' * w' (target_grid)"
@@ -47,6 +47,12 @@ class CAbstractorProjector(ProjectorKind):
         assert config.target_grid is not None
         hidden = config.mlp_hidden_dim
         self.target_grid = config.target_grid
+        self.pos_embed = None  # (1, h*w, C) for pos_embed_grid (h, w), Honeybee's init
+        if config.pos_embed_grid is not None:
+            h, w = config.pos_embed_grid
+            self.pos_embed = nn.Parameter(torch.zeros(1, h * w, config.fused_dim))
+            nn.init.trunc_normal_(self.pos_embed, mean=0.0, std=0.02)
+        self.pos_embed_grid = config.pos_embed_grid
         self.stage1 = reg_stage(config.depth, config.fused_dim, hidden)
         self.stage2 = reg_stage(config.depth, hidden, hidden)
         self.readout = nn.Sequential(
@@ -58,8 +64,18 @@ class CAbstractorProjector(ProjectorKind):
     def num_output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
         return self.target_grid[0] * self.target_grid[1]
 
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position embedding `(1, h*w, C)` on `grid`, resampled (bicubic) from its own."""
+        assert self.pos_embed is not None and self.pos_embed_grid is not None
+        if grid == tuple(self.pos_embed_grid):
+            return self.pos_embed
+        table = tokens_to_grid(self.pos_embed, self.pos_embed_grid)  # (1, C, h, w)
+        return grid_to_tokens(F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False))
+
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
         assert grid is not None
+        if self.pos_embed is not None:
+            x = x + self._pos_embed_for(tuple(grid)).to(x.dtype)
         y = self.stage1(tokens_to_grid(x, grid))  # (B, hidden, h, w)
         y = self.stage2(F.adaptive_avg_pool2d(y, self.target_grid))  # (B, hidden, h', w')
         return self.readout(grid_to_tokens(y))  # (B, h'*w', out_dim)

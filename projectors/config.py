@@ -47,6 +47,9 @@ class ProjectorConfig:
         num_heads: `resampler`: attention heads; must divide `out_dim`.
         depth: `resampler`: cross-attention layers; `c_abstractor`: residual conv blocks
             before and after the pooling.
+        pos_embed_grid: `c_abstractor`: a learned position embedding for an input grid
+            `(h, w)` added to the tokens first (Honeybee's `pos_emb`); another input grid gets
+            it resampled (bicubic). `None`: none.
     """
 
     kind: str
@@ -62,6 +65,7 @@ class ProjectorConfig:
     num_queries: int = 64
     num_heads: int = 8
     depth: int = 2
+    pos_embed_grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -80,6 +84,7 @@ class ProjectorConfig:
             _positive_int(getattr(self, name), name)
         set_("fusion_grid", _optional_pair(self.fusion_grid, "fusion_grid"))
         set_("target_grid", _optional_pair(self.target_grid, "target_grid"))
+        set_("pos_embed_grid", _optional_pair(self.pos_embed_grid, "pos_embed_grid"))
         if self.fusion not in FUSION_KINDS:
             raise ValueError(f"fusion={self.fusion!r} is not supported; allowed: {', '.join(FUSION_KINDS)}")
         if self.fusion == "weighted_sum" and len(set(self.in_dims)) > 1:

@@ -268,3 +268,24 @@ def test_c_abstractor_is_honeybees_network_from_timm():
         torch.testing.assert_close(projector(x, grid_size=GRID), expected, rtol=0, atol=1e-6)
     assert any(isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 for m in body.stage1.modules())  # depthwise 3x3
     assert any("se" in name for name, _ in body.stage1.named_modules())  # squeeze-excitation
+
+
+def test_c_abstractor_position_embedding():
+    """`pos_embed_grid` adds Honeybee's learned position embedding to the input tokens (on its
+    own grid as is, on another grid resampled bicubic); a kind without it refuses the option."""
+    plain = build_projector("c_abstractor", D_IN, D_OUT, target_grid=2, depth=1, hidden_dim=16).eval()
+    with_pos = build_projector("c_abstractor", D_IN, D_OUT, target_grid=2, depth=1, hidden_dim=16,
+                               pos_embed_grid=GRID).eval()
+    assert with_pos.body.pos_embed.shape == (1, N, D_IN)
+    state = {k: v for k, v in with_pos.state_dict().items() if k != "body.pos_embed"}
+    plain.load_state_dict(state)
+    x = torch.randn(2, N, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(with_pos(x, grid_size=GRID), plain(x + with_pos.body.pos_embed, grid_size=GRID))
+        y = torch.randn(2, 36, D_IN)  # a 6x6 grid: the 4x4 table resampled
+        table = torch.nn.functional.interpolate(with_pos.body.pos_embed.transpose(1, 2).reshape(1, D_IN, *GRID),
+                                                size=(6, 6), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(with_pos(y, grid_size=(6, 6)),
+                                   plain(y + table.flatten(2).transpose(1, 2), grid_size=(6, 6)))
+    with pytest.raises(ValueError, match="pos_embed_grid"):
+        build_projector("pool", D_IN, D_OUT, target_grid=2, pos_embed_grid=GRID)
