@@ -116,3 +116,19 @@ def test_tiles_match_llava_onevision_image_processor():
         tiles = tile_image(image, PINPOINTS, ours)
         torch.testing.assert_close(tiles.pixel_values, want[: tiles.num_tiles], rtol=0, atol=1e-6)
         assert not want[tiles.num_tiles :].any()  # transformers pads the batch with zero tiles
+
+
+def test_load_encoder_reads_the_onevision_tower(checkpoint, tmp_path):
+    """`load_encoder` on a LLaVA-OneVision directory gives its SigLIP tower, equal to the one
+    `from_llava_onevision` builds (and so to transformers')."""
+    from vlm_encoder import load_encoder
+
+    ref, vlm = checkpoint
+    ref.save_pretrained(tmp_path)
+    encoder = load_encoder(tmp_path)
+    assert encoder.source_info["family"] == "llava_onevision" and encoder.source_info["vision_family"] == "siglip"
+    pixels = torch.randn(2, 3, TILE, TILE)
+    with torch.no_grad():
+        want = ref.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+        got = encoder(pixels, layers=(-1,)).patch_tokens[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -62,7 +62,7 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "dinov2",
     "dinov2_with_registers",
 )
-LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next")
+LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision")
 # Families whose processor resizes each image under a patch budget instead of to one size.
 NAFLEX_MODEL_TYPES: tuple[str, ...] = ("siglip2", "siglip2_vision_model")
 NAFLEX_DEFAULT_MAX_PATCHES = 256  # transformers' Siglip2ImageProcessor.max_num_patches
