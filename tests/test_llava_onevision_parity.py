@@ -132,3 +132,46 @@ def test_load_encoder_reads_the_onevision_tower(checkpoint, tmp_path):
         want = ref.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
         got = encoder(pixels, layers=(-1,)).patch_tokens[0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_multi_image_samples_match_transformers(checkpoint):
+    """transformers' multi-image path: a sample holding several images gets each as its base
+    tile only plus one newline (`batch_num_images`), a sample with one image is tiled."""
+    ref, vlm = checkpoint
+    assert vlm.anyres.multi_image == "base"
+    sizes = [SIZES[0], SIZES[1], SIZES[3]]  # sample 0: two images; sample 1: one image
+    batch = images(sizes)
+    processed = hf_processor()([batch[:2], batch[2:]], return_tensors="pt")
+    assert processed["batch_num_images"].tolist() == [2, 1]
+    rows = [vlm.expand_image_tokens([1, IMAGE_ID, 5, IMAGE_ID, 7], image_size=sizes[:2]),
+            vlm.expand_image_tokens([1, 5, IMAGE_ID, 7], image_size=[sizes[2]])]
+    side = vlm.tile_side
+    assert rows[0].count(IMAGE_ID) == 2 * (side * side + 1)  # base tiles + one newline each
+    assert rows[1].count(IMAGE_ID) == vlm.num_image_tokens(sizes[2])
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask, pixel_values=processed["pixel_values"],
+                       image_sizes=processed["image_sizes"], batch_num_images=processed["batch_num_images"]).logits
+        got = vlm(ids, processed["pixel_values"], attention_mask=mask, image_sizes=processed["image_sizes"],
+                  batch_num_images=processed["batch_num_images"]).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="do not hold 3 images"):  # the multi-image sample without batch_num_images
+        vlm(ids, processed["pixel_values"], attention_mask=mask, image_sizes=processed["image_sizes"])
+
+
+def test_base_only_tiles_match_the_multi_image_processor():
+    from vlm_encoder.anyres import tile_image
+    from vlm_encoder.processing import ImageProcessor, ProcessorConfig
+
+    hf = hf_processor()
+    ours = ImageProcessor(ProcessorConfig(resize_mode="exact", size=TILE, interpolation="bicubic", backend="torchvision",
+                                          mean=tuple(hf.image_mean), std=tuple(hf.image_std)))
+    batch = images([SIZES[0], SIZES[2], (30, 30)])  # wide, tall, square
+    expected = hf([batch], return_tensors="pt")  # one sample of three images: base tiles only
+    assert expected["batch_num_images"].tolist() == [3]
+    for image, want in zip(batch, expected["pixel_values"]):
+        tiles = tile_image(image, PINPOINTS, ours, base_only=True)
+        assert tiles.num_tiles == 1
+        torch.testing.assert_close(tiles.pixel_values[0], want[0], rtol=0, atol=1e-6)

@@ -100,8 +100,11 @@ def tile_grid(image_size: Sequence[int], config: AnyresConfig) -> Size:
     return internvl_grid(image_size, config.tile_size, config.min_tiles, config.max_tiles)
 
 
-def num_tiles(image_size: Sequence[int], config: AnyresConfig) -> int:
-    """`T`, the tiles encoded for an image, the base image or thumbnail included."""
+def num_tiles(image_size: Sequence[int], config: AnyresConfig, base_only: bool = False) -> int:
+    """`T`, the tiles encoded for an image, the base image or thumbnail included (`base_only`:
+    an image of a multi-image sample under `multi_image='base'`, 1)."""
+    if base_only:
+        return 1
     rows, cols = tile_grid(image_size, config)
     if config.policy == "llava_next":
         return 1 + rows * cols
@@ -123,7 +126,7 @@ def assembled_map_size(image_size: Sequence[int], config: AnyresConfig, side: in
     return budget_size(size, config.budget_tiles, side)
 
 
-def num_image_tokens(image_size: Sequence[int], config: AnyresConfig, side: int) -> int:
+def num_image_tokens(image_size: Sequence[int], config: AnyresConfig, side: int, base_only: bool = False) -> int:
     """The length of an image's token sequence, from its size alone (before encoding).
 
     Args:
@@ -137,6 +140,8 @@ def num_image_tokens(image_size: Sequence[int], config: AnyresConfig, side: int)
         `s = pooled_side(side, tile_pool)`.
     """
     s = pooled_side(side, config.tile_pool)
+    if base_only:  # the base tile, then one newline
+        return s * s + int(config.newline)
     if config.policy == "internvl":
         return num_tiles(image_size, config) * s * s
     height, width = assembled_map_size(image_size, config, side)
@@ -149,6 +154,7 @@ def assemble_tokens(
     config: AnyresConfig,
     side: int,
     newline: torch.Tensor | None = None,
+    base_only: bool = False,
 ) -> torch.Tensor:
     """One image's tile features as its token sequence.
 
@@ -158,11 +164,13 @@ def assemble_tokens(
         config: The tiling and assembly.
         side: One tile's feature grid side.
         newline: `(D,)`, the learned newline token (`llava_next` with `config.newline`).
+        base_only: Only the base tile was encoded (`multi_image='base'`): its tokens, then one
+            newline.
 
     Returns:
-        `(L, D)`, `L = num_image_tokens(image_size, config, side)`.
+        `(L, D)`, `L = num_image_tokens(image_size, config, side, base_only)`.
     """
-    expected = num_tiles(image_size, config)
+    expected = num_tiles(image_size, config, base_only)
     if features.ndim != 3 or features.shape[0] != expected or features.shape[1] != side * side:
         raise ValueError(
             f"an image of size {tuple(int(v) for v in image_size)} needs features ({expected}, {side * side}, D) "
@@ -174,6 +182,10 @@ def assemble_tokens(
         return features.reshape(-1, features.shape[-1])
     if config.newline and newline is None:
         raise ValueError("config.newline is set but no newline token was given")
+    if base_only:
+        if not config.newline:
+            return features[0]
+        return torch.cat([features[0], newline.to(features.dtype)[None]], dim=0)  # (s*s + 1, D)
     base, tiles = features[0], features[1:]  # (s*s, D), (R*C, s*s, D)
     grid = merge_tiles(tiles, tile_grid(image_size, config), side)  # (D, R*s, C*s)
     if config.unpad:

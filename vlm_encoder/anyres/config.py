@@ -11,6 +11,8 @@ from .select import Size, validate_pinpoints
 
 TilePolicy = Literal["llava_next", "internvl"]
 TILE_POLICIES: tuple[str, ...] = get_args(TilePolicy)
+MultiImage = Literal["tiles", "base"]
+MULTI_IMAGES: tuple[str, ...] = get_args(MultiImage)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class AnyresConfig:
         min_tiles: `internvl`: fewest tiles.
         max_tiles: `internvl`: most tiles (thumbnail not counted).
         use_thumbnail: `internvl`: append the whole image as a last tile when there are several.
+        multi_image: `llava_next`: an image in a sample that holds several images is `tiles`
+            (tiled as any other) or `base` (only its base tile, then one newline token:
+            LLaVA-OneVision's multi-image path).
     """
 
     tile_size: int
@@ -45,6 +50,7 @@ class AnyresConfig:
     min_tiles: int = 1
     max_tiles: int = 12
     use_thumbnail: bool = True
+    multi_image: MultiImage = "tiles"
 
     def __post_init__(self) -> None:
         _positive_int(self.tile_size, "tile_size")
@@ -65,6 +71,10 @@ class AnyresConfig:
             _positive_int(self.budget_tiles, "budget_tiles")
         _positive_int(self.min_tiles, "min_tiles")
         _positive_int(self.max_tiles, "max_tiles")
+        if self.multi_image not in MULTI_IMAGES:
+            raise ValueError(f"multi_image={self.multi_image!r} is not supported; allowed: {', '.join(MULTI_IMAGES)}")
+        if self.multi_image == "base" and self.policy != "llava_next":
+            raise ValueError("multi_image='base' is LLaVA-OneVision's path: it needs policy='llava_next'")
         if self.min_tiles > self.max_tiles:
             raise ValueError(f"min_tiles={self.min_tiles} exceeds max_tiles={self.max_tiles}")
 

@@ -102,6 +102,7 @@ def tile_image(
     processor: ImageProcessor,
     *,
     tile_size: int | None = None,
+    base_only: bool = False,
 ) -> AnyresTiles:
     """LLaVA-NeXT tiling: base image + the tiles of the best pinpoint.
 
@@ -110,15 +111,25 @@ def tile_image(
         pinpoints: Candidate resolutions `[(H, W), ...]`, multiples of the tile size.
         processor: Supplies RGB conversion, resize filter/backend, `pad_fill`, mean/std.
         tile_size: The tile side (default: the processor's square output size).
+        base_only: LLaVA-OneVision's image in a multi-image sample: only the base tile, the
+            image padded to a square (centred, filled with the mean colour) then resized.
 
     Returns:
-        `AnyresTiles` with `pixel_values (1 + rows * cols, 3, S, S)`.
+        `AnyresTiles` with `pixel_values (1 + rows * cols, 3, S, S)` (`(1, 3, S, S)` with
+        `base_only`, grid `(0, 0)`).
     """
     size = tile_size_of(processor, tile_size)
     pinpoints = validate_pinpoints(pinpoints, size)
     cfg = processor.config
     rgb = _rgb(image, processor)
     image_size = (int(rgb.shape[0]), int(rgb.shape[1]))
+    if base_only:
+        side = max(image_size)
+        fill = tuple(int(m * 255) for m in (cfg.mean or (0.0, 0.0, 0.0)))
+        square = center_crop_or_pad(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), (side, side),
+                                    "floor", fill)  # (3, m, m)
+        base = resize(square.permute(1, 2, 0).numpy(), (size, size), cfg.interpolation, cfg.backend)
+        return AnyresTiles(_normalize([base], processor), image_size, (0, 0), (size, size), "llava_next")
     best = select_best_resolution(image_size, pinpoints)
     fitted = resize(rgb, fit_size(image_size, best), cfg.interpolation, cfg.backend)  # (3, h, w)
     canvas = center_crop_or_pad(fitted, best, "floor", cfg.pad_fill)  # (3, H, W), padding only

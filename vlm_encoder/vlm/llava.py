@@ -77,6 +77,7 @@ def load_hf_llava(
             tile_size=config.vision_config.image_size,
             pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
             budget_tiles=budget_tiles,
+            multi_image="base" if family == "llava_onevision" else "tiles",
         )
 
     hf_model = model_class.from_pretrained(

@@ -213,16 +213,17 @@ class VisionLanguageModel(nn.Module):
         return self
 
     # --------------------------------------------------------------- images
-    def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+    def num_image_tokens(self, image_size: tuple[int, int] | None = None, base_only: bool = False) -> int:
         """`M`, the image tokens per image at `image_size` `(H, W)` (default: the encoder's).
 
         With `anyres`, `image_size` is the original image's size (required) and the result is
-        its assembled sequence length `L` (computed before encoding).
+        its assembled sequence length `L` (computed before encoding); `base_only`: an image of
+        a multi-image sample under `anyres.multi_image='base'` (its base tile and a newline).
         """
         if self.anyres is not None:
             if image_size is None:
                 raise ValueError("with anyres the token count depends on the image: pass image_size=(height, width)")
-            return anyres_num_image_tokens(image_size, self.anyres, self.tile_side)
+            return anyres_num_image_tokens(image_size, self.anyres, self.tile_side, base_only)
         c = self.encoder.config
         if image_size is None:
             grid = c.grid_size
@@ -244,9 +245,13 @@ class VisionLanguageModel(nn.Module):
         """
         if isinstance(image_size, torch.Tensor):
             image_size = image_size.tolist()
+        ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+        # LLaVA-OneVision: the images of a sample holding several are base tiles only.
+        base_only = self.anyres is not None and self.anyres.multi_image == "base" and ids.count(self.image_token_id) > 1
         if image_size is not None and len(image_size) and not isinstance(image_size[0], int):
-            return expand_image_tokens(input_ids, self.image_token_id, [self.num_image_tokens(tuple(s)) for s in image_size])
-        return expand_image_tokens(input_ids, self.image_token_id, self.num_image_tokens(image_size))
+            counts = [self.num_image_tokens(tuple(s), base_only) for s in image_size]
+            return expand_image_tokens(input_ids, self.image_token_id, counts)
+        return expand_image_tokens(input_ids, self.image_token_id, self.num_image_tokens(image_size, base_only))
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image tokens.
@@ -267,7 +272,12 @@ class VisionLanguageModel(nn.Module):
             features = self.projector(streams)  # (I, 1 + N, D) per layer
         return features.to(self.language_model.get_input_embeddings().weight.dtype)
 
-    def anyres_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | Sequence) -> list[torch.Tensor]:
+    def anyres_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | Sequence,
+        base_only: Sequence[bool] | None = None,
+    ) -> list[torch.Tensor]:
         """Each image's assembled token sequence (`anyres` models).
 
         All tiles of all images are encoded and projected in one batch.
@@ -277,14 +287,19 @@ class VisionLanguageModel(nn.Module):
                 (`vlm_encoder.anyres.stack_tiles`): `(sum T_i, C, S, S)`, or transformers'
                 layout `(I, T_max, C, S, S)` padded with unused tiles.
             image_sizes: `(I, 2)` original `(height, width)` of each image.
+            base_only: Per image, whether only its base tile was given (an image of a
+                multi-image sample under `anyres.multi_image='base'`); default none.
 
         Returns:
-            One `(L_i, d_llm)` tensor per image, `L_i = num_image_tokens(image_sizes[i])`.
+            One `(L_i, d_llm)` tensor per image, `L_i = num_image_tokens(image_sizes[i], base_only[i])`.
         """
         if self.anyres is None:
             raise ValueError("this model has no anyres config; use image_features")
         sizes = [tuple(int(v) for v in size) for size in (image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes)]
-        counts = [anyres_num_tiles(size, self.anyres) for size in sizes]
+        flags = [False] * len(sizes) if base_only is None else [bool(b) for b in base_only]
+        if len(flags) != len(sizes):
+            raise ValueError(f"base_only has {len(flags)} entries for {len(sizes)} images")
+        counts = [anyres_num_tiles(size, self.anyres, flag) for size, flag in zip(sizes, flags)]
         if pixel_values.ndim == 5:
             if pixel_values.shape[0] != len(sizes) or pixel_values.shape[1] < max(counts):
                 raise ValueError(
@@ -297,8 +312,8 @@ class VisionLanguageModel(nn.Module):
             )
         tiles = self.image_features(pixel_values)  # (sum T_i, s*s, d)
         return [
-            assemble_tokens(features, size, self.anyres, self.tile_side, self.image_newline)
-            for features, size in zip(tiles.split(counts), sizes)
+            assemble_tokens(features, size, self.anyres, self.tile_side, self.image_newline, flag)
+            for features, size, flag in zip(tiles.split(counts), sizes, flags)
         ]
 
     # ------------------------------------------------------------------ text
@@ -309,6 +324,7 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_sizes: torch.Tensor | Sequence | None = None,
+        batch_num_images: Sequence[int] | torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The LM's keyword arguments with the image tokens placed at the placeholders.
 
@@ -322,6 +338,9 @@ class VisionLanguageModel(nn.Module):
             labels: `(B, L)` next-token targets; image positions are set to -100.
             image_sizes: `anyres` only: `(I, 2)` original `(height, width)` of each image;
                 image `i` fills the next `num_image_tokens(image_sizes[i])` placeholders.
+            batch_num_images: `anyres.multi_image='base'` only (LLaVA-OneVision): the number
+                of images of each sample, as transformers takes it; the images of a sample
+                holding several are then base tiles only. Default: every image tiled.
 
         Returns:
             `{"inputs_embeds": (B, L, d_llm), "attention_mask": (B, L)}` plus `"labels"` when given.
@@ -342,7 +361,7 @@ class VisionLanguageModel(nn.Module):
         elif self.anyres is not None:
             if image_sizes is None:
                 raise ValueError("an anyres model needs image_sizes (I, 2), the original (height, width) of each image")
-            per_image = self.anyres_image_features(pixel_values, image_sizes)  # I x (L_i, d)
+            per_image = self.anyres_image_features(pixel_values, image_sizes, self._base_only(batch_num_images))
             lengths = [f.shape[0] for f in per_image]
             if n_tokens != sum(lengths):
                 raise ValueError(
@@ -385,6 +404,15 @@ class VisionLanguageModel(nn.Module):
             out["labels"] = labels.masked_fill(is_image, IGNORE_INDEX)
         return out
 
+    def _base_only(self, batch_num_images: Sequence[int] | torch.Tensor | None) -> list[bool] | None:
+        """Per image, whether it is a base tile only (`multi_image='base'`, a sample of several)."""
+        if batch_num_images is None:
+            return None
+        if self.anyres is None or self.anyres.multi_image != "base":
+            raise ValueError("batch_num_images is only used with anyres.multi_image='base' (LLaVA-OneVision)")
+        counts = batch_num_images.tolist() if isinstance(batch_num_images, torch.Tensor) else list(batch_num_images)
+        return [n > 1 for n in counts for _ in range(int(n))]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -392,12 +420,13 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_sizes: torch.Tensor | Sequence | None = None,
+        batch_num_images: Sequence[int] | torch.Tensor | None = None,
         **lm_kwargs: Any,
     ) -> Any:
         """Run the LM on text with image tokens; returns the LM's own output (`.logits`,
         `.loss` when `labels` are given: next-token loss, image positions ignored).
-        `image_sizes`: anyres models only (see `prepare_inputs`)."""
-        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, labels, image_sizes)
+        `image_sizes`, `batch_num_images`: anyres models only (see `prepare_inputs`)."""
+        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, labels, image_sizes, batch_num_images)
         return self.language_model(**inputs, **lm_kwargs)
 
     @torch.no_grad()
@@ -407,15 +436,17 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | Sequence | None = None,
+        batch_num_images: Sequence[int] | torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
-        """`language_model.generate` from the prompt with image tokens (`image_sizes`: anyres
-        models only).
+        """`language_model.generate` from the prompt with image tokens (`image_sizes`,
+        `batch_num_images`: anyres models only).
 
         Returns:
             The generated ids `(B, T)` only (what HF returns when decoding from `inputs_embeds`).
         """
-        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, image_sizes=image_sizes)
+        inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, image_sizes=image_sizes,
+                                     batch_num_images=batch_num_images)
         return self.language_model.generate(**inputs, **generate_kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, language_model: bool = True) -> Path:
