@@ -8,15 +8,13 @@ registered kind (`linear`, `mlp2x_gelu`, `pixel_shuffle`, ...). `save_pretrained
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from vlm_encoder.output import EncoderOutput
-from vlm_encoder.pretrained import WEIGHTS_NAME, PretrainedMixin, resolve_pretrained_dir
-from vlm_encoder.weights import load_state_dict_strict, read_state_dict
+from vlm_encoder.pretrained import PretrainedMixin
 
 from .config import ProjectorConfig
 from .fusion import FeatureFusion, Grid, TokenStream
@@ -51,31 +49,6 @@ class Projector(PretrainedMixin, nn.Module):
         self.config = config
         self.fusion = FeatureFusion(config)
         self.body = projector_class(config.kind)(config)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | os.PathLike,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        revision: str | None = None,
-    ) -> Projector:
-        """Load a projector written by `save_pretrained` (a directory or a hub repo id).
-
-        As `PretrainedMixin.from_pretrained`, but a projector without parameters
-        (`identity`) has an empty weight file, which is accepted.
-
-        Returns:
-            The projector in eval mode.
-        """
-        directory = resolve_pretrained_dir(source, revision=revision)
-        model = cls(cls.read_config(directory))
-        state = read_state_dict(directory / WEIGHTS_NAME)
-        if state or model.state_dict():
-            load_state_dict_strict(model, state, source=str(directory / WEIGHTS_NAME))
-        model.to(device=device, dtype=dtype)
-        return model.eval()
 
     @property
     def out_dim(self) -> int:

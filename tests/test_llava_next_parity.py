@@ -2,7 +2,6 @@
 loaded with `VisionLanguageModel.from_llava_next` gives the same tiles, packed image features
 and logits as transformers for images of several sizes and aspect ratios, batched together."""
 
-import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -15,6 +14,8 @@ from transformers import (
 
 from vlm_encoder.anyres import num_tiles, stack_tiles, tile_image
 from vlm_encoder.processing import ImageProcessor, ProcessorConfig
+from llava_helpers import left_padded, random_images
+
 from vlm_encoder.vlm import VisionLanguageModel
 
 TILE = 32
@@ -52,8 +53,7 @@ def our_processor():
 
 
 def images(sizes=SIZES):
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    return random_images(sizes)
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,7 @@ def _config():
 
 def prompt_ids(vlm, sizes):
     rows = [vlm.expand_image_tokens([1, 5, IMAGE_ID, 7], image_size=[size]) for size in sizes]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left-padded
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = left_padded(rows)
     return ids, mask
 
 

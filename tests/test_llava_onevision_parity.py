@@ -3,7 +3,6 @@ tower, `vision_feature_select_strategy='full'`, `anyres_max_N` budget) loaded wi
 `VisionLanguageModel.from_llava_onevision` gives transformers' packed image features and logits,
 for images small enough to keep every token and large enough to be downscaled to the budget."""
 
-import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -13,6 +12,8 @@ from transformers import (
     LlavaOnevisionImageProcessor,
     SiglipVisionConfig,
 )
+
+from llava_helpers import left_padded, random_images
 
 from vlm_encoder.vlm import VisionLanguageModel
 
@@ -46,8 +47,7 @@ def hf_processor():
 
 
 def images(sizes=SIZES):
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    return random_images(sizes)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,7 @@ def test_logits_match_transformers_one_image_per_sample(checkpoint):
     ref, vlm = checkpoint
     sizes = [SIZES[1], SIZES[4]]  # one downscaled, one kept
     rows = [vlm.expand_image_tokens([1, 5, IMAGE_ID, 7], image_size=[size]) for size in sizes]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = left_padded(rows)
     processed = hf_processor()(images(sizes), return_tensors="pt")
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask, pixel_values=processed["pixel_values"],
@@ -148,9 +146,7 @@ def test_multi_image_samples_match_transformers(checkpoint):
     side = vlm.tile_side
     assert rows[0].count(IMAGE_ID) == 2 * (side * side + 1)  # base tiles + one newline each
     assert rows[1].count(IMAGE_ID) == vlm.num_image_tokens(sizes[2])
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = left_padded(rows)
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask, pixel_values=processed["pixel_values"],
                        image_sizes=processed["image_sizes"], batch_num_images=processed["batch_num_images"]).logits

@@ -194,11 +194,18 @@ class PretrainedMixin:
             The model in eval mode.
         """
         directory = resolve_pretrained_dir(source, revision=revision, optional=(PROCESSOR_NAME,))
-        model = cls(cls.read_config(directory))
-        load_state_dict_strict(model, read_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        model = cls.from_config(cls.read_config(directory))
+        state = read_state_dict(directory / WEIGHTS_NAME)
+        if state or model.state_dict():  # a module without parameters saves an empty file
+            load_state_dict_strict(model, state, source=str(directory / WEIGHTS_NAME))
         model.set_image_processor(read_image_processor(directory))
         model.to(device=device, dtype=dtype)
         return model.eval()
+
+    @classmethod
+    def from_config(cls: type[T], config: Any) -> T:
+        """A randomly initialised model of `config` (what `from_pretrained` loads weights into)."""
+        return cls(config)
 
     def get_image_processor(self) -> Any:
         """The image tower's preprocessing (an `ImageProcessor`) or `None`."""

@@ -9,20 +9,17 @@ plus a learned log-scale (clamped to at most ln 100) and, for SigLIP, a learned 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..encoder import VisionEncoder
-from ..pretrained import PROCESSOR_NAME, WEIGHTS_NAME, PretrainedMixin, read_image_processor, resolve_pretrained_dir
+from ..pretrained import PretrainedMixin
 from ..text.hf_text import HFTextEncoder
 from ..text.model import TextEncoder
-from ..weights import load_state_dict_strict, read_state_dict
 from .config import ContrastiveConfig, Objective
 from .losses import ClipLoss, SigLipLoss
 
@@ -135,7 +132,8 @@ class ContrastiveModel(PretrainedMixin, nn.Module):
     @classmethod
     def from_config(cls, config: ContrastiveConfig) -> "ContrastiveModel":
         """A randomly initialised model (an HF text tower is built from its directory's
-        config without reading its weights)."""
+        config without reading its weights). `from_pretrained` loads into it, so a saved
+        model with an HF text tower needs `config.text.model_dir` to still exist."""
         text = (
             TextEncoder(config.text) if config.text_tower == "clip" else HFTextEncoder(config.text, load_weights=False)
         )
@@ -148,30 +146,6 @@ class ContrastiveModel(PretrainedMixin, nn.Module):
             init_logit_bias=config.init_logit_bias,
             max_logit_scale=config.max_logit_scale,
         )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | os.PathLike,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        revision: str | None = None,
-    ) -> "ContrastiveModel":
-        """Load a model written by `save_pretrained` (`config.json` + `model.safetensors`).
-
-        An HF text tower is rebuilt from `config.text.model_dir`, which must still exist
-        (its architecture and tokenizer are read from there; its weights from the file).
-
-        Returns:
-            The model in eval mode.
-        """
-        directory = Path(resolve_pretrained_dir(source, revision=revision, optional=(PROCESSOR_NAME,)))
-        model = cls.from_config(cls.read_config(directory))
-        load_state_dict_strict(model, read_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
-        model.set_image_processor(read_image_processor(directory))
-        model.to(device=device, dtype=dtype)
-        return model.eval()
 
     @classmethod
     def from_open_clip(

@@ -589,9 +589,10 @@ class VisionLanguageModel(nn.Module):
         As `from_llava_next`, plus the token budget: `anyres.budget_tiles` is the `N` of the
         checkpoint's `vision_aspect_ratio` (`anyres_max_9`), so an image whose unpadded tile
         grid holds more than about `N` tiles' worth of tokens is downscaled bilinearly, as
-        transformers does. One image per sample gives the same logits as transformers
-        (`batch_num_images=None`, its single-image path); transformers' multi-image path
-        (only the base tile of each image in a sample holding several) is not reproduced.
+        transformers does. Its multi-image path is reproduced too (`anyres.multi_image='base'`):
+        in a sample holding several images each is its base tile only
+        (`tile_image(..., base_only=True)`) and one newline; pass transformers'
+        `batch_num_images` to `forward` / `generate`.
 
         Raises:
             ValueError: Not a LLaVA-OneVision checkpoint, a `vision_aspect_ratio` other than
