@@ -28,7 +28,7 @@ def load_hf_llava(
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from projectors import build_projector, convert_hf_llava_projector
+    from ..projectors import build_projector, convert_hf_llava_projector
 
     from ..converters import hf_clip, hf_siglip
     from ..weights import load_state_dict_strict

@@ -126,7 +126,7 @@ class VisionLanguageModel(nn.Module):
         anyres: AnyresConfig | None = None,
     ) -> None:
         super().__init__()
-        from projectors import Projector
+        from ..projectors import Projector
 
         if not isinstance(projector, Projector):
             raise TypeError(f"projector must be a projectors.Projector, got {type(projector).__name__}")

@@ -68,7 +68,7 @@ def load_vlm(
     """`VisionLanguageModel.from_pretrained` (see there)."""
     from safetensors.torch import load_file
 
-    from projectors import Projector
+    from ..projectors import Projector
 
     from ..weights import WeightsError
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vlm_encoder.output import EncoderOutput
-from vlm_encoder.pretrained import PretrainedMixin
+from ..output import EncoderOutput
+from ..pretrained import PretrainedMixin
 
 from .config import ProjectorConfig
 from .fusion import FeatureFusion, Grid, TokenStream

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from vlm_encoder.weights import WeightsError, load_state_dict_strict, read_state_dict, strip_prefixes
+from ..weights import WeightsError, load_state_dict_strict, read_state_dict, strip_prefixes
 
 from .base import Projector
 from .mlp import mlp_depth

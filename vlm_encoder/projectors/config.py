@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from vlm_encoder.validation import check_positive_int as _positive_int
-from vlm_encoder.validation import optional_positive_pair as _optional_pair
+from ..validation import check_positive_int as _positive_int
+from ..validation import optional_positive_pair as _optional_pair
 
 FusionKind = Literal["concat", "weighted_sum"]
 FUSION_KINDS: tuple[str, ...] = get_args(FusionKind)

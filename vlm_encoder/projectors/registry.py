@@ -45,18 +45,12 @@ def register_projector(name: str, pattern: str | None = None) -> Callable[[K], K
     return wrap
 
 
-def _ensure_kinds_loaded() -> None:
-    # Importing the package imports every kind module, which registers them.
-    import projectors  # noqa: F401
-
-
 def projector_class(kind: str) -> type[ProjectorKind]:
     """The class registered for `kind`.
 
     Raises:
         ValueError: Unknown kind, listing the registered ones.
     """
-    _ensure_kinds_loaded()
     if not isinstance(kind, str):
         raise TypeError(f"kind must be a string such as 'mlp2x_gelu', got {kind!r}")
     if kind in _NAMES:
@@ -69,13 +63,11 @@ def projector_class(kind: str) -> type[ProjectorKind]:
 
 def list_projectors() -> list[str]:
     """Registered kind names (families shown with their pattern name, e.g. `mlp{N}x_gelu`)."""
-    _ensure_kinds_loaded()
     return sorted(_NAMES) + sorted(name for _, name, _ in _PATTERNS)
 
 
 def projector_table() -> list[dict[str, str]]:
     """One row per kind: name, reference, output tokens for `N` inputs, options."""
-    _ensure_kinds_loaded()
     rows = [(name, cls) for name, cls in _NAMES.items()] + [(name, cls) for _, name, cls in _PATTERNS]
     return [
         {"kind": name, "reference": cls.reference, "tokens": cls.tokens, "options": ", ".join(cls.options)}
