@@ -8,6 +8,7 @@ hub is reached only through `huggingface_hub`'s own download and cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -28,8 +29,52 @@ PROCESSOR_NAME = "processor_config.json"  # the image tower's preprocessing, whe
 T = TypeVar("T", bound="PretrainedMixin")
 
 
+def read_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (`/proc/self/status`);
+    elsewhere set and restored once per process (the umask is process-wide, so that is not
+    thread-safe)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _umask_set_and_restored()
+
+
+@functools.cache
+def _umask_set_and_restored() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give `path` (a file, or a directory and everything under it) the mode `open` / `mkdir`
+    would have: 0o666 / 0o777 less the umask (0644 / 0755 under the usual 022).
+
+    Call it on what is about to be renamed into place: `tempfile`'s files and directories are
+    private (0600 / 0700), and so are safetensors' (0.8 writes through a temporary file,
+    safetensors#782); the rename would keep that mode, unlike every neighbouring file's.
+    """
+    mask = read_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    path = Path(path)
+    if not path.is_dir():
+        path.chmod(file_mode)
+        return
+    path.chmod(dir_mode)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file renamed into place."""
+    """Write `data` to `path` through a temporary file renamed into place (the file gets the
+    umask's mode, like one written with `open`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -37,6 +82,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        apply_umask(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -102,10 +148,11 @@ def move_into_place(staging: Path, target: Path, entries: list[str], stale: tupl
     A new `target` appears whole in one rename. In an existing one each of `entries` replaces
     its old version: a file in one rename, a sub-directory after its old version is moved
     aside (into `staging`, deleted with it); the `stale` entries (this save's files that the
-    model no longer has) are removed; anything else there is kept.
+    model no longer has) are removed; anything else there is kept. What is published gets the
+    umask's modes (`apply_umask`).
     """
+    apply_umask(staging)
     if not target.exists():
-        staging.chmod(0o755)  # mkdtemp makes it private; a saved model is not
         os.replace(staging, target)
         return
     for name in [*entries, *stale]:

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..pretrained import apply_umask
+
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -214,6 +216,7 @@ def save_checkpoint(
             files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         manifest = json.dumps({"step": step, "files": files}, indent=2)
         _write_part(tmp / MANIFEST, lambda p: p.write_text(manifest))
+        apply_umask(tmp)  # safetensors writes its files private
         _fsync_dir(tmp)
         old = directory / f".{checkpoint_name(step)}.old"
         if final.exists():  # a re-run of the same step: move the old one aside, never half-delete it
