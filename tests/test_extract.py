@@ -24,8 +24,8 @@ from vlm_encoder.extract.model import build_encoder, build_processor
 from vlm_encoder.processing import load_image
 
 PYTHON = sys.executable
-TINY = (("depth", 3), ("width", 32), ("num_heads", 2), ("image_size", 32), ("patch_size", 8))
-TINY_ARGS = [a for k, v in TINY for a in ("--override", f"{k}={v}")]
+TINY = {"depth": 3, "width": 32, "num_heads": 2, "image_size": 32, "patch_size": 8}
+TINY_ARGS = [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
 
 
 def make_images(folder: Path, n: int, bad: bool = False) -> Path:

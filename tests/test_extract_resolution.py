@@ -19,7 +19,7 @@ from vlm_encoder.extract.model import build_encoder, build_processor
 from vlm_encoder.extract.resolution import parse_pinpoints
 from vlm_encoder.packing import encode_packed
 
-TINY = (("depth", 2), ("width", 32), ("num_heads", 2), ("image_size", 32), ("patch_size", 8))
+TINY = {"depth": 2, "width": 32, "num_heads": 2, "image_size": 32, "patch_size": 8}
 SHAPES = ((32, 96), (64, 32), (40, 40))  # (H, W): wide, tall, square
 
 
@@ -133,7 +133,7 @@ def test_anyres_pinpoints_must_fit_the_tile_and_registers_are_refused(tmp_path, 
         run_extraction(config(tmp_path, images, anyres="30x60"))
     with pytest.raises(ValueError, match="registers"):
         run_extraction(config(tmp_path, images, "r", anyres="32x64", select=("registers",),
-                              overrides=TINY + (("num_register_tokens", 2),)))
+                              overrides={**TINY, "num_register_tokens": 2}))
     assert parse_pinpoints("336x672, 672x336") == ((336, 672), (672, 336))
 
 

@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import VisionConfig
-from .determinism import set_batch_invariant
+from .determinism import batch_invariant_call
 from .layers import (
     AttentionPoolHead,
     Block,
@@ -27,7 +27,6 @@ from .layers import (
     init_linears_and_norms,
     resample_patch_projection,
     resample_pos_embed,
-    rowwise_linear,
     sincos_2d_pos_embed,
 )
 from .output import EncoderOutput
@@ -53,8 +52,6 @@ class VisionEncoder(PretrainedMixin, nn.Module):
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        if not isinstance(config, VisionConfig):
-            raise TypeError(f"config must be a VisionConfig, got {type(config).__name__}")
         self.config = config
         c = config
         self.stem = ResNetStem(c.in_channels, c.stem_layers, c.stem_width) if c.stem_layers else None
@@ -93,12 +90,29 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         self.pooled_norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.pooled_norm else nn.Identity()
         self.proj = nn.Linear(c.width, c.embed_dim, bias=c.proj_bias) if c.embed_dim else None
         self.grad_checkpointing = False
-        # CPU convolutions pick their kernel by batch size, so the stem and patch embedding
-        # run one image at a time there (bitwise batch invariance); False: one batched call.
-        self.batch_invariant_cpu = True
         self._pos_cache: dict[tuple, torch.Tensor] = {}
-        self.image_processor = None  # set by the loaders of pretrained models
+        self._image_processor = None  # what a pretrained source records (see `image_processor`)
+        self.source_info: dict = {}  # where a loader found the weights: family, source, ...
         self.reset_parameters()
+
+    # ------------------------------------------------------------------ preprocessing
+    @property
+    def image_processor(self):
+        """The tower's preprocessing (an `ImageProcessor`): what its source records, else the
+        default for its config (resize to `image_size`, OpenAI CLIP mean/std)."""
+        if self._image_processor is None:
+            from .processing import ImageProcessor
+
+            return ImageProcessor.default_for(self.config)
+        return self._image_processor
+
+    @image_processor.setter
+    def image_processor(self, processor) -> None:
+        self._image_processor = processor
+
+    def get_image_processor(self):
+        """The recorded preprocessing only (`None` for a preset): what `save_pretrained` writes."""
+        return self._image_processor
 
     # ------------------------------------------------------------------ set-up
     def reset_parameters(self) -> None:
@@ -110,12 +124,6 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
-
-    def set_batch_invariant(self, enabled: bool = True) -> None:
-        """CPU bitwise batch invariance (on by default): per-image kernel calls, so an image's
-        features never depend on its batch. Off: batched calls, faster (see
-        `vlm_encoder.determinism`)."""
-        set_batch_invariant(self, enabled)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
@@ -225,16 +233,12 @@ class VisionEncoder(PretrainedMixin, nn.Module):
     def patchify(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image `(B, C, H, W)` through the stem (if any) and the patch embedding: patch tokens
         `(B, N, D)` without positions, and the grid `(h, w)`."""
-        x = pixel_values if self.stem is None else self.stem(pixel_values)
+        x = pixel_values if self.stem is None else batch_invariant_call(self.stem, pixel_values)  # (B, C', H', W')
         return self.patch_embed(x)
 
     def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image `(B, C, H, W)` to input tokens `(B, T, D)` (CLS, registers, patches) and grid."""
-        if pixel_values.device.type == "cpu" and pixel_values.shape[0] > 1 and self.batch_invariant_cpu:
-            parts = [self.patchify(image) for image in pixel_values.split(1)]
-            x, grid = torch.cat([tokens for tokens, _ in parts]), parts[0][1]  # (B, N, D)
-        else:
-            x, grid = self.patchify(pixel_values)  # (B, N, D)
+        x, grid = self.patchify(pixel_values)  # (B, N, D)
         pos = self.position_embedding(grid)
         if pos is not None:
             x = x + pos
@@ -351,7 +355,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         """Apply the image projection (and its activation) to pooled features `(B, D)`."""
         if self.proj is None:
             return pooled
-        out = rowwise_linear(self.proj, pooled)
+        out = batch_invariant_call(self.proj, pooled)  # one row per image: see `determinism`
         return torch.tanh(out) if self.config.proj_act == "tanh" else out
 
     # ------------------------------------------------------ permanent changes

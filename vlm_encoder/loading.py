@@ -34,6 +34,7 @@ import torch
 from .config import VisionConfig
 from .encoder import VisionEncoder
 from .pretrained import PROCESSOR_NAME, read_image_processor
+from .specs.files import SourceFiles
 from .weights import (
     WeightsError,
     load_state_dict_strict,
@@ -90,135 +91,50 @@ def load_encoder(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     revision: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> VisionEncoder:
-    """Load a pretrained vision tower as a `VisionEncoder`.
+    """Load a vision tower from any model spec as a `VisionEncoder`.
 
     Args:
-        source: A local model directory, a Hugging Face hub repo id, `open_clip:ARCH` or
-            `timm:NAME` (see the module docstring for the families).
+        source: A model spec (`vlm_encoder.specs.models`): a directory or hub repo id (our
+            encoder, `ContrastiveModel` or `VisionLanguageModel` saves give their image tower;
+            HF families as in the module docstring), `open_clip:ARCH[:TAG]`, `timm:NAME` or
+            `preset:NAME`.
         checkpoint: A weight file to use instead of the one in the directory (same key
-            layout), or the open_clip / timm checkpoint file.
+            layout), a preset's state dict, or the open_clip / timm checkpoint file.
         dtype: Floating dtype of the result (default float32; checkpoint tensors are cast).
         device: Where to put the result.
         revision: Hub revision (branch, tag or commit) for a repo id.
+        overrides: Changes of a preset's `VisionConfig` fields, e.g. `{"depth": 4}`.
+        seed: Seed of a preset's random weights.
 
     Returns:
-        The encoder in eval mode, with `encoder.image_processor` (from the source's
-        `preprocessor_config.json`, when there is one) and `encoder.source_info` (a dict:
-        `family`, `source`, `model_type`, ...).
+        The encoder in eval mode, with `encoder.image_processor` (the source's preprocessing,
+        or the default for its config) and `encoder.source_info` (`family`, `source`, ...).
 
     Raises:
         FileNotFoundError: No such directory, no weights, or a hub repo that is not in the
             cache while offline (the message says how to point at a local directory).
-        ValueError: An unsupported `model_type` (the supported ones are listed).
+        ValueError: An unsupported `model_type` (the supported ones are listed), a spec
+            without an image tower.
         WeightsError: The weights do not fit the family (missing / unexpected keys, shapes).
     """
-    text = os.fspath(source) if isinstance(source, os.PathLike) else source
-    if not isinstance(text, str) or not text:
-        raise TypeError(f"source must be a directory, a hub repo id, 'open_clip:ARCH' or 'timm:NAME', got {source!r}")
-    checkpoint_path = None if checkpoint is None else os.fspath(checkpoint)
-    if text.startswith(("open_clip:", "timm:")):
-        scheme = text.partition(":")[0]
-        name = _name_after(text, scheme + ":")
-        if scheme == "open_clip":
-            from .converters.open_clip_vit import load_open_clip
+    from .specs.models import load_vision
 
-            encoder = load_open_clip(name, checkpoint_path)
-        else:
-            from .converters.timm_vit import load_timm
-
-            encoder = load_timm(name, checkpoint_path)
-        if getattr(encoder, "source_info", None) is None:
-            encoder.source_info = {"family": scheme, "source": text, "name": name, "checkpoint": checkpoint_path}
-    else:
-        encoder = _load_from_files(SourceFiles(text, revision), checkpoint)
-    encoder.to(device=device, dtype=dtype)
-    return encoder.eval()
+    return load_vision(source, checkpoint=checkpoint, dtype=dtype, device=device, revision=revision,
+                       overrides=overrides, seed=seed).vision
 
 
-def _name_after(text: str, scheme: str) -> str:
-    name = text[len(scheme) :].strip()
-    if not name:
-        raise ValueError(f"{text!r}: give a name after {scheme!r}, e.g. {scheme}ViT-B-32")
-    return name
+def load_encoder_files(
+    source: str, *, checkpoint: str | os.PathLike | None = None, revision: str | None = None
+) -> VisionEncoder:
+    """The encoder of a directory or hub repo holding our encoder or an HF vision family
+    (the part of `load_encoder` behind the spec resolver)."""
+    return _load_from_files(SourceFiles(source, revision), checkpoint)
 
 
 # ---------------------------------------------------------------------------- files
-class SourceFiles:
-    """Files of a local directory or a hub repo (fetched into the HF cache on demand).
-
-    Args:
-        source: Directory path or hub repo id.
-        revision: Hub revision.
-    """
-
-    def __init__(self, source: str, revision: str | None = None) -> None:
-        self.source = source
-        self.revision = revision
-        path = Path(source).expanduser()
-        if path.is_dir():
-            self.directory: Path | None = path
-        elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-            raise FileNotFoundError(f"{source} is not a directory (expected a model directory or a hub repo id 'owner/name')")
-        else:
-            self.directory = None
-        self.not_cached: list[str] = []
-
-    @property
-    def is_hub(self) -> bool:
-        return self.directory is None
-
-    def get(self, name: str, required: bool = True) -> Path | None:
-        """The local path of `name`, or `None` when the source has no such file and it is
-        not `required`.
-
-        Raises:
-            FileNotFoundError: A required file is missing, or not cached while offline.
-        """
-        if self.directory is not None:
-            path = self.directory / name
-            if path.is_file():
-                return path
-            if required:
-                raise FileNotFoundError(f"{self.directory} has no {name} (expected a Hugging Face model directory or one written by save_pretrained)")
-            return None
-        return self._download(name, required)
-
-    def _download(self, name: str, required: bool) -> Path | None:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            HFValidationError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        try:
-            return Path(hf_hub_download(self.source, name, revision=self.revision))
-        except HFValidationError:
-            raise FileNotFoundError(f"{self.source!r} is neither a local directory nor a valid hub repo id ('owner/name')") from None
-        except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-            raise FileNotFoundError(f"{self.source}: no such hub repo or revision ({type(err).__name__})") from None
-        except LocalEntryNotFoundError:
-            self.not_cached.append(name)
-            if required:
-                raise FileNotFoundError(self.offline_message([name])) from None
-            return None
-        except EntryNotFoundError:
-            if required:
-                raise FileNotFoundError(f"{self.source}: the hub repo has no {name}") from None
-            return None
-
-    def offline_message(self, names: Iterable[str]) -> str:
-        return (
-            f"{self.source}: {', '.join(names)} not in the Hugging Face cache and the hub cannot be reached "
-            "(offline, or HF_HUB_OFFLINE=1): the weights are not in the cache. Download the repo where a "
-            "network is (e.g. `hf download " + self.source + "`), or pass the path of a local "
-            "model directory instead."
-        )
-
-
 def read_config_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -346,13 +262,7 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
 
 
 def _load_own(files: SourceFiles, config_path: Path, checkpoint: str | os.PathLike | None) -> VisionEncoder:
-    encoder = VisionEncoder(VisionEncoder.read_config(config_path.parent))
-    weights = Path(checkpoint) if checkpoint is not None else files.get(SAFETENSORS_FILE)
-    load_state_dict_strict(encoder, read_state_dict(weights), source=str(weights))
-    processor = files.get(PROCESSOR_NAME, required=False)
-    if processor is not None:
-        encoder.set_image_processor(read_image_processor(processor.parent))
-    return encoder
+    return VisionEncoder.from_pretrained(config_path.parent, checkpoint=checkpoint)
 
 
 def _load_hf_tower(
@@ -430,12 +340,8 @@ def _naflex_max_patches(files: SourceFiles) -> int | None:
 
 def _image_processor(files: SourceFiles) -> Any:
     """The source's preprocessing as an `ImageProcessor`, or `None` without a
-    `preprocessor_config.json` (or while `vlm_encoder.processing` is not available)."""
+    `preprocessor_config.json`."""
+    from .processing import ImageProcessor
+
     path = files.get(PREPROCESSOR_FILE, required=False)
-    if path is None:
-        return None
-    try:
-        from .processing import ImageProcessor
-    except ImportError:
-        return None
-    return ImageProcessor.from_hf_config(read_config_file(path))
+    return None if path is None else ImageProcessor.from_hf_config(read_config_file(path))

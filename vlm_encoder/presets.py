@@ -80,7 +80,7 @@ def preset_config(name: str, **overrides: Any) -> VisionConfig:
         close = difflib.get_close_matches(name, PRESETS, n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown preset {name!r}{hint} (see vlm_encoder.list_presets())")
-    return VisionConfig(**{**PRESETS[name], **overrides})
+    return VisionConfig.from_dict({**PRESETS[name], **overrides})
 
 
 def create_encoder(name: str, **overrides: Any) -> VisionEncoder:

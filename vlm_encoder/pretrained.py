@@ -96,38 +96,26 @@ def resolve_pretrained_dir(
     optional: tuple[str, ...] = (),
 ) -> Path:
     """A local directory holding `files` (and `optional` ones when the repo has them):
-    `source` itself, or the hub cache of a repo id.
+    `source` itself, or the hub cache of a repo id (through `specs.files.SourceFiles`).
 
     Raises:
         FileNotFoundError: A local directory without the files, or a hub id whose files are
             not in the cache while offline (with how to point at a local directory).
     """
-    path = Path(source)
-    if path.is_dir():
-        missing = [f for f in files if not (path / f).is_file()]
+    from .specs.files import SourceFiles
+
+    found = SourceFiles(os.fspath(source), revision)
+    if found.directory is not None:
+        missing = [f for f in files if not (found.directory / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{path} has no {', '.join(missing)} (expected a directory written by save_pretrained)")
-        return path
-    if path.exists() or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{source} is not a directory")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        local = [hf_hub_download(str(source), f, revision=revision) for f in files]
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{source}: the files {list(files)} are not in the Hugging Face cache and the hub cannot be reached "
-            "(offline). Download them where a network is, or pass a local directory path instead."
-        ) from None
+            raise FileNotFoundError(
+                f"{found.directory} has no {', '.join(missing)} (expected a directory written by save_pretrained)"
+            )
+        return found.directory
+    paths = [found.get(name) for name in files]
     for name in optional:
-        try:
-            hf_hub_download(str(source), name, revision=revision)
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            pass  # the repo has no such file (or it is not cached while offline)
-    return Path(local[0]).parent
+        found.get(name, required=False)
+    return paths[0].parent
 
 
 @contextlib.contextmanager
@@ -228,6 +216,7 @@ class PretrainedMixin:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         revision: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
     ) -> T:
         """Load a model written by `save_pretrained` (a local directory or a hub repo id).
 
@@ -236,15 +225,18 @@ class PretrainedMixin:
             device: Where to put the model.
             dtype: Floating dtype to cast to.
             revision: Hub revision.
+            checkpoint: A weight file (same names) to load instead of `model.safetensors`.
 
         Returns:
             The model in eval mode.
         """
-        directory = resolve_pretrained_dir(source, revision=revision, optional=(PROCESSOR_NAME,))
+        needed = (CONFIG_NAME,) if checkpoint is not None else (CONFIG_NAME, WEIGHTS_NAME)
+        directory = resolve_pretrained_dir(source, needed, revision=revision, optional=(PROCESSOR_NAME,))
         model = cls.from_config(cls.read_config(directory))
-        state = read_state_dict(directory / WEIGHTS_NAME)
+        weights = Path(checkpoint) if checkpoint is not None else directory / WEIGHTS_NAME
+        state = read_state_dict(weights)
         if state or model.state_dict():  # a module without parameters saves an empty file
-            load_state_dict_strict(model, state, source=str(directory / WEIGHTS_NAME))
+            load_state_dict_strict(model, state, source=str(weights))
         model.set_image_processor(read_image_processor(directory))
         model.to(device=device, dtype=dtype)
         return model.eval()

@@ -20,16 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="zero-shot accuracy and retrieval recall of a trained contrastive model",
         description="Evaluate MODEL (a ContrastiveModel save_pretrained directory) on a dataset.",
     )
-    parser.add_argument("model", help="directory written by save_pretrained (e.g. RUN/export/model)")
+    parser.add_argument("model", help="a contrastive model: a ContrastiveModel save_pretrained directory (e.g. "
+                                      "RUN/export/model) or open_clip:ARCH[:TAG]")
     parser.add_argument("--data", required=True, help="builtin:digits, builtin:shapes, hub name, folder or parquet")
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default=None)
     parser.add_argument("--class-names", nargs="*", default=None, help="zero-shot class names (default: the label names)")
-    parser.add_argument("--templates", nargs="*", default=None, help="prompt templates with one {} (default: the digits ones)")
+    parser.add_argument("--templates", nargs="*", default=None, help="prompt templates with one {} (default: neutral ones, 'a photo of a {}.' ...)")
     parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="option of a builtin source, e.g. num_test=1000")
+                        help="option of a builtin source (e.g. num_test=1000) or of datasets.load_dataset "
+                             "(values are YAML)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -37,30 +39,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
+    import sys
+
     from accelerate import Accelerator
 
-    from ..contrastive import ContrastiveModel
-    from ..processing import ImageProcessor
-    from ..train.build import use_batched_cpu_attention
-    from ..train.config import DIGITS_TEMPLATES
+    from ..specs.models import load_model
+    from ..specs.options import parse_yaml
+    from ..train.config import DEFAULT_TEMPLATES
     from ..train.evaluate import evaluate
-    from ..train.sources import open_source
+    from ..train.sources import open_pair_source
 
     options = {}
     for item in args.data_option:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ValueError(f"--data-option {item!r} must look like key=value")
-        options[key] = yaml.safe_load(value)
+        options[key.strip()] = parse_yaml(value, f"--data-option {item!r}")
     accelerator = Accelerator(cpu=args.cpu)
-    model = ContrastiveModel.from_pretrained(args.model, device=accelerator.device)
-    use_batched_cpu_attention(model)
-    processor = model.get_image_processor() or ImageProcessor.default_for(model.vision.config)
-    source = open_source(args.data, args.split, options=options, image_column=args.image_column,
+    model = load_model(args.model, need="contrastive", command="eval", device=accelerator.device).model
+    processor = model.vision.image_processor
+    source = open_pair_source(args.data, args.split, options=options, image_column=args.image_column,
                          text_column=args.text_column, label_column=args.label_column,
                          class_names=tuple(args.class_names) if args.class_names else None)
-    metrics = evaluate(model, source, processor, model.text.tokenizer(), templates=args.templates or DIGITS_TEMPLATES,
+    if accelerator.is_main_process and source.labels is None:
+        print("zero-shot accuracy skipped: the data has no labels (name a label column with --label-column, or use "
+              "class sub-folders); retrieval recall only", file=sys.stderr)
+    elif accelerator.is_main_process and not source.class_names:
+        print("zero-shot accuracy skipped: the labels have no class names (pass --class-names NAME ...); "
+              "retrieval recall only", file=sys.stderr)
+    metrics = evaluate(model, source, processor, model.text.tokenizer(), templates=args.templates or DEFAULT_TEMPLATES,
                        batch_size=args.batch_size, device=accelerator.device)
     if accelerator.is_main_process:
         if args.json:

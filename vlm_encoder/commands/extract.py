@@ -13,33 +13,10 @@ missing or fail their checksum. See docs/extraction.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..extract.config import DEFAULT_SHARD_SIZE, DTYPES, KINDS
-
-
-def _override(text: str) -> tuple[str, object]:
-    """`KEY=VALUE`, VALUE read as JSON when it parses (`depth=2`, `image_size=[64,96]`)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a VisionConfig field), got {text!r}")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
-def _size(text: str) -> tuple[int, int]:
-    """`224` or `224x320` (H x W)."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    parts = parts * 2 if len(parts) == 1 else parts
-    if len(parts) != 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"image size must be N or HxW with positive ints, got {text!r}")
-    return parts[0], parts[1]
+from .options import add_model_arguments, model_options, parse_size, writable_directory
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,13 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Extract CLS / patch / pooled features of the requested layers for every image of a dataset. "
                     "Resumable (run again with the same arguments), multi-process through `accelerate launch`.",
     )
-    parser.add_argument("--model", required=True, metavar="SOURCE",
-                        help="preset:NAME (random weights), a save_pretrained directory, a hub repo id, "
-                             "open_clip:ARCH or timm:NAME")
-    parser.add_argument("--checkpoint", default=None, metavar="FILE", help="weight file loaded into --model")
-    parser.add_argument("--override", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                        help="change a VisionConfig field of a preset, e.g. --override depth=4 (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    add_model_arguments(parser)
     parser.add_argument("--dataset", required=True, metavar="SPEC",
                         help="folder of images, list file (.txt), saved dataset folder, .parquet, imagefolder:DIR "
                              "or a hub dataset name (NAME or NAME:CONFIG)")
@@ -67,9 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--select", default="cls,patch", metavar="KINDS",
                         help=f"comma-separated, from {','.join(KINDS)} (default cls,patch)")
     parser.add_argument("--norm", action="store_true", help="apply the final LayerNorm to the stored tokens")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (resumed if it holds this run)")
+    parser.add_argument("--out", required=True, type=writable_directory, metavar="DIR", help="output folder (resumed if it holds this run)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="encoder and feature dtype (default fp32)")
-    parser.add_argument("--image-size", type=_size, default=None, metavar="N|HxW",
+    parser.add_argument("--image-size", type=parse_size, default=None, metavar="N|HxW",
                         help="resize to this instead of the model's size")
     parser.add_argument("--resolution", choices=("fixed", "native"), default="fixed",
                         help="fixed: one input size; native: each image at its own aspect ratio, sides multiples of "
@@ -101,9 +72,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         layers=tuple(args.layers),
         select=args.select,
-        checkpoint=args.checkpoint,
-        overrides=tuple(args.override),
-        seed=args.seed,
+        **model_options(args),
         dtype=args.dtype,
         image_size=args.image_size,
         norm=args.norm,

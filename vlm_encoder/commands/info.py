@@ -17,16 +17,17 @@ import json
 from typing import Any
 
 from ..encoder import VisionEncoder
+from .options import add_model_arguments, model_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info",
-        help="describe a pretrained encoder (family, size, grid, preprocessing)",
-        description="Load SOURCE (model directory, hub repo id, open_clip:ARCH or timm:NAME) and describe it.",
+        help="describe a model (family, towers, size, grid, preprocessing)",
+        description="Load MODEL (any model spec) and describe it: an encoder, both towers of a contrastive model "
+                    "(what `train` exports) or the parts of a vision-language model.",
     )
-    parser.add_argument("source", help="model directory, hub repo id, open_clip:ARCH or timm:NAME")
-    parser.add_argument("--checkpoint", default=None, help="weight file (open_clip / timm, or instead of the directory's)")
+    add_model_arguments(parser, positional=True)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(func=run)
 
@@ -35,7 +36,7 @@ def describe(encoder: VisionEncoder) -> dict[str, Any]:
     """A JSON-friendly description of a loaded encoder."""
     c = encoder.config
     grid = c.grid_size
-    processor = getattr(encoder, "image_processor", None)
+    processor = encoder.get_image_processor()
     processor_config = getattr(processor, "config", None)
     if dataclasses.is_dataclass(processor_config):
         preprocessing: Any = dataclasses.asdict(processor_config)
@@ -43,7 +44,7 @@ def describe(encoder: VisionEncoder) -> dict[str, Any]:
         preprocessing = None if processor is None else repr(processor)
     prefix = ["CLS"] * int(c.class_token) + [f"{c.num_register_tokens} registers"] * bool(c.num_register_tokens)
     return {
-        "source": dict(getattr(encoder, "source_info", None) or {}),
+        "source": dict(encoder.source_info),
         "blocks": encoder.num_blocks,
         "width": c.width,
         "heads": c.num_heads,
@@ -62,11 +63,20 @@ def describe(encoder: VisionEncoder) -> dict[str, Any]:
 
 def _text(d: dict[str, Any]) -> str:
     src = d["source"]
+    extra = []
+    if "contrastive" in d:
+        c = d["contrastive"]
+        extra.append(f"contrastive:   {c['objective']}, embed_dim {c['embed_dim']}, logit scale {c['logit_scale']:.2f}, "
+                     f"text tower {c['text_parameters'] / 1e6:.2f}M parameters")
+    if "vlm" in d:
+        v = d["vlm"]
+        extra.append(f"vlm:           layers {v['feature_layers']} -> projector {v['projector'].get('kind', '?')} -> "
+                     f"{v['language_model']} ({v['language_model_parameters'] / 1e6:.2f}M parameters)")
     family = src.get("family", "?")
     if src.get("vision_family"):
         family += f" (vision tower: {src['vision_family']})"
     lines = [
-        f"source:        {src.get('source', '?')}",
+        f"source:        {src.get('source', '?')}" + (f"  [{d['kind']}]" if d.get("kind") else ""),
         f"family:        {family}" + (f"  [model_type {src['model_type']}]" if src.get("model_type") else ""),
     ]
     if src.get("vision_feature_layer") is not None:
@@ -90,14 +100,50 @@ def _text(d: dict[str, Any]) -> str:
         lines.append("preprocessing: " + ", ".join(f"{k}={v}" for k, v in pre.items()))
     else:
         lines.append(f"preprocessing: {pre}")
+    if src.get("random_weights"):
+        lines.append("weights:       RANDOM (a preset without a checkpoint)")
+    lines += extra
     lines.append("config:        " + json.dumps(d["config"], sort_keys=True))
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..loading import load_encoder
+def describe_model(loaded: Any) -> dict[str, Any]:
+    """`describe` of the image tower, plus the other parts of a contrastive model or VLM."""
+    model = loaded.model
+    if loaded.kind == "text":
+        return {"kind": "text", "source": loaded.info, "config": model.config.to_dict(),
+                "parameters": sum(p.numel() for p in model.parameters())}
+    description = {"kind": loaded.kind, **describe(loaded.vision)}
+    description["source"] = dict(loaded.info)
+    if loaded.kind == "contrastive":
+        description["contrastive"] = {
+            "objective": model.config.objective,
+            "embed_dim": model.embed_dim,
+            "text_tower": model.config.text.to_dict(),
+            "text_parameters": sum(p.numel() for p in model.text.parameters()),
+            "logit_scale": float(model.current_logit_scale()),
+        }
+    elif loaded.kind == "vlm":
+        lm = model.language_model
+        description["vlm"] = {
+            "projector": model.projector.config.to_dict(),
+            "language_model": type(lm).__name__,
+            "language_model_parameters": sum(p.numel() for p in lm.parameters()),
+            "feature_layers": list(model.feature_layers),
+        }
+    return description
 
-    encoder = load_encoder(args.source, checkpoint=args.checkpoint)
-    description = describe(encoder)
-    print(json.dumps(description, indent=2, default=str) if args.json else _text(description))
+
+def run(args: argparse.Namespace) -> int:
+    from ..specs.models import load_model
+
+    loaded = load_model(args.model, command="info", **model_options(args))
+    description = describe_model(loaded)
+    if args.json:
+        print(json.dumps(description, indent=2, default=str))
+    elif loaded.kind == "text":
+        print(f"source:        {loaded.spec.text}\nkind:          text tower only\n"
+              f"parameters:    {description['parameters']:,}\nconfig:        {json.dumps(description['config'])}")
+    else:
+        print(_text(description))
     return 0

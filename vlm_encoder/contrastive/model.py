@@ -85,12 +85,8 @@ class ContrastiveModel(PretrainedMixin, nn.Module):
         max_logit_scale: float | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(vision, VisionEncoder):
-            raise TypeError(f"vision must be a VisionEncoder, got {type(vision).__name__}")
-        if not isinstance(text, (TextEncoder, HFTextEncoder)):
-            raise TypeError(f"text must be a TextEncoder or HFTextEncoder, got {type(text).__name__}")
         extra = {} if max_logit_scale is None else {"max_logit_scale": max_logit_scale}
-        # Validates the combination (and resolves the defaults) once, here.
+        # The one check of the combination (and where the defaults are resolved).
         head = ContrastiveConfig(
             vision.config, text.config, embed_dim, objective, init_logit_scale, init_logit_bias, **extra
         )
@@ -101,8 +97,8 @@ class ContrastiveModel(PretrainedMixin, nn.Module):
         self.init_logit_bias = head.init_logit_bias
         self.max_logit_scale = head.max_logit_scale
         vision_width = vision.config.embed_dim or vision.config.width
-        self.image_proj = nn.Linear(vision_width, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
+        self.image_proj = nn.Linear(vision_width, head.embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.width, head.embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=vision_width**-0.5)
         nn.init.normal_(self.text_proj.weight, std=text.width**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(float(head.init_logit_scale)))
@@ -162,7 +158,7 @@ class ContrastiveModel(PretrainedMixin, nn.Module):
         return load_open_clip_contrastive(arch, checkpoint, cache_dir)
 
     def get_image_processor(self) -> Any:
-        return self.vision.image_processor
+        return self.vision.get_image_processor()
 
     def set_image_processor(self, processor: Any) -> None:
         if processor is not None:

@@ -8,32 +8,26 @@ import math
 import torch
 from torch import nn
 
-from ..determinism import set_batch_invariant
 from ..contrastive import ContrastiveModel
 from ..presets import preset_config
 from ..encoder import VisionEncoder
-from ..loading import load_encoder
+from ..specs.models import load_model
 from ..text import HFTextConfig, HFTextEncoder, TextEncoder, text_preset_config
 from .config import TrainConfig
-
-
-OPEN_CLIP_PREFIX = "open_clip:"
 
 
 def build_model(config: TrainConfig) -> ContrastiveModel:
     """The model a run starts from: `init_model` loaded (a saved `ContrastiveModel` or an
     open_clip CLIP), or a new one whose image tower is `vision_init` loaded or built from the
     preset, and whose text tower is `text_model` loaded or built from its preset."""
-    if config.init_model and config.init_model.startswith(OPEN_CLIP_PREFIX):
-        arch, _, checkpoint = config.init_model[len(OPEN_CLIP_PREFIX) :].partition(":")
-        model = ContrastiveModel.from_open_clip(arch, checkpoint or None)
-    elif config.init_model:
-        model = ContrastiveModel.from_pretrained(config.init_model)
+    if config.init_model:
+        model = load_model(config.init_model, need="contrastive", command="train init_model").model
     else:
         if config.vision_init:
-            vision = load_encoder(config.vision_init, checkpoint=config.vision_checkpoint)
+            vision = load_model(config.vision_init, need="vision", command="train vision_init",
+                                checkpoint=config.vision_checkpoint).vision
         else:
-            vision = VisionEncoder(preset_config(config.vision_preset, **_tuples(config.vision_overrides)))
+            vision = VisionEncoder(preset_config(config.vision_preset, **config.vision_overrides))
         if config.text_model:
             length = config.text_overrides.get("context_length", 77)
             text = HFTextEncoder(HFTextConfig(config.text_model, pooling=config.text_pooling, context_length=length))
@@ -45,16 +39,6 @@ def build_model(config: TrainConfig) -> ContrastiveModel:
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.train()
-
-
-def use_batched_cpu_attention(model: nn.Module) -> None:
-    """Batched CPU kernels instead of one call per image (see `vlm_encoder.determinism`):
-    training does not need bitwise batch invariance, and batched calls are many times faster."""
-    set_batch_invariant(model, False)
-
-
-def _tuples(values: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

@@ -5,25 +5,30 @@ reads from YAML, takes `key=value` overrides from the command line, and is saved
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args, get_type_hints
+from typing import Any, Literal, get_args
 
 import yaml
 
+from ..specs.options import ConfigMixin, at_least, check_fields
+
 MixedPrecision = Literal["no", "bf16", "fp16"]
 MIXED_PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
-Resume = Literal["auto", "never"]
 
+# Zero-shot prompts when a config names none: neutral ones, as CLIP's simplest template.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 DIGITS_TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "the number {}.")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigMixin):
     """Configuration of `vlm-encoder train` (and `eval`).
+
+    Read from YAML 1.2 and `key=value` overrides by the field types (`specs.options`): `lr:
+    1e-3` is a float, `mixed_precision: no` the string "no", booleans only `true` / `false`.
 
     Attributes:
         data: Training data: `builtin:digits`, `builtin:shapes`, a hub dataset name, a local
@@ -40,7 +45,8 @@ class TrainConfig:
         text_column: Column holding captions (a string, or a list of captions per image).
         label_column: Optional integer label column for zero-shot evaluation.
         class_names: Class names for zero-shot evaluation (default: the label feature's names).
-        templates: Zero-shot prompt templates, each with one `{}`.
+        templates: Zero-shot prompt templates, each with one `{}` (default: neutral ones,
+            "a photo of a {}." ...; `examples/configs/digits.yaml` sets digit prompts).
         vision_preset: `create_encoder` preset of the image tower.
         vision_overrides: `VisionConfig` fields replacing the preset's (e.g. `{width: 64}`).
         text_preset: Text tower preset (`tiny`, `small`, `base`).
@@ -107,79 +113,61 @@ class TrainConfig:
     text_column: str = "text"
     label_column: str | None = None
     class_names: tuple[str, ...] | None = None
-    templates: tuple[str, ...] = DIGITS_TEMPLATES
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
     vision_preset: str = "vit_tiny_patch16_224"
     vision_overrides: dict[str, Any] = field(default_factory=dict)
     text_preset: str = "tiny"
     text_overrides: dict[str, Any] = field(default_factory=dict)
     text_model: str | None = None
     text_pooling: Literal["mean", "cls"] = "mean"
-    embed_dim: int = 128
+    embed_dim: int = at_least(1, 128)
     objective: Literal["clip", "siglip"] = "clip"
     init_model: str | None = None
     vision_init: str | None = None
     vision_checkpoint: str | None = None
     lock_image: bool = False
     cache_image_features: bool = True
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 256
-    accum_steps: int = 1
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
+    epochs: int = at_least(1, 1)
+    max_steps: int | None = at_least(1, None)
+    batch_size: int = at_least(1, 256)
+    accum_steps: int = at_least(1, 1)
+    lr: float = at_least(0.0, 1e-3)
+    min_lr: float = at_least(0.0, 0.0)
+    warmup_steps: int = at_least(0, 100)
+    weight_decay: float = at_least(0.0, 0.1)
     betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    grad_clip: float = 1.0
+    eps: float = at_least(0.0, 1e-6)
+    grad_clip: float = at_least(0.0, 1.0)
     mixed_precision: MixedPrecision = "no"
     grad_checkpointing: bool = False
     compile: bool = False
     cpu: bool = False
-    seed: int = 0
-    num_workers: int = 0
+    seed: int = at_least(0, 0)
+    num_workers: int = at_least(0, 0)
     output_dir: str = "runs/train"
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
+    checkpoint_every: int = at_least(0, 0)
+    keep_checkpoints: int = at_least(1, 2)
     resume: str = "auto"
     allow_partial_resume: bool = False
     resume_fallback: bool = False
-    eval_every: int = 0
-    eval_batch_size: int = 256
-    log_every: int = 10
+    eval_every: int = at_least(0, 0)
+    eval_batch_size: int = at_least(1, 256)
+    log_every: int = at_least(1, 10)
     progress: bool = True
 
     def __post_init__(self) -> None:
-        # YAML and the command line give lists; the frozen config keeps tuples.
-        for name in ("class_names", "templates", "betas"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        for name in ("data_options", "vision_overrides", "text_overrides"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be a mapping, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size", "log_every", "keep_checkpoints"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "checkpoint_every", "eval_every", "num_workers", "seed"):
-            _check_int(name, getattr(self, name), minimum=0)
-        if self.max_steps is not None:
-            _check_int("max_steps", self.max_steps, minimum=1)
+        check_fields(self)
         if self.batch_size % self.accum_steps:
             raise ValueError(
                 f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps} "
                 "(each micro-batch is batch_size / accum_steps)"
             )
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}; allowed: {', '.join(MIXED_PRECISIONS)}")
-        if self.objective not in ("clip", "siglip"):
-            raise ValueError(f"objective={self.objective!r}; allowed: clip, siglip")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eps"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
             raise ValueError(f"templates must be a non-empty list of strings with exactly one '{{}}', got {self.templates!r}")
@@ -188,40 +176,12 @@ class TrainConfig:
                 "init_model and vision_init both given: init_model loads a whole model, vision_init only an image "
                 "tower for a new one; give one"
             )
-        if self.text_pooling not in ("mean", "cls"):
-            raise ValueError(f"text_pooling={self.text_pooling!r}; allowed: mean, cls")
         if self.text_model and self.init_model:
             raise ValueError("text_model and init_model both given: init_model already holds a text tower; give one")
         if self.vision_checkpoint and not self.vision_init:
             raise ValueError("vision_checkpoint is set without vision_init")
-        if self.resume not in ("auto", "never") and not self.resume:
+        if not self.resume:
             raise ValueError("resume must be 'auto', 'never' or a checkpoint path")
-
-    # ------------------------------------------------------------------ I/O
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (tuples as lists), ready for YAML or JSON."""
-        data = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Build from a mapping; unknown keys are an error naming them."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a training config must be a mapping of fields, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
-        """Read a YAML file of fields (unknown fields are an error)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the resolved config as YAML (atomically)."""
@@ -230,36 +190,3 @@ class TrainConfig:
         path = Path(path)
         write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
         return path
-
-    def with_overrides(self, overrides: Sequence[str]) -> "TrainConfig":
-        """A copy with command-line `key=value` overrides applied (values parsed as YAML;
-        `vision_overrides.width=64` sets one entry of a mapping field).
-
-        Raises:
-            ValueError: A malformed override or an unknown field (with the known ones).
-        """
-        data = self.to_dict()
-        hints = get_type_hints(TrainConfig)
-        for item in overrides:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} must look like key=value (e.g. lr=1e-3)")
-            key, raw = item.split("=", 1)
-            key = key.strip().replace("-", "_")
-            value = yaml.safe_load(raw) if raw.strip() else None
-            name, _, sub = key.partition(".")
-            if name not in data:
-                raise ValueError(f"unknown config field {name!r} in override {item!r}; known: {sorted(data)}")
-            if sub:
-                if not isinstance(data[name], dict):
-                    raise ValueError(f"{name} is not a mapping; {item!r} cannot set a sub-key")
-                data[name] = {**data[name], sub: value}
-            else:
-                if "str" in str(hints[name]) and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    value = raw.strip()  # e.g. output_dir=2024 stays a string
-                data[name] = value
-        return TrainConfig.from_dict(data)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

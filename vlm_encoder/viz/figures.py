@@ -118,6 +118,7 @@ def pca_figure(
     layer_label: str = "",
     panel_px: int = 320,
     keep_aspect: bool = False,
+    header: str | None = None,
 ) -> Figure:
     """One row per image: the image, then its PCA colour map beside it.
 
@@ -128,6 +129,7 @@ def pca_figure(
         layer_label: Text naming the layer, e.g. `"layer 6 of 12 blocks"`.
         panel_px: Side of each panel in pixels.
         keep_aspect: Keep each image's aspect ratio (images of different shapes).
+        header: Text above the panels (e.g. the model), or `None`.
     """
     if len(images) != len(rgb_maps):
         raise ValueError(f"got {len(images)} images but {len(rgb_maps)} PCA maps")
@@ -135,7 +137,7 @@ def pca_figure(
     pca_title = f"PCA, {layer_label}" if layer_label else "PCA of patch features"
     panels = [[image, rgb] for image, rgb in zip(images, rgb_maps)]
     titles = [[name, pca_title] for name in names]
-    return render_grid(panels, titles, panel_px=panel_px, keep_aspect=keep_aspect)
+    return render_grid(panels, titles, panel_px=panel_px, header=header, keep_aspect=keep_aspect)
 
 
 def attention_figure(

@@ -119,6 +119,17 @@ def _layer_label(encoder, layer: int) -> tuple[int, str]:
 
 
 @torch.inference_mode()
+def model_line(encoder) -> str:
+    """`model: SOURCE (FAMILY)`, with "RANDOM WEIGHTS" when the encoder was never trained
+    (a preset without a checkpoint): a picture of random features must say so."""
+    info = encoder.source_info
+    source = info.get("source") or "an encoder built in Python (no source recorded)"
+    family = f" ({info['family']})" if info.get("family") else ""
+    random = ", RANDOM WEIGHTS (untrained: the features show the architecture, not learned content)" if (
+        info.get("random_weights")) else ""
+    return f"model: {source}{family}{random}"
+
+
 def write_pca_picture(
     encoder,
     images: Sequence[ImageInput],
@@ -164,7 +175,7 @@ def write_pca_picture(
     rgb = [basis.colors(p.float().cpu()).reshape(h, w, 3) for p, (h, w) in zip(patches, grids)]
     grid_text = f"{grids[0][0]}x{grids[0][1]} patches" if len(set(grids)) == 1 else f"{resolution} resolution"
     fig = pca_figure(prepared.crops, rgb, names=names, layer_label=f"{label}, {grid_text}", panel_px=panel_px,
-                     keep_aspect=resolution != "fixed")
+                     keep_aspect=resolution != "fixed", header=model_line(encoder))
     return save_figure(fig, path)
 
 
@@ -228,7 +239,7 @@ def write_attention_picture(
         notes.append("register columns dropped")
     if not config.class_token:
         notes.append(f"this model has no CLS token (pool={config.pool!r})")
-    header = f"{QUERY_DESCRIPTIONS[chosen]}, {label}" + (f"; {'; '.join(notes)}" if notes else "")
+    header = f"{model_line(encoder)}\n{QUERY_DESCRIPTIONS[chosen]}, {label}" + (f"; {'; '.join(notes)}" if notes else "")
     header += ("\nrollout (Abnar & Zuidema 2020): per block mean of heads + identity, rows renormalised, "
                f"multiplied over blocks 0..{resolved}" + (", then the MAP query" if chosen == "map" else "")
                + "; each panel scaled to its own min..max")
@@ -304,6 +315,6 @@ def write_similarity_picture(
         where = f"of {names[0]}"
     maps = similarity_maps(patches, 0, row * grids[0][1] + col)
     maps = [m.reshape(h, w) for m, (h, w) in zip(maps, grids)]
-    header = f"cosine similarity of patch (row {row}, col {col}) {where} to every patch, {label}"
+    header = f"{model_line(encoder)}\ncosine similarity of patch (row {row}, col {col}) {where} to every patch, {label}"
     fig = similarity_figure(prepared.crops, maps, 0, (row, col), stride, header, names=names, panel_px=panel_px)
     return save_figure(fig, path)
