@@ -8,8 +8,12 @@ import torch
 from torch import nn
 
 from projectors import (
+    CAbstractorOptions,
+    PixelShuffleOptions,
+    PoolOptions,
     Projector,
     ProjectorConfig,
+    ResamplerOptions,
     build_projector,
     list_projectors,
     load_llava_mm_projector,
@@ -77,8 +81,56 @@ def test_save_load_round_trip(tmp_path, kind, options, in_dim, tokens):
 def test_save_load_keeps_tuple_fields(tmp_path):
     proj = build_projector("pool", (D_IN, 16), D_OUT, target_grid=(2, 3), fusion_grid=(4, 6))
     loaded = Projector.from_pretrained(proj.save_pretrained(tmp_path / "p"))
-    assert loaded.config.in_dim == (D_IN, 16) and loaded.config.target_grid == (2, 3)
+    assert loaded.config.in_dim == (D_IN, 16) and loaded.config.options.target_grid == (2, 3)
     assert loaded.config.fusion_grid == (4, 6)
+
+
+# What `save_pretrained` wrote before the kinds' options were split out: every kind's fields
+# flat at the top level, with their defaults where the kind does not read them.
+FLAT_DEFAULTS = {"hidden_dim": None, "scale_factor": 2, "norm": True, "target_grid": None, "num_queries": 64,
+                 "num_heads": 8, "depth": 2, "pos_embed_grid": None}
+
+
+@pytest.mark.parametrize("kind,options,in_dim,tokens", CASES, ids=IDS)
+def test_configs_saved_in_the_flat_layout_still_load(tmp_path, kind, options, in_dim, tokens):
+    proj = build_projector(kind, in_dim, D_OUT, **options).eval()
+    proj.save_pretrained(tmp_path / "p")
+    saved = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert saved["options"] == proj.config.options.to_dict()
+    flat = {**{k: v for k, v in saved.items() if k != "options"}, **FLAT_DEFAULTS, **saved["options"]}
+    (tmp_path / "p" / "config.json").write_text(json.dumps(flat))
+    loaded = Projector.from_pretrained(tmp_path / "p")
+    assert loaded.config == proj.config
+    x = torch.randn(1, N, in_dim)
+    torch.testing.assert_close(loaded(x, GRID), proj(x, GRID), rtol=0, atol=0)
+
+
+def test_a_flat_config_json_from_before_the_split():
+    old = {"model_type": "vlm_encoder.projector", "kind": "pool", "in_dim": [32, 16], "out_dim": 48,
+           "fusion": "concat", "fusion_grid": None, "hidden_dim": 24, "bias": True, "scale_factor": 2, "norm": True,
+           "target_grid": [2, 3], "num_queries": 64, "num_heads": 8, "depth": 2}
+    config = ProjectorConfig.from_dict(old)
+    assert config == ProjectorConfig("pool", (32, 16), 48, options=PoolOptions(target_grid=(2, 3), hidden_dim=24))
+
+
+def test_each_kind_has_its_own_options():
+    """One options dataclass per kind: `depth` is cross-attention layers for the resampler
+    and RegNet blocks per stage for the C-Abstractor, never both in one config."""
+    resampler = build_projector("resampler", D_IN, D_OUT, depth=3).config
+    assert resampler.options == ResamplerOptions(depth=3) and resampler.options.num_queries == 64
+    c_abs = build_projector("c_abstractor", D_IN, D_OUT, target_grid=2, depth=1).config
+    assert c_abs.options == CAbstractorOptions(target_grid=(2, 2), depth=1)
+    assert build_projector("linear", D_IN, D_OUT).config.options.to_dict() == {}
+    config = ProjectorConfig("pixel_shuffle", [D_IN], D_OUT, fusion_grid=4, options={"scale_factor": 4})
+    assert config.in_dim == (D_IN,) and config.fusion_grid == (4, 4)
+    assert config.options == PixelShuffleOptions(scale_factor=4)
+    assert ProjectorConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="takes PoolOptions"):
+        ProjectorConfig("pool", D_IN, D_OUT, options=ResamplerOptions())
+    with pytest.raises(ValueError, match="PixelShuffleOptions.norm must be true or false"):
+        PixelShuffleOptions(norm="yes")
+    with pytest.raises(ValueError, match="ResamplerOptions.depth must be an int"):
+        ResamplerOptions(depth=2.0)
 
 
 def test_mlp2x_gelu_is_llavas_layout():
@@ -209,8 +261,8 @@ def test_pixel_shuffle_grid_not_divisible():
         ("identity", 32, 48, {}, "identity"),
         ("nope", 32, 48, {}, "unknown projector kind"),
         ("mlp2x_gelu", 32, 48, {"num_queries": 4}, "do not apply to kind 'mlp2x_gelu'"),
-        ("mlp2x_gelu", 32, 48, {"colour": 4}, "unknown projector options"),
-        ("pool", 32, 48, {}, "needs target_grid"),
+        ("mlp2x_gelu", 32, 48, {"colour": 4}, r"\['colour'\] do not apply"),
+        ("pool", 32, 48, {}, "PoolOptions needs .*target_grid"),
         ("resampler", 32, 48, {"num_heads": 5}, "divisible by num_heads"),
         ("mlp0x_gelu", 32, 48, {}, "at least one Linear"),
         ("linear", 0, 48, {}, "in_dim"),

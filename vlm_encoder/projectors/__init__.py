@@ -1,22 +1,35 @@
 """Projectors: map vision tokens of width `d_vit` to an LLM width `d_llm`.
 
 `build_projector(kind, in_dim, out_dim, **options)` builds any registered kind; a
-`Projector` fuses several layers or encoders first (`fusion`). See `docs/projectors.md`.
+`Projector` fuses several layers or encoders first (`fusion`). Each kind's own options are a
+dataclass of its own (`PoolOptions`, ...). Also importable as `projectors`; this subpackage
+builds on `vlm_encoder`'s base modules only, and `vlm` uses it (see `projectors/__init__.py`).
+See `docs/projectors.md`.
 """
 
-from . import c_abstractor, mlp, pixel_shuffle, pool, resampler  # noqa: F401  (registers the kinds)
-from .base import Projector
-from .config import ProjectorConfig
+from .base import Projector, build_projector
+from .c_abstractor import CAbstractorOptions
+from .config import KindOptions, ProjectorConfig
 from .fusion import FeatureFusion, TokenStream, resample_tokens
 from .kind import ProjectorKind, build_mlp
 from .llava import convert_hf_llava_projector, load_llava_mm_projector
-from .registry import build_projector, list_projectors, projector_class, projector_table, register_projector
+from .mlp import MLPOptions
+from .pixel_shuffle import PixelShuffleOptions
+from .pool import PoolOptions
+from .registry import list_projectors, projector_class, projector_table, register_projector
+from .resampler import ResamplerOptions
 
 __all__ = [
+    "CAbstractorOptions",
     "FeatureFusion",
+    "KindOptions",
+    "MLPOptions",
+    "PixelShuffleOptions",
+    "PoolOptions",
     "Projector",
     "ProjectorConfig",
     "ProjectorKind",
+    "ResamplerOptions",
     "TokenStream",
     "build_mlp",
     "build_projector",

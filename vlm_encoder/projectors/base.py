@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from .fusion import FeatureFusion, Grid, TokenStream
 from .registry import projector_class
 
 Features = torch.Tensor | EncoderOutput | Sequence[torch.Tensor | EncoderOutput]
+
+# `build_projector` options every kind takes; the others are the kind's `options_class` fields.
+COMMON_OPTIONS = ("fusion", "fusion_grid", "bias")
 
 
 def _is_pair(value: object) -> bool:
@@ -137,3 +141,28 @@ class Projector(PretrainedMixin, nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"kind={c.kind!r}, in_dim={c.in_dim}, out_dim={c.out_dim}, fusion={c.fusion!r}"
+
+
+def build_projector(kind: str, in_dim: int | tuple[int, ...], out_dim: int, **options: Any) -> Projector:
+    """Build a projector of a registered kind.
+
+    Args:
+        kind: e.g. `linear`, `mlp2x_gelu`, `identity`, `pixel_shuffle`, `pool`, `resampler`,
+            `c_abstractor` (see `list_projectors()`).
+        in_dim: Input token width, or one width per input stream (layers or encoders).
+        out_dim: The LLM's hidden size.
+        **options: `fusion`, `fusion_grid`, `bias`, and the fields of the kind's options
+            (e.g. `PoolOptions`: `target_grid`, `hidden_dim`).
+
+    Returns:
+        A randomly initialised `Projector`.
+
+    Raises:
+        ValueError: Unknown kind, an option the kind does not take, or invalid values.
+    """
+    allowed = [*COMMON_OPTIONS, *projector_class(kind).option_names()]
+    unused = sorted(set(options) - set(allowed))
+    if unused:
+        raise ValueError(f"option(s) {unused} do not apply to kind {kind!r}; its options are: {', '.join(allowed)}")
+    common = {name: options.pop(name) for name in COMMON_OPTIONS if name in options}
+    return Projector(ProjectorConfig(kind=kind, in_dim=in_dim, out_dim=out_dim, **common, options=options))

@@ -11,13 +11,16 @@ Linear`. Honeybee's learned position embedding on the input tokens is the option
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models.regnet import RegStage
 from torch import nn
 
-from .config import ProjectorConfig
+from ..specs.options import at_least
+from .config import KindOptions, ProjectorConfig, grid_field
 from .kind import ProjectorKind, grid_to_tokens, tokens_to_grid
 from .registry import register_projector
 
@@ -27,34 +30,48 @@ def reg_stage(depth: int, in_channels: int, out_channels: int) -> RegStage:
     return RegStage(depth, in_channels, out_channels, stride=1, dilation=1, act_layer=nn.SiLU, norm_layer=LayerNorm2d)
 
 
+@dataclass(frozen=True)
+class CAbstractorOptions(KindOptions):
+    """`c_abstractor`.
+
+    Attributes:
+        target_grid: Output grid `(h', w')` of the adaptive pooling (an int means square).
+        depth: RegNet bottleneck blocks in each of the two stages (before and after pooling).
+        hidden_dim: Channels of the RegNet stages (default `out_dim`).
+        pos_embed_grid: A learned position embedding for an input grid `(h, w)` added to the
+            tokens first (Honeybee's `pos_emb`); another input grid gets it resampled
+            (bicubic). `None`: none.
+    """
+
+    target_grid: tuple[int, int] = grid_field()
+    depth: int = at_least(1, 2)
+    hidden_dim: int | None = at_least(1, None)
+    pos_embed_grid: tuple[int, int] | None = grid_field(None)
+
+
 @register_projector("c_abstractor")
 class CAbstractorProjector(ProjectorKind):
     """`depth` RegNet blocks at the input grid, adaptive average pooling to `target_grid`,
     `depth` RegNet blocks, then `Linear(hidden, out), SiLU, Linear(out, out)`."""
 
-    options = ("target_grid", "depth", "hidden_dim", "pos_embed_grid")
+    options_class = CAbstractorOptions
     needs_grid = True
     reference = "Honeybee C-Abstractor (Cha et al. 2024)"
     tokens = "h' * w' (target_grid)"
 
-    @classmethod
-    def validate(cls, config: ProjectorConfig) -> None:
-        if config.target_grid is None:
-            raise ValueError("kind='c_abstractor' needs target_grid, the output grid (h', w') or an int for a square grid")
-
     def __init__(self, config: ProjectorConfig) -> None:
         super().__init__()
-        assert config.target_grid is not None
-        hidden = config.mlp_hidden_dim
-        self.target_grid = config.target_grid
+        options: CAbstractorOptions = config.options
+        hidden = config.hidden_width
+        self.target_grid = options.target_grid
         self.pos_embed = None  # (1, h*w, C) for pos_embed_grid (h, w), Honeybee's init
-        if config.pos_embed_grid is not None:
-            h, w = config.pos_embed_grid
+        if options.pos_embed_grid is not None:
+            h, w = options.pos_embed_grid
             self.pos_embed = nn.Parameter(torch.zeros(1, h * w, config.fused_dim))
             nn.init.trunc_normal_(self.pos_embed, mean=0.0, std=0.02)
-        self.pos_embed_grid = config.pos_embed_grid
-        self.stage1 = reg_stage(config.depth, config.fused_dim, hidden)
-        self.stage2 = reg_stage(config.depth, hidden, hidden)
+        self.pos_embed_grid = options.pos_embed_grid
+        self.stage1 = reg_stage(options.depth, config.fused_dim, hidden)
+        self.stage2 = reg_stage(options.depth, hidden, hidden)
         self.readout = nn.Sequential(
             nn.Linear(hidden, config.out_dim, bias=config.bias),
             nn.SiLU(),

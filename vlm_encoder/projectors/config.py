@@ -3,24 +3,57 @@
 A projector maps one or more streams of vision tokens (several layers of one encoder, or
 the patch grids of several encoders) to an LLM's width. The streams are first fused
 (`fusion`), then the projector kind (`kind`) maps the fused tokens `(B, N, C)` to
-`(B, M, out_dim)`.
+`(B, M, out_dim)`. The fields every kind reads are `ProjectorConfig`'s; a kind's own options
+are one dataclass per kind (`KindOptions`, subclassed beside each kind: `PoolOptions`,
+`ResamplerOptions`, ...), so a field name means one thing.
+
+In `config.json` the kind's options are the mapping `options`. The flat layout written before
+they were split out (every kind's fields at the top level) is read too (`from_dict`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from ..validation import check_positive_int as _positive_int
-from ..validation import optional_positive_pair as _optional_pair
+from ..specs.options import ConfigMixin, at_least, check_fields
+from ..validation import repeat_number
+from .registry import projector_class
 
 FusionKind = Literal["concat", "weighted_sum"]
-FUSION_KINDS: tuple[str, ...] = get_args(FusionKind)
+
+
+def grid_field(default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field holding a grid `(h, w)`, each side `>= 1`; an int `n` means `(n, n)`."""
+    return dataclasses.field(default=default, metadata={"min": 1, "square": True})
+
+
+def check_config(config: Any) -> None:
+    """`check_fields`, after an int given for a `grid_field` has become its square grid."""
+    for f in dataclasses.fields(config):
+        if f.metadata.get("square"):
+            object.__setattr__(config, f.name, repeat_number(getattr(config, f.name), 2))
+    check_fields(config)
 
 
 @dataclass(frozen=True)
-class ProjectorConfig:
+class KindOptions(ConfigMixin):
+    """The options of one projector kind: the base of each kind's options dataclass, and the
+    options of the kinds that have none (`linear`, `identity`)."""
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+# The kinds' options, as flat `ProjectorConfig` fields in configs saved before the split.
+_FLAT_OPTIONS = ("hidden_dim", "scale_factor", "norm", "target_grid", "num_queries", "num_heads", "depth", "pos_embed_grid")
+_ALWAYS_SAVED_FLAT = _FLAT_OPTIONS[:-1]  # `pos_embed_grid` came later
+
+
+@dataclass(frozen=True)
+class ProjectorConfig(ConfigMixin):
     """Configuration of a `Projector`.
 
     Attributes:
@@ -34,67 +67,50 @@ class ProjectorConfig:
             semantics of LLaVA's `vision_feature_layer` list) or a learned `weighted_sum`
             (softmax-normalised weights, initialised to the mean; needs equal widths).
         fusion_grid: Common patch grid `(h, w)` the streams are resampled to before fusing
-            (bilinear, antialiased when shrinking). `None` means the grid of the first
-            stream; streams already on that grid are left untouched.
-        hidden_dim: Hidden width of the kind's MLP / conv stages (default `out_dim`, as
-            LLaVA's `mlp2x_gelu`).
+            (bilinear, antialiased when shrinking; an int means square). `None` means the
+            grid of the first stream; streams already on that grid are left untouched.
         bias: Bias on the projector's linear layers (LLaVA's `multimodal_projector_bias`).
-        scale_factor: `pixel_shuffle`: side `s` of the `s x s` patch neighbourhoods merged
-            into one token.
-        norm: `pixel_shuffle`: LayerNorm on the merged tokens before the MLP (InternVL).
-        target_grid: `pool` / `c_abstractor`: output grid `(h', w')` (an int means square).
-        num_queries: `resampler`: number `M` of learned queries (output tokens).
-        num_heads: `resampler`: attention heads; must divide `out_dim`.
-        depth: `resampler`: cross-attention layers; `c_abstractor`: residual conv blocks
-            before and after the pooling.
-        pos_embed_grid: `c_abstractor`: a learned position embedding for an input grid
-            `(h, w)` added to the tokens first (Honeybee's `pos_emb`); another input grid gets
-            it resampled (bicubic). `None`: none.
+        options: The kind's own options, an instance of its `options_class` (e.g.
+            `PoolOptions`) or a mapping of its fields; `None`: its defaults.
     """
 
     kind: str
-    in_dim: int | tuple[int, ...]
-    out_dim: int
+    in_dim: int | tuple[int, ...] = at_least(1)
+    out_dim: int = at_least(1)
     fusion: FusionKind = "concat"
-    fusion_grid: tuple[int, int] | None = None
-    hidden_dim: int | None = None
+    fusion_grid: tuple[int, int] | None = grid_field(None)
     bias: bool = True
-    scale_factor: int = 2
-    norm: bool = True
-    target_grid: tuple[int, int] | None = None
-    num_queries: int = 64
-    num_heads: int = 8
-    depth: int = 2
-    pos_embed_grid: tuple[int, int] | None = None
+    options: KindOptions | None = None
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)
-        if isinstance(self.in_dim, (list, tuple)):
-            set_("in_dim", tuple(self.in_dim))
-            if not self.in_dim:
-                raise ValueError("in_dim must be an int or a non-empty sequence of ints (one per input stream)")
-            for i, width in enumerate(self.in_dim):
-                _positive_int(width, f"in_dim[{i}]")
-        else:
-            _positive_int(self.in_dim, "in_dim")
-        _positive_int(self.out_dim, "out_dim")
-        if self.hidden_dim is not None:
-            _positive_int(self.hidden_dim, "hidden_dim")
-        for name in ("scale_factor", "num_queries", "num_heads", "depth"):
-            _positive_int(getattr(self, name), name)
-        set_("fusion_grid", _optional_pair(self.fusion_grid, "fusion_grid"))
-        set_("target_grid", _optional_pair(self.target_grid, "target_grid"))
-        set_("pos_embed_grid", _optional_pair(self.pos_embed_grid, "pos_embed_grid"))
-        if self.fusion not in FUSION_KINDS:
-            raise ValueError(f"fusion={self.fusion!r} is not supported; allowed: {', '.join(FUSION_KINDS)}")
+        kind_class = projector_class(self.kind)
+        options_class = kind_class.options_class
+        if self.options is None or isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", options_class.from_dict(self.options or {}))
+        elif type(self.options) is not options_class:
+            raise ValueError(
+                f"kind {self.kind!r} takes {options_class.__name__} options, got {type(self.options).__name__}"
+            )
+        check_config(self)
+        if not self.in_dims:
+            raise ValueError("in_dim must be an int or a non-empty sequence of ints (one per input stream)")
         if self.fusion == "weighted_sum" and len(set(self.in_dims)) > 1:
             raise ValueError(
                 f"fusion='weighted_sum' needs every input stream to have the same width, got in_dim={self.in_dims}; "
                 "use fusion='concat' for streams of different widths"
             )
-        from .registry import projector_class  # late import: the registry imports the kinds
+        kind_class.validate(self)
 
-        projector_class(self.kind).validate(self)
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProjectorConfig:
+        """Build from a mapping (a `config.json`); unknown keys are an error, `model_type` is
+        skipped. The flat layout saved before the kinds' options were split out is read as
+        well: the kind's own fields become `options`, the other kinds' (unused) ones are dropped."""
+        if isinstance(data, Mapping) and "options" not in data and set(_ALWAYS_SAVED_FLAT) <= set(data):
+            own = {f.name for f in dataclasses.fields(projector_class(data.get("kind")).options_class)}
+            options = {k: v for k, v in data.items() if k in own}
+            data = {**{k: v for k, v in data.items() if k not in _FLAT_OPTIONS}, "options": options}
+        return super().from_dict(data)
 
     @property
     def in_dims(self) -> tuple[int, ...]:
@@ -112,25 +128,7 @@ class ProjectorConfig:
         return sum(self.in_dims) if self.fusion == "concat" else self.in_dims[0]
 
     @property
-    def mlp_hidden_dim(self) -> int:
-        return self.hidden_dim or self.out_dim
-
-    def replace(self, **changes: Any) -> ProjectorConfig:
-        """A copy with `changes` applied and validated again."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown ProjectorConfig fields: {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProjectorConfig:
-        """Build from a dict (e.g. `config.json`); unknown keys are an error, `model_type` is skipped."""
-        data = {k: v for k, v in data.items() if k != "model_type"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ProjectorConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+    def hidden_width(self) -> int:
+        """The kind's `hidden_dim` option, or `out_dim` when it is unset (as LLaVA's
+        `mlp2x_gelu`) or the kind has none."""
+        return getattr(self.options, "hidden_dim", None) or self.out_dim

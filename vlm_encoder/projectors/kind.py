@@ -2,37 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .config import ProjectorConfig
+from .config import KindOptions, ProjectorConfig
 
 
 class ProjectorKind(nn.Module):
     """Maps fused vision tokens `(B, N, C)` on a grid `(h, w)` to `(B, M, out_dim)`.
 
     Subclasses set the class attributes below (they feed `list_projectors()` and the docs)
-    and are registered with `projectors.registry.register_projector`.
+    and are registered with `register_projector`.
 
     Attributes:
-        options: `ProjectorConfig` fields the kind reads besides the common ones; any other
-            option passed to `build_projector` is an error.
+        options_class: The kind's own options (`config.options`), a `KindOptions` subclass;
+            `build_projector` takes its fields as keywords, any other option is an error.
         needs_grid: The kind works on the 2D patch grid (it cannot take prefix tokens such
             as CLS, and needs `h * w == N`).
         reference: The paper or system the kind follows.
         tokens: How many output tokens `M` it gives for `N` input tokens.
     """
 
-    options: ClassVar[tuple[str, ...]] = ()
+    options_class: ClassVar[type[KindOptions]] = KindOptions
     needs_grid: ClassVar[bool] = False
     reference: ClassVar[str] = ""
     tokens: ClassVar[str] = "N"
 
     @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.options_class)]
+
+    @classmethod
     def validate(cls, config: ProjectorConfig) -> None:
-        """Raise `ValueError` for options that do not fit this kind (called by the config)."""
+        """Raise `ValueError` for options that do not fit the config's common fields (called by
+        the config; each field on its own is checked by its type)."""
 
     def num_output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
         """`M` for `num_tokens` fused input tokens on `grid` (default: one per input)."""

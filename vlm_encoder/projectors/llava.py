@@ -18,9 +18,8 @@ import torch
 
 from ..weights import WeightsError, load_state_dict_strict, read_state_dict, strip_prefixes
 
-from .base import Projector
+from .base import Projector, build_projector
 from .mlp import mlp_depth
-from .registry import build_projector
 
 _HF_LLAVA_NAMES = {"linear_1": "0", "linear_2": "2"}
 

@@ -6,11 +6,13 @@ Each maps every input token on its own, so `M = N` and prefix tokens (CLS) are f
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import ProjectorConfig
+from ..specs.options import at_least
+from .config import KindOptions, ProjectorConfig
 from .kind import ProjectorKind, build_mlp
 from .registry import register_projector
 
@@ -27,12 +29,23 @@ def mlp_depth(kind: str) -> int:
     return int(match.group(1))
 
 
+@dataclass(frozen=True)
+class MLPOptions(KindOptions):
+    """`mlp{N}x_gelu`.
+
+    Attributes:
+        hidden_dim: Width of the hidden layers (default `out_dim`, as LLaVA's `mlp2x_gelu`).
+    """
+
+    hidden_dim: int | None = at_least(1, None)
+
+
 class _PerTokenMLP(ProjectorKind):
     """Shared body of `linear` and `mlp{N}x_gelu`: `mlp` is LLaVA's `mm_projector` layout."""
 
     def __init__(self, config: ProjectorConfig) -> None:
         super().__init__()
-        self.mlp = build_mlp(config.fused_dim, config.mlp_hidden_dim, config.out_dim, mlp_depth(config.kind), config.bias)
+        self.mlp = build_mlp(config.fused_dim, config.hidden_width, config.out_dim, mlp_depth(config.kind), config.bias)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
         return self.mlp(x)  # (B, N, out_dim)
@@ -51,7 +64,7 @@ class MLPProjector(_PerTokenMLP):
     """`N` Linear layers with GELU between them (LLaVA-1.5's `mlp2x_gelu`: Linear, GELU, Linear;
     Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning")."""
 
-    options = ("hidden_dim",)
+    options_class = MLPOptions
     reference = "LLaVA-1.5 (Liu et al. 2023)"
     tokens = "N"
 

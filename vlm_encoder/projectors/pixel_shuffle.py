@@ -7,13 +7,31 @@ LayerNorm (InternVL's `mlp1`) and Linear, GELU, Linear.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ProjectorConfig
+from ..specs.options import at_least
+from .config import KindOptions, ProjectorConfig
 from .kind import ProjectorKind, build_mlp, grid_to_tokens, tokens_to_grid
 from .registry import register_projector
+
+
+@dataclass(frozen=True)
+class PixelShuffleOptions(KindOptions):
+    """`pixel_shuffle`.
+
+    Attributes:
+        scale_factor: Side `s` of the `s x s` patch neighbourhoods merged into one token.
+        norm: LayerNorm on the merged tokens before the MLP (InternVL's `mlp1`).
+        hidden_dim: Hidden width of the MLP (default `out_dim`).
+    """
+
+    scale_factor: int = at_least(1, 2)
+    norm: bool = True
+    hidden_dim: int | None = at_least(1, None)
 
 
 @register_projector("pixel_shuffle")
@@ -24,17 +42,18 @@ class PixelShuffleProjector(ProjectorKind):
     channel `c * s^2 + i * s + j` holds channel `c` of the patch at offset `(i, j)`.
     """
 
-    options = ("scale_factor", "norm", "hidden_dim")
+    options_class = PixelShuffleOptions
     needs_grid = True
     reference = "InternVL 1.5 / Idefics3 pixel shuffle"
     tokens = "N / s^2"
 
     def __init__(self, config: ProjectorConfig) -> None:
         super().__init__()
-        self.scale_factor = config.scale_factor
-        merged = config.fused_dim * config.scale_factor**2
-        self.norm = nn.LayerNorm(merged) if config.norm else nn.Identity()
-        self.mlp = build_mlp(merged, config.mlp_hidden_dim, config.out_dim, 2, config.bias)
+        options: PixelShuffleOptions = config.options
+        self.scale_factor = options.scale_factor
+        merged = config.fused_dim * options.scale_factor**2
+        self.norm = nn.LayerNorm(merged) if options.norm else nn.Identity()
+        self.mlp = build_mlp(merged, config.hidden_width, config.out_dim, 2, config.bias)
 
     def _check(self, grid: tuple[int, int]) -> None:
         s = self.scale_factor

@@ -6,33 +6,43 @@ of the patch grid) and the "pooling" baseline of Honeybee's study: `M = h' * w'`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .config import ProjectorConfig
+from ..specs.options import at_least
+from .config import KindOptions, ProjectorConfig, grid_field
 from .kind import ProjectorKind, build_mlp, grid_to_tokens, tokens_to_grid
 from .registry import register_projector
+
+
+@dataclass(frozen=True)
+class PoolOptions(KindOptions):
+    """`pool`.
+
+    Attributes:
+        target_grid: Output grid `(h', w')` (an int means square); at most the input grid.
+        hidden_dim: Hidden width of the MLP (default `out_dim`).
+    """
+
+    target_grid: tuple[int, int] = grid_field()
+    hidden_dim: int | None = at_least(1, None)
 
 
 @register_projector("pool")
 class PoolProjector(ProjectorKind):
     """Adaptive 2D average pooling to `target_grid`, then `mlp2x_gelu`."""
 
-    options = ("target_grid", "hidden_dim")
+    options_class = PoolOptions
     needs_grid = True
     reference = "2D average pooling (LLaVA-OneVision / LLaVA-NeXT-Video style)"
     tokens = "h' * w' (target_grid)"
 
-    @classmethod
-    def validate(cls, config: ProjectorConfig) -> None:
-        if config.target_grid is None:
-            raise ValueError("kind='pool' needs target_grid, the output grid (h', w') or an int for a square grid")
-
     def __init__(self, config: ProjectorConfig) -> None:
         super().__init__()
-        assert config.target_grid is not None
-        self.target_grid = config.target_grid
-        self.mlp = build_mlp(config.fused_dim, config.mlp_hidden_dim, config.out_dim, 2, config.bias)
+        self.target_grid = config.options.target_grid
+        self.mlp = build_mlp(config.fused_dim, config.hidden_width, config.out_dim, 2, config.bias)
 
     def _check(self, grid: tuple[int, int]) -> None:
         if self.target_grid[0] > grid[0] or self.target_grid[1] > grid[1]:

@@ -1,4 +1,4 @@
-"""The projector registry: `build_projector(kind, in_dim, out_dim, **options)`.
+"""The projector registry: the kinds by name, for `build_projector(kind, in_dim, out_dim, **options)`.
 
 Kinds register a class under a name (`linear`) or a name pattern (`mlp{N}x_gelu`, matched
 by a regular expression), so `mlp3x_gelu` works without a table entry per depth.
@@ -6,22 +6,17 @@ by a regular expression), so `mlp3x_gelu` works without a table entry per depth.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from .base import Projector
     from .kind import ProjectorKind
 
 K = TypeVar("K", bound="type[ProjectorKind]")
 
 _NAMES: dict[str, type[ProjectorKind]] = {}
 _PATTERNS: list[tuple[re.Pattern[str], str, type[ProjectorKind]]] = []
-
-# Fields every kind reads; the others are per-kind `options`.
-COMMON_FIELDS = ("kind", "in_dim", "out_dim", "fusion", "fusion_grid", "bias")
 
 
 def register_projector(name: str, pattern: str | None = None) -> Callable[[K], K]:
@@ -70,38 +65,6 @@ def projector_table() -> list[dict[str, str]]:
     """One row per kind: name, reference, output tokens for `N` inputs, options."""
     rows = [(name, cls) for name, cls in _NAMES.items()] + [(name, cls) for _, name, cls in _PATTERNS]
     return [
-        {"kind": name, "reference": cls.reference, "tokens": cls.tokens, "options": ", ".join(cls.options)}
+        {"kind": name, "reference": cls.reference, "tokens": cls.tokens, "options": ", ".join(cls.option_names())}
         for name, cls in sorted(rows)
     ]
-
-
-def build_projector(kind: str, in_dim: int | tuple[int, ...], out_dim: int, **options: Any) -> Projector:
-    """Build a projector of a registered kind.
-
-    Args:
-        kind: e.g. `linear`, `mlp2x_gelu`, `identity`, `pixel_shuffle`, `pool`, `resampler`,
-            `c_abstractor` (see `list_projectors()`).
-        in_dim: Input token width, or one width per input stream (layers or encoders).
-        out_dim: The LLM's hidden size.
-        **options: `fusion`, `fusion_grid`, `bias`, and the kind's own options
-            (`ProjectorConfig` fields listed in the kind's `options`).
-
-    Returns:
-        A randomly initialised `Projector`.
-
-    Raises:
-        ValueError: Unknown kind, an option the kind does not use, or invalid values.
-    """
-    from .base import Projector
-    from .config import ProjectorConfig
-
-    cls = projector_class(kind)
-    fields = {f.name for f in dataclasses.fields(ProjectorConfig)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ValueError(f"unknown projector options {unknown}; ProjectorConfig fields are {sorted(fields)}")
-    unused = sorted(set(options) - set(COMMON_FIELDS) - set(cls.options))
-    if unused:
-        allowed = list(COMMON_FIELDS[3:]) + list(cls.options)
-        raise ValueError(f"option(s) {unused} do not apply to kind {kind!r}; its options are: {', '.join(allowed)}")
-    return Projector(ProjectorConfig(kind=kind, in_dim=in_dim, out_dim=out_dim, **options))

@@ -7,10 +7,13 @@ Qwen-VL (Bai et al. 2023), in the spirit of BLIP-2's Q-Former queries: the outpu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from .config import ProjectorConfig
+from ..specs.options import at_least
+from .config import KindOptions, ProjectorConfig
 from .kind import ProjectorKind, build_mlp
 from .registry import register_projector
 
@@ -32,32 +35,48 @@ class CrossAttentionLayer(nn.Module):
         return queries + self.mlp(self.norm_mlp(queries))
 
 
+@dataclass(frozen=True)
+class ResamplerOptions(KindOptions):
+    """`resampler`.
+
+    Attributes:
+        num_queries: Number `M` of learned queries (output tokens).
+        num_heads: Attention heads; must divide `out_dim`.
+        depth: Cross-attention layers.
+    """
+
+    num_queries: int = at_least(1, 64)
+    num_heads: int = at_least(1, 8)
+    depth: int = at_least(1, 2)
+
+
 @register_projector("resampler")
 class ResamplerProjector(ProjectorKind):
     """Learned queries `(M, out_dim)`; the tokens are projected to `out_dim` and normed (the
     keys/values), `depth` cross-attention layers update the queries, a final LayerNorm and
     Linear give the output."""
 
-    options = ("num_queries", "num_heads", "depth")
+    options_class = ResamplerOptions
     reference = "Perceiver Resampler (Flamingo) / Qwen-VL resampler / Q-Former queries"
     tokens = "num_queries"
 
     @classmethod
     def validate(cls, config: ProjectorConfig) -> None:
-        if config.out_dim % config.num_heads:
+        if config.out_dim % config.options.num_heads:
             raise ValueError(
-                f"resampler: out_dim={config.out_dim} must be divisible by num_heads={config.num_heads}"
+                f"resampler: out_dim={config.out_dim} must be divisible by num_heads={config.options.num_heads}"
             )
 
     def __init__(self, config: ProjectorConfig) -> None:
         super().__init__()
+        options: ResamplerOptions = config.options
         dim = config.out_dim
-        self.num_queries = config.num_queries
-        self.queries = nn.Parameter(torch.empty(config.num_queries, dim))
+        self.num_queries = options.num_queries
+        self.queries = nn.Parameter(torch.empty(options.num_queries, dim))
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.kv_proj = nn.Linear(config.fused_dim, dim, bias=False)
         self.norm_kv = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList(CrossAttentionLayer(dim, config.num_heads) for _ in range(config.depth))
+        self.layers = nn.ModuleList(CrossAttentionLayer(dim, options.num_heads) for _ in range(options.depth))
         self.norm_out = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim, bias=config.bias)
 
