@@ -372,12 +372,12 @@ def test_from_pretrained_rejects_wrong_model_type(tmp_path):
     "changes, message",
     [
         (dict(width=30, num_heads=4), "divisible by num_heads"),
-        (dict(act="relu"), "allowed: gelu, quick_gelu, gelu_tanh"),
+        (dict(act="relu"), "act must be one of 'gelu', 'quick_gelu', 'gelu_tanh', got the string 'relu'"),
         (dict(pool="cls", class_token=False), "needs class_token"),
         (dict(image_size=30), "not a multiple of the patch stride 8"),
-        (dict(pos_embed="rope"), "allowed: learned, sincos, none"),
-        (dict(depth=0), "depth must be a positive int"),
-        (dict(image_size=(32, 32, 3)), "pair of ints"),
+        (dict(pos_embed="rope"), "pos_embed must be one of 'learned', 'sincos', 'none'"),
+        (dict(depth=0), "VisionConfig.depth must be >= 1, got 0"),
+        (dict(image_size=(32, 32, 3)), r"image_size must be a list of 2 \(an int, an int\), got \(32, 32, 3\)"),
         (dict(proj_act="tanh"), "set embed_dim"),
     ],
 )

@@ -49,6 +49,7 @@ def test_edge_captions_give_fixed_length_ids_with_one_end_token(tokenizer, name)
         assert mask.sum() == position + 1 and mask[: position + 1].all()
         assert (ids[position + 1 :] == 0).all()
         assert (ids[1:position] != SOT).all()
+        assert 0 <= int(ids.min()) and int(ids.max()) < ClipTokenizer.vocab_size
 
 
 def test_long_caption_is_truncated_with_end_token_last(tokenizer):
@@ -90,8 +91,10 @@ def test_presets_and_config_validation():
         text_preset_config("huge")
     with pytest.raises(ValueError, match="divisible"):
         TextConfig(width=30, num_heads=4)
-    with pytest.raises(ValueError, match="context_length"):
+    with pytest.raises(ValueError, match="TextConfig.context_length must be >= 2, got 1"):
         TextConfig(context_length=1)
+    with pytest.raises(ValueError, match="TextConfig.depth must be an int, got 2.0"):
+        TextConfig(depth=2.0)
     with pytest.raises(ValueError, match="unknown TextConfig fields"):
         TextConfig.from_dict({"width": 32, "bogus": 1})
     assert TextConfig.from_dict(tiny_config().to_dict()) == tiny_config()
@@ -123,21 +126,16 @@ def test_batch_invariance():
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_text_encoder_rejects_rows_without_end_token_and_bad_ids():
+def test_text_encoder_rejects_ids_longer_than_its_context():
+    # Id values are the tokenizer's boundary (in the vocabulary, one end token after position
+    # 0: test_edge_captions_give_fixed_length_ids_with_one_end_token and the fuzz tests);
+    # the encoder checks only the shape, which costs no device synchronisation.
     encoder = TextEncoder(tiny_config())
     ids = encoder.tokenizer()(["a cat", "a dog"]).input_ids
-    broken = ids.clone()
-    broken[1][broken[1] == EOT] = 0
-    with pytest.raises(ValueError, match=r"rows \[1\].*end-of-text"):
-        encoder(broken)
-    at_first_position = torch.zeros(1, 4, dtype=torch.long)
-    at_first_position[0, 0] = EOT  # pooling would read position 0
-    with pytest.raises(ValueError, match="end-of-text"):
-        encoder(at_first_position)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        encoder(torch.where(ids == EOT, ids, ids + 60000))
     with pytest.raises(ValueError, match="context_length"):
         encoder(torch.cat([ids, ids], dim=1))
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        encoder(ids[0])
 
 
 def test_grad_checkpointing_gives_the_same_gradients():

@@ -7,11 +7,11 @@ different module class.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import Literal
 
-from .validation import check_choice as _choice
+from .specs.options import ConfigMixin, at_least, check_fields
+from .validation import repeat_number
 
 Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
 PosEmbedKind = Literal["learned", "sincos", "none"]
@@ -20,29 +20,9 @@ MlpKind = Literal["mlp", "swiglu"]
 ProjectionActivation = Literal["none", "tanh"]
 PosResampleMode = Literal["bicubic", "bilinear"]
 
-ACTIVATIONS: tuple[str, ...] = get_args(Activation)
-POS_EMBED_KINDS: tuple[str, ...] = get_args(PosEmbedKind)
-POOL_KINDS: tuple[str, ...] = get_args(PoolKind)
-MLP_KINDS: tuple[str, ...] = get_args(MlpKind)
-PROJECTION_ACTIVATIONS: tuple[str, ...] = get_args(ProjectionActivation)
-POS_RESAMPLE_MODES: tuple[str, ...] = get_args(PosResampleMode)
-
-
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    """Normalise an int or a 2-sequence (JSON gives lists) to `(h, w)`."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return (int(value[0]), int(value[1]))
-    raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
-
 
 @dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(ConfigMixin):
     """Configuration of a `VisionEncoder`.
 
     Attributes:
@@ -96,19 +76,19 @@ class VisionConfig:
             384 px, a 27 x 27 grid).
     """
 
-    image_size: tuple[int, int] = (224, 224)
-    patch_size: int = 16
-    in_channels: int = 3
-    width: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int | None = None
+    image_size: tuple[int, int] = at_least(1, (224, 224))
+    patch_size: int = at_least(1, 16)
+    in_channels: int = at_least(1, 3)
+    width: int = at_least(1, 768)
+    depth: int = at_least(1, 12)
+    num_heads: int = at_least(1, 12)
+    mlp_dim: int | None = at_least(1, None)
     mlp_type: MlpKind = "mlp"
     act: Activation = "gelu"
     qkv_bias: bool = True
     patch_bias: bool = True
     class_token: bool = True
-    num_register_tokens: int = 0
+    num_register_tokens: int = at_least(0, 0)
     pos_embed: PosEmbedKind = "learned"
     norm_pre: bool = False
     final_norm: bool = True
@@ -116,59 +96,37 @@ class VisionConfig:
     norm_eps: float = 1e-6
     layer_scale_init: float | None = None
     pool: PoolKind = "cls"
-    map_mlp_dim: int | None = None
-    embed_dim: int | None = None
+    map_mlp_dim: int | None = at_least(1, None)
+    embed_dim: int | None = at_least(1, None)
     proj_bias: bool = False
     proj_act: ProjectionActivation = "none"
-    stem_layers: tuple[int, ...] = field(default_factory=tuple)
-    stem_width: int = 64
-    drop_path_rate: float = 0.0
+    stem_layers: tuple[int, ...] = at_least(1, ())
+    stem_width: int = at_least(1, 64)
+    drop_path_rate: float = at_least(0.0, 0.0)
     pos_resample_antialias: bool = True
     pos_resample_mode: PosResampleMode = "bicubic"
     patch_remainder: Literal["error", "drop"] = "error"
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("image_size", _pair(self.image_size, "image_size"))
-        if isinstance(self.stem_layers, list):
-            set_("stem_layers", tuple(self.stem_layers))
+        object.__setattr__(self, "image_size", repeat_number(self.image_size, 2))  # an int: square
+        check_fields(self)
         if self.mlp_dim is None:
-            set_("mlp_dim", 4 * self.width)
-
-        for name in ("patch_size", "in_channels", "width", "depth", "num_heads", "mlp_dim", "stem_width"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if min(self.image_size) <= 0:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
+            object.__setattr__(self, "mlp_dim", 4 * self.width)
         if self.width % self.num_heads:
             raise ValueError(
                 f"width={self.width} must be divisible by num_heads={self.num_heads} "
                 f"(head dim = width / num_heads)"
             )
-        if self.num_register_tokens < 0:
-            raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
-        _choice(self.mlp_type, MLP_KINDS, "mlp_type")
-        _choice(self.act, ACTIVATIONS, "act")
-        _choice(self.pos_embed, POS_EMBED_KINDS, "pos_embed")
-        _choice(self.pool, POOL_KINDS, "pool")
-        _choice(self.proj_act, PROJECTION_ACTIVATIONS, "proj_act")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool='cls' needs class_token=True; use 'gap', 'map' or 'none' without a CLS token")
         if self.pos_embed == "sincos" and self.width % 4:
             raise ValueError(f"pos_embed='sincos' needs width divisible by 4, got width={self.width}")
-        if self.embed_dim is not None and self.embed_dim <= 0:
-            raise ValueError(f"embed_dim must be positive or None, got {self.embed_dim}")
         if self.proj_act != "none" and self.embed_dim is None:
             raise ValueError("proj_act needs a projection: set embed_dim")
-        if not 0.0 <= self.drop_path_rate < 1.0:
+        if self.drop_path_rate >= 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        if self.norm_eps <= 0:
+        if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        if any((not isinstance(n, int)) or n <= 0 for n in self.stem_layers):
-            raise ValueError(f"stem_layers must be positive ints, got {self.stem_layers}")
-        _choice(self.patch_remainder, ("error", "drop"), "patch_remainder")
-        _choice(self.pos_resample_mode, POS_RESAMPLE_MODES, "pos_resample_mode")
         stride = self.input_stride
         for side, name in zip(self.image_size, ("height", "width")):
             if side < stride:
@@ -205,23 +163,3 @@ class VisionConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.num_register_tokens
-
-    def replace(self, **changes: Any) -> "VisionConfig":
-        """A copy with `changes` applied and validated again."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown VisionConfig fields: {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VisionConfig":
-        """Build from a dict (e.g. `config.json`); unknown keys are an error, `model_type` is skipped."""
-        data = {k: v for k, v in data.items() if k != "model_type"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown VisionConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)

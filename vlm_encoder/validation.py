@@ -1,5 +1,5 @@
-"""Checks shared by the package's frozen config dataclasses, with messages that name the field,
-the value and what is allowed."""
+"""Checks of plain function arguments, with messages that name the argument, the value and what
+is allowed. A config's fields are checked by their types instead (`specs.options.check_fields`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ def check_choice(value: Any, allowed: tuple[str, ...], name: str) -> None:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
+def repeat_number(value: Any, times: int) -> Any:
+    """One number standing for every entry (`224` for a square `(224, 224)`, `0` for black
+    `(0, 0, 0)`) as a `times`-tuple; anything else unchanged, for `check_fields` to judge."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (value,) * times
+    return value
+
+
 def _as_positive_pair(value: Any) -> tuple[int, int] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
@@ -30,16 +38,8 @@ def _as_positive_pair(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def positive_pair(value: Any, name: str) -> tuple[int, int]:
-    """An int (square) or a 2-sequence of positive ints (JSON gives lists) as `(h, w)`."""
-    pair = _as_positive_pair(value)
-    if pair is None:
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints (h, w), got {value!r}")
-    return pair
-
-
 def optional_positive_pair(value: Any, name: str) -> tuple[int, int] | None:
-    """`None`, or what `positive_pair` accepts."""
+    """`None`, a positive int (square) or a 2-sequence of positive ints as `(h, w)`."""
     if value is None:
         return None
     pair = _as_positive_pair(value)

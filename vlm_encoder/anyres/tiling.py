@@ -28,6 +28,7 @@ from ..processing.convert import to_rgb
 from ..processing.loading import load_image
 from ..processing.processor import ImageInput
 from ..processing.transforms import center_crop_or_pad, rescale_and_normalize, resize
+from ..validation import check_positive_int
 from .config import AnyresConfig, TilePolicy
 from .select import Size, fit_size, internvl_grid, select_best_resolution, validate_pinpoints
 
@@ -61,8 +62,7 @@ class AnyresTiles:
 def tile_size_of(processor: ImageProcessor, tile_size: int | None) -> int:
     """The tile side: `tile_size`, else the processor's square output size."""
     if tile_size is not None:
-        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size <= 0:
-            raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+        check_positive_int(tile_size, "tile_size")
         return tile_size
     out = processor.config.output_size
     if out is None or out[0] != out[1]:

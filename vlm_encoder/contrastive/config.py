@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from ..config import VisionConfig
+from ..specs.options import ConfigMixin, at_least, check_fields
 from ..text.config import TextConfig
 from ..text.hf_text import HFTextConfig
 
 Objective = Literal["clip", "siglip"]
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 # Starting temperature and bias of each objective (CLIP paper; SigLIP paper: t' = ln 10, b = -10).
 DEFAULT_INIT: dict[str, tuple[float, float | None]] = {
@@ -26,7 +26,7 @@ TEXT_TOWERS: dict[str, type] = {"clip": TextConfig, "hf": HFTextConfig}
 
 
 @dataclass(frozen=True)
-class ContrastiveConfig:
+class ContrastiveConfig(ConfigMixin):
     """Configuration of a `ContrastiveModel`.
 
     Attributes:
@@ -43,21 +43,14 @@ class ContrastiveConfig:
 
     vision: VisionConfig
     text: TextConfig | HFTextConfig
-    embed_dim: int = 512
+    embed_dim: int = at_least(1, 512)
     objective: Objective = "clip"
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
     max_logit_scale: float = MAX_LOGIT_SCALE
 
     def __post_init__(self) -> None:
-        if not isinstance(self.vision, VisionConfig):
-            raise TypeError(f"vision must be a VisionConfig, got {type(self.vision).__name__}")
-        if not isinstance(self.text, (TextConfig, HFTextConfig)):
-            raise TypeError(f"text must be a TextConfig or HFTextConfig, got {type(self.text).__name__}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r} is not supported; allowed: {', '.join(OBJECTIVES)}")
-        if not isinstance(self.embed_dim, int) or isinstance(self.embed_dim, bool) or self.embed_dim <= 0:
-            raise ValueError(f"embed_dim must be a positive int, got {self.embed_dim!r}")
+        check_fields(self)
         if self.vision.pool == "none":
             raise ValueError("the vision tower needs a pooled output (pool='cls', 'gap' or 'map'), got pool='none'")
         scale, bias = DEFAULT_INIT[self.objective]
@@ -76,26 +69,23 @@ class ContrastiveConfig:
         return "clip" if isinstance(self.text, TextConfig) else "hf"
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["vision"] = self.vision.to_dict()
-        data["text"] = {"tower": self.text_tower, **self.text.to_dict()}
+        """Plain types; `text` carries its `tower` tag."""
+        data = super().to_dict()
+        data["text"] = {"tower": self.text_tower, **data["text"]}
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ContrastiveConfig":
-        """Build from a dict (e.g. `config.json`); unknown keys are an error, `model_type` is skipped."""
-        data = {k: v for k, v in data.items() if k != "model_type"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ContrastiveConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        for required in ("vision", "text"):
-            if required not in data:
-                raise ValueError(f"ContrastiveConfig needs a {required!r} entry")
-        text = dict(data["text"])
-        tower = text.pop("tower", None)
-        if tower not in TEXT_TOWERS:
-            raise ValueError(f"text.tower={tower!r} is not supported; allowed: {', '.join(TEXT_TOWERS)}")
-        data["vision"] = VisionConfig.from_dict(data["vision"])
-        data["text"] = TEXT_TOWERS[tower].from_dict(text)
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> "ContrastiveConfig":
+        """Build from a mapping (e.g. `config.json`): `text` is chosen by its `tower` tag.
+
+        Raises:
+            ValueError: An unknown or missing key or tower, or a value that does not fit.
+        """
+        text = data.get("text") if isinstance(data, Mapping) else None
+        if isinstance(text, Mapping):
+            text = dict(text)
+            tower = text.pop("tower", None)
+            if tower not in TEXT_TOWERS:
+                raise ValueError(f"text.tower={tower!r} is not supported; allowed: {', '.join(TEXT_TOWERS)}")
+            data = {**data, "text": TEXT_TOWERS[tower].from_dict(text)}
+        return super().from_dict(data)

@@ -18,14 +18,15 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from ..validation import check_positive_int
+
 SizingPolicy = Literal["navit", "naflex"]
 SIZING_POLICIES: tuple[str, ...] = get_args(SizingPolicy)
 
 
 def _check_size_args(height: int, width: int, patch_size: int, max_tokens: int) -> None:
     for name, value in (("height", height), ("width", width), ("patch_size", patch_size), ("max_tokens", max_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(value, name)
 
 
 def naflex_size(height: int, width: int, patch_size: int, max_tokens: int, eps: float = 1e-5) -> tuple[int, int]:

@@ -7,23 +7,19 @@ The config chooses each step's parameters; the converters in `from_hf`, `from_op
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
-from ..validation import check_choice as _choice
-from ..validation import positive_pair as _pair
+from ..specs.options import ConfigMixin, at_least, check_fields
+from ..validation import repeat_number
 
 ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "none"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 ResizeBackend = Literal["pil", "torchvision"]
 CropRounding = Literal["round", "floor"]
 
-RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
-RESIZE_BACKENDS: tuple[str, ...] = get_args(ResizeBackend)
-CROP_ROUNDINGS: tuple[str, ...] = get_args(CropRounding)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -33,24 +29,8 @@ HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 
 
-def _triple(value: Any, name: str, *, low: float, high: float, integer: bool = False) -> tuple:
-    """A number or a 3-sequence (one per RGB channel) in `[low, high]`."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = (value,) * 3
-    if isinstance(value, (list, tuple)) and len(value) == 3:
-        ok = all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
-            and (not integer or float(v).is_integer())
-            for v in value
-        )
-        if ok:
-            return tuple(int(v) for v in value) if integer else tuple(float(v) for v in value)
-    kind = "ints" if integer else "numbers"
-    raise ValueError(f"{name} must be one or three {kind} in [{low}, {high}] (R, G, B), got {value!r}")
-
-
 @dataclass(frozen=True)
-class ProcessorConfig:
+class ProcessorConfig(ConfigMixin):
     """Configuration of an `ImageProcessor`.
 
     Attributes:
@@ -65,7 +45,7 @@ class ProcessorConfig:
             `round(side / r)` with `r = max(h / th, w / tw)`; pair it with `crop_size` to pad.
             `none`: no resize.
         size: Resize target `(h, w)` (an int means square).
-        crop_size: Center crop `(h, w)`, or `None` for no crop. An image smaller than the
+        crop_size: Center crop `(h, w)` (an int means square), or `None` for no crop. An image smaller than the
             crop is first padded with `pad_fill`, evenly with the extra pixel right/bottom.
         crop_rounding: Offset of the crop when the margin is odd: `round` is Python's
             `round(margin / 2)` (torchvision, timm, open_clip), `floor` is `margin // 2` (HF).
@@ -75,7 +55,8 @@ class ProcessorConfig:
             `torchvision.transforms.v2.functional.resize(antialias=True)` (transformers 5's
             default image processors). The two differ by up to a few grey levels.
         rescale_factor: Multiplies the 0-255 pixel values (`1/255` gives `[0, 1]`).
-        mean: Per-channel mean subtracted after rescaling, or `None` for no normalization.
+        mean: Per-channel mean subtracted after rescaling (one number means all three), or
+            `None` for no normalization.
         std: Per-channel std divided by after subtracting `mean` (`None` with `mean`).
         background: RGB colour (0-255) that transparent pixels are composited on (white, as
             HF and most viewers do).
@@ -85,43 +66,35 @@ class ProcessorConfig:
     """
 
     resize_mode: ResizeMode = "exact"
-    size: tuple[int, int] = (224, 224)
-    crop_size: tuple[int, int] | None = None
+    size: tuple[int, int] = at_least(1, (224, 224))
+    crop_size: tuple[int, int] | None = at_least(1, None)
     crop_rounding: CropRounding = "round"
     interpolation: Interpolation = "bicubic"
     backend: ResizeBackend = "pil"
     rescale_factor: float = 1 / 255
     mean: tuple[float, float, float] | None = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] | None = OPENAI_CLIP_STD
-    background: tuple[int, int, int] = (255, 255, 255)
-    pad_fill: tuple[int, int, int] = (0, 0, 0)
+    background: tuple[int, int, int] = at_least(0, (255, 255, 255))
+    pad_fill: tuple[int, int, int] = at_least(0, (0, 0, 0))
     exif_transpose: bool = True
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        _choice(self.resize_mode, RESIZE_MODES, "resize_mode")
-        _choice(self.interpolation, INTERPOLATIONS, "interpolation")
-        _choice(self.backend, RESIZE_BACKENDS, "backend")
-        _choice(self.crop_rounding, CROP_ROUNDINGS, "crop_rounding")
-        set_("size", _pair(self.size, "size"))
-        if self.crop_size is not None:
-            set_("crop_size", _pair(self.crop_size, "crop_size"))
-        factor = self.rescale_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
-            raise ValueError(f"rescale_factor must be a positive number (1/255 maps 0-255 to [0, 1]), got {factor!r}")
-        set_("rescale_factor", float(factor))
+        for name, times in (("size", 2), ("crop_size", 2), ("mean", 3), ("std", 3), ("background", 3), ("pad_fill", 3)):
+            object.__setattr__(self, name, repeat_number(getattr(self, name), times))  # one number for all
+        check_fields(self)
+        if not (math.isfinite(self.rescale_factor) and self.rescale_factor > 0):
+            raise ValueError(
+                f"rescale_factor must be a positive number (1/255 maps 0-255 to [0, 1]), got {self.rescale_factor!r}"
+            )
         if (self.mean is None) != (self.std is None):
             raise ValueError(f"mean and std must both be set or both be None, got mean={self.mean!r}, std={self.std!r}")
-        if self.mean is not None:
-            set_("mean", _triple(self.mean, "mean", low=-1e6, high=1e6))
-            std = _triple(self.std, "std", low=0.0, high=1e6)
-            if min(std) <= 0:
-                raise ValueError(f"std must be positive, got {std}")
-            set_("std", std)
-        set_("background", _triple(self.background, "background", low=0, high=255, integer=True))
-        set_("pad_fill", _triple(self.pad_fill, "pad_fill", low=0, high=255, integer=True))
-        if not isinstance(self.exif_transpose, bool):
-            raise ValueError(f"exif_transpose must be a bool, got {self.exif_transpose!r}")
+        if self.mean is not None and not all(map(math.isfinite, self.mean)):
+            raise ValueError(f"mean must be finite numbers (R, G, B), got {self.mean}")
+        if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ValueError(f"std must be positive finite numbers (R, G, B), got {self.std}")
+        for name in ("background", "pad_fill"):
+            if max(getattr(self, name)) > 255:
+                raise ValueError(f"{name} must be an RGB colour of ints in [0, 255], got {getattr(self, name)}")
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -131,23 +104,3 @@ class ProcessorConfig:
         if self.resize_mode == "exact":
             return self.size
         return None
-
-    def replace(self, **changes: Any) -> "ProcessorConfig":
-        """A copy with `changes` applied and validated again."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown ProcessorConfig fields: {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ProcessorConfig":
-        """Build from a dict (e.g. `processor_config.json`); unknown keys are an error."""
-        data = {k: v for k, v in data.items() if k != "processor_type"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ProcessorConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)

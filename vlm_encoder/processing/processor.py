@@ -102,8 +102,6 @@ class ImageProcessor:
 
     def __init__(self, config: ProcessorConfig | None = None) -> None:
         self.config = config if config is not None else ProcessorConfig()
-        if not isinstance(self.config, ProcessorConfig):
-            raise TypeError(f"ImageProcessor takes a ProcessorConfig, got {type(config).__name__}")
 
     def __repr__(self) -> str:
         return f"ImageProcessor({self.config})"
@@ -164,7 +162,7 @@ class ImageProcessor:
                 f"processor_type={kind!r} is not {PROCESSOR_TYPE!r}; "
                 "for a HF preprocessor_config.json use from_hf_config"
             )
-        return cls(ProcessorConfig.from_dict(data))
+        return cls(ProcessorConfig.from_dict({k: v for k, v in data.items() if k != "processor_type"}))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write `processor_config.json` into `save_directory` atomically.

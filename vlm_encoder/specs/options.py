@@ -114,7 +114,8 @@ def read_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def at_least(minimum: int | float, default: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field whose value (when not `None`) must be `>= minimum`."""
+    """A dataclass field whose value (when not `None`) must be `>= minimum`; for a tuple
+    field, each item."""
     return dataclasses.field(default=default, metadata={"min": minimum})
 
 
@@ -242,8 +243,10 @@ def check_fields(config: Any) -> None:
         except ValueError as err:  # a nested config's own message
             raise ValueError(f"{cls.__name__}.{f.name}: {err}") from None
         minimum = f.metadata.get("min")
-        if minimum is not None and coerced is not None and coerced < minimum:
-            raise ValueError(f"{cls.__name__}.{f.name} must be >= {minimum}, got {coerced!r}")
+        items = coerced if isinstance(coerced, tuple) else (coerced,)  # a bound holds for each item
+        if minimum is not None and any(v is not None and v < minimum for v in items):
+            each = "each item of " if isinstance(coerced, tuple) else ""
+            raise ValueError(f"{each}{cls.__name__}.{f.name} must be >= {minimum}, got {coerced!r}")
         if coerced is not value:
             object.__setattr__(config, f.name, coerced)
 
@@ -288,13 +291,20 @@ class ConfigMixin:
         """Build from a mapping (a `config.json`, YAML); `model_type` is skipped.
 
         Raises:
-            ValueError: Not a mapping, an unknown key (the known ones are listed) or a value
-                that does not fit its field.
+            ValueError: Not a mapping, an unknown key (the known ones are listed), a missing
+                field that has no default, or a value that does not fit its field.
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"a {cls.__name__} must be a mapping of fields, got {type(data).__name__}")
         data = {k: v for k, v in data.items() if k != "model_type"}
         _check_names(cls, data)
+        missing = [
+            f.name for f in dataclasses.fields(cls)
+            if f.init and f.name not in data
+            and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(f"a {cls.__name__} needs the fields {missing}; they have no default")
         return cls(**data)
 
     @classmethod

@@ -3,12 +3,12 @@ its named presets (`tiny`, `small`, `base`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
+
+from ..specs.options import ConfigMixin, at_least, check_fields
 
 TextActivation = Literal["gelu", "quick_gelu", "gelu_tanh"]
-TEXT_ACTIVATIONS: tuple[str, ...] = get_args(TextActivation)
 
 # open_clip's bundled BPE: 49,152 merges-built tokens + <start_of_text> + <end_of_text>.
 CLIP_VOCAB_SIZE = 49408
@@ -17,7 +17,7 @@ CLIP_EOT_TOKEN_ID = 49407
 
 
 @dataclass(frozen=True)
-class TextConfig:
+class TextConfig(ConfigMixin):
     """Configuration of a `TextEncoder` (CLIP's text tower: causal transformer, pooled at the
     end-of-text token).
 
@@ -35,12 +35,12 @@ class TextConfig:
         pad_token_id: Id written after the end token.
     """
 
-    vocab_size: int = CLIP_VOCAB_SIZE
-    context_length: int = 77
-    width: int = 512
-    depth: int = 12
-    num_heads: int = 8
-    mlp_dim: int | None = None
+    vocab_size: int = at_least(1, CLIP_VOCAB_SIZE)
+    context_length: int = at_least(2, 77)  # start token + end token
+    width: int = at_least(1, 512)
+    depth: int = at_least(1, 12)
+    num_heads: int = at_least(1, 8)
+    mlp_dim: int | None = at_least(1, None)
     act: TextActivation = "gelu"
     norm_eps: float = 1e-5
     eot_token_id: int = CLIP_EOT_TOKEN_ID
@@ -48,21 +48,12 @@ class TextConfig:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.mlp_dim is None:
             object.__setattr__(self, "mlp_dim", 4 * self.width)
-        for name in ("vocab_size", "context_length", "width", "depth", "num_heads", "mlp_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.context_length < 2:
-            raise ValueError(
-                f"context_length must be >= 2 (start token + end token), got {self.context_length}"
-            )
         if self.width % self.num_heads:
             raise ValueError(f"width={self.width} must be divisible by num_heads={self.num_heads}")
-        if self.act not in TEXT_ACTIVATIONS:
-            raise ValueError(f"act={self.act!r} is not supported; allowed: {', '.join(TEXT_ACTIVATIONS)}")
-        if self.norm_eps <= 0:
+        if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         for name in ("eot_token_id", "sot_token_id", "pad_token_id"):
             value = getattr(self, name)
@@ -74,26 +65,6 @@ class TextConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.num_heads
-
-    def replace(self, **changes: Any) -> "TextConfig":
-        """A copy with `changes` applied and validated again."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown TextConfig fields: {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TextConfig":
-        """Build from a dict; unknown keys are an error, `model_type` is skipped."""
-        data = {k: v for k, v in data.items() if k != "model_type"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TextConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
 
 
 # (width, depth, heads): `base` is CLIP ViT-B's text tower.

@@ -6,31 +6,31 @@ it is read with `local_files_only=True`, so nothing is downloaded.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ..specs.options import ConfigMixin, at_least, check_fields
 from .output import TextOutput, TokenizedText
 
 HF_TEXT_TOWER_NAME = "text_tower.json"  # pooling and context length beside the HF files
 
 HFPooling = Literal["mean", "cls"]
-HF_POOLINGS: tuple[str, ...] = get_args(HFPooling)
 
 
 @dataclass(frozen=True)
-class HFTextConfig:
+class HFTextConfig(ConfigMixin):
     """Configuration of an `HFTextEncoder`.
 
     Attributes:
-        model_dir: Local directory holding the HF model (config + weights) and its tokenizer.
+        model_dir: Local directory holding the HF model (config + weights) and its tokenizer
+            (a path is kept as its string).
         pooling: `mean` (over the attention mask) or `cls` (first token).
         context_length: Tokens per caption; longer captions are truncated by the HF tokenizer,
             which keeps its closing special token.
@@ -38,25 +38,12 @@ class HFTextConfig:
 
     model_dir: str
     pooling: HFPooling = "mean"
-    context_length: int = 77
+    context_length: int = at_least(2, 77)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "model_dir", os.fspath(self.model_dir))
-        if self.pooling not in HF_POOLINGS:
-            raise ValueError(f"pooling={self.pooling!r} is not supported; allowed: {', '.join(HF_POOLINGS)}")
-        if not isinstance(self.context_length, int) or self.context_length < 2:
-            raise ValueError(f"context_length must be an int >= 2, got {self.context_length!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HFTextConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown HFTextConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        if isinstance(self.model_dir, os.PathLike):
+            object.__setattr__(self, "model_dir", os.fspath(self.model_dir))
+        check_fields(self)
 
 
 def _check_dir(model_dir: str) -> Path:
@@ -109,8 +96,6 @@ class HFTextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
-        if not isinstance(config, HFTextConfig):
-            raise TypeError(f"config must be an HFTextConfig, got {type(config).__name__}")
         self.config = config
         path = str(_check_dir(config.model_dir))
         if load_weights:
@@ -170,7 +155,7 @@ class HFTextEncoder(nn.Module):
         if not (path / HF_TEXT_TOWER_NAME).is_file():
             raise FileNotFoundError(f"{path} has no {HF_TEXT_TOWER_NAME} (expected HFTextEncoder.save_pretrained output)")
         settings = json.loads((path / HF_TEXT_TOWER_NAME).read_text())
-        return cls(HFTextConfig(str(path), **settings)).eval()
+        return cls(HFTextConfig.from_dict({**settings, "model_dir": str(path)})).eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextOutput:
         """Encode token ids.

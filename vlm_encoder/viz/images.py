@@ -16,6 +16,7 @@ from PIL import Image
 from ..processing import ImageProcessor, load_image
 from ..processing.config import ProcessorConfig
 from ..processing.convert import to_rgb
+from ..validation import check_positive_int
 
 __all__ = ["image_size_of", "load_image", "native_processor", "prepare_images", "prepare_native_images", "processor_for"]
 
@@ -88,8 +89,7 @@ def prepare_native_images(
         Pixels `(3, H_i, W_i)` per image (what `encode_packed` takes), the images as the
         encoder saw them `(H_i, W_i, 3)` uint8, and each image's processor.
     """
-    if isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1:
-        raise ValueError(f"max_patches must be a positive int, got {max_patches!r}")
+    check_positive_int(max_patches, "max_patches")
     pixels, crops, processors = [], [], []
     for image in images:
         processor = native_processor(encoder, image, max_patches, policy)
