@@ -266,3 +266,19 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     code = main(["info", "x"])
     err = capsys.readouterr().err
     assert code == 130 and err == "vlm-encoder info: interrupted; run the same command to resume\n"
+
+
+def test_readme_first_snippet_runs_and_every_encoder_has_a_processor():
+    """The README's first snippet as written, then with its commented alternative: a preset's
+    `image_processor` turns PIL images into the encoder's input."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    encoder = namespace["encoder"]
+    photos = [Image.fromarray(np.full((300, 200, 3), i * 40, dtype=np.uint8)) for i in range(4)]
+    pixels = encoder.image_processor(photos)
+    assert pixels.shape == (4, 3, 224, 224) and pixels.dtype == torch.float32

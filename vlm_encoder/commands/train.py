@@ -4,7 +4,8 @@
     vlm-encoder train --config my.yaml lr=5e-4 batch_size=512 vision_overrides.depth=6
     accelerate launch --num_processes 2 -m vlm_encoder.cli train --config my.yaml
 
-Overrides are `key=value` (values parsed as YAML). The resolved config is saved as
+Overrides are `key=value`, read like the YAML file by each field's type (YAML 1.2: `lr=1e-3` is a
+float, `mixed_precision=no` the string "no", booleans only `true` / `false`). The resolved config is saved as
 `config.yaml` in the run directory; a run directory with checkpoints is resumed from its last
 complete one (`resume=auto`, the default).
 """
@@ -33,16 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from ..train import TrainConfig, train
 
-    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     overrides = list(args.overrides) + (["allow_partial_resume=true"] if args.allow_partial_resume else []) + (
         ["resume_fallback=true"] if args.resume_fallback else [])
-    config = config.with_overrides(overrides)
+    config = TrainConfig.from_yaml(args.config, overrides) if args.config else TrainConfig().with_overrides(overrides)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     result = train(config)
+    if not PartialState().is_main_process:
+        return 0  # under `accelerate launch`, the main process reports for all
     if result.metrics:
         print(json.dumps({"step": result.step, **result.metrics}, indent=2))
     print(f"run directory: {result.output_dir} ({result.step} steps, {result.seconds:.1f} s, "
