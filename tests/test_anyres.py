@@ -2,6 +2,7 @@
 transformers' LLaVA-NeXT / LLaVA-OneVision / GotOcr2 (InternVL) reference functions."""
 
 import itertools
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +19,8 @@ from projectors import build_projector
 from vlm_encoder import VisionConfig, VisionEncoder
 from vlm_encoder.anyres import (
     AnyresConfig,
+    InternVLAnyres,
+    LlavaNextAnyres,
     anyres_grid_shape,
     assemble_tokens,
     encode_anyres,
@@ -50,7 +53,7 @@ def test_select_best_resolution_matches_transformers(pinpoints):
         assert select_best_resolution(size, pinpoints) == tuple(hf_select(size, pinpoints)), size
         tile = pinpoints[0][0] if pinpoints is not LLAVA_PINPOINTS else 336
         assert anyres_grid_shape(size, pinpoints, tile) == hf_next.get_anyres_image_grid_shape(list(size), pinpoints, tile)
-        config = AnyresConfig(tile_size=tile, pinpoints=tuple(map(tuple, pinpoints)))
+        config = LlavaNextAnyres(tile_size=tile, pinpoints=pinpoints)
         assert num_tiles(size, config) == hf_next.image_size_to_num_patches(list(size), pinpoints, tile)
 
 
@@ -74,19 +77,40 @@ def test_internvl_grid_matches_transformers():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="needs pinpoints"):
-        AnyresConfig(tile_size=336)
+    with pytest.raises(ValueError, match=r"LlavaNextAnyres needs the fields \['pinpoints'\]"):
+        AnyresConfig.from_dict({"tile_size": 336})
     with pytest.raises(ValueError, match="not multiples of the tile size 336"):
-        AnyresConfig(tile_size=336, pinpoints=((336, 700),))
-    with pytest.raises(ValueError, match="only used by policy='llava_next'"):
-        AnyresConfig(tile_size=448, policy="internvl", pinpoints=((448, 448),))
-    with pytest.raises(ValueError, match="tile_pool"):
-        AnyresConfig(tile_size=336, pinpoints=((336, 336),), tile_pool=3)
-    with pytest.raises(ValueError, match="policy"):
-        AnyresConfig(tile_size=336, policy="tiles")
+        LlavaNextAnyres(tile_size=336, pinpoints=((336, 700),))
+    with pytest.raises(ValueError, match=r"unknown InternVLAnyres fields \['pinpoints'\]"):
+        AnyresConfig.from_dict({"tile_size": 448, "policy": "internvl", "pinpoints": [[448, 448]]})
+    with pytest.raises(ValueError, match="tile_pool must be one of 1, 2"):
+        LlavaNextAnyres(tile_size=336, pinpoints=((336, 336),), tile_pool=3)
+    with pytest.raises(ValueError, match="policy must be one of 'llava_next', 'internvl', got 'tiles'"):
+        AnyresConfig.from_dict({"tile_size": 336, "policy": "tiles"})
     with pytest.raises(ValueError, match="exceeds"):
-        AnyresConfig(tile_size=448, policy="internvl", min_tiles=4, max_tiles=2)
-    assert AnyresConfig(tile_size=336, pinpoints=[[336, 672]]).pinpoints == ((336, 672),)
+        InternVLAnyres(tile_size=448, min_tiles=4, max_tiles=2)
+    with pytest.raises(ValueError, match="use_thumbnail must be true or false"):
+        InternVLAnyres(tile_size=448, use_thumbnail=1)
+    with pytest.raises(TypeError, match="build LlavaNextAnyres"):
+        AnyresConfig(tile_size=336, policy="llava_next")
+    assert LlavaNextAnyres(tile_size=336, pinpoints=[[336, 672]]).pinpoints == ((336, 672),)
+
+
+def test_config_round_trips_per_policy_and_reads_the_flat_layout():
+    """`to_dict` writes the policy and its own fields; `AnyresConfig.from_dict` builds that
+    policy's class. A config saved before the split (both policies' fields, flat) still loads."""
+    next_ = LlavaNextAnyres(tile_size=32, pinpoints=((32, 64),), budget_tiles=4, multi_image="base")
+    internvl = InternVLAnyres(tile_size=32, max_tiles=6, tile_pool=2)
+    for config in (next_, internvl):
+        assert AnyresConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert set(internvl.to_dict()) == {"policy", "tile_size", "tile_pool", "min_tiles", "max_tiles", "use_thumbnail"}
+    flat = {"tile_size": 32, "policy": "llava_next", "pinpoints": [[32, 64]], "newline": True, "unpad": True,
+            "tile_pool": 1, "budget_tiles": 4, "min_tiles": 1, "max_tiles": 12, "use_thumbnail": True,
+            "multi_image": "base"}
+    assert AnyresConfig.from_dict(flat) == next_
+    flat_internvl = {**flat, "policy": "internvl", "pinpoints": None, "budget_tiles": None, "multi_image": "tiles",
+                     "max_tiles": 6, "tile_pool": 2}
+    assert AnyresConfig.from_dict(flat_internvl) == internvl
 
 
 # ------------------------------------------------------------------ assembly
@@ -110,7 +134,7 @@ def test_assemble_matches_transformers_pack_image_features(budget):
     tile, patch, dim = 32, 8, 6
     side = tile // patch
     pinpoints = grid_pinpoints(tile, 3)  # up to 9 tiles, so the budget bites
-    config = AnyresConfig(tile_size=tile, pinpoints=tuple(pinpoints), budget_tiles=budget)
+    config = LlavaNextAnyres(tile_size=tile, pinpoints=pinpoints, budget_tiles=budget)
     rng = np.random.default_rng(3)
     sizes = [(50, 90), (120, 40), (64, 64), (30, 200), (97, 31), (20, 26), (300, 290), (1000, 100)]
     sizes += [tuple(int(v) for v in rng.integers(10, 400, 2)) for _ in range(10)]
@@ -138,8 +162,8 @@ def test_tile_pool_matches_onevision_apply_pooling():
     [{}, {"newline": False}, {"unpad": False}, {"tile_pool": 2}, {"budget_tiles": 1}, {"tile_pool": 2, "budget_tiles": 2}],
 )
 def test_token_count_equals_assembled_length(options):
-    config = AnyresConfig(tile_size=32, pinpoints=tuple(grid_pinpoints(32, 3)), **options)
-    internvl = AnyresConfig(tile_size=32, policy="internvl", max_tiles=6, tile_pool=options.get("tile_pool", 1))
+    config = LlavaNextAnyres(tile_size=32, pinpoints=grid_pinpoints(32, 3), **options)
+    internvl = InternVLAnyres(tile_size=32, max_tiles=6, tile_pool=options.get("tile_pool", 1))
     rng = np.random.default_rng(4)
     for size in [tuple(int(v) for v in rng.integers(1, 500, 2)) for _ in range(40)]:
         for c in (config, internvl):
@@ -164,7 +188,7 @@ def test_unpad_keeps_the_image_aspect_ratio():
 
 def test_documented_token_counts():
     """The numbers in docs/resolution.md (CLIP-L/14-336, LLaVA-1.6 pinpoints)."""
-    config = AnyresConfig(tile_size=336, pinpoints=tuple(map(tuple, LLAVA_PINPOINTS)))
+    config = LlavaNextAnyres(tile_size=336, pinpoints=LLAVA_PINPOINTS)
     # 1000x600 photo: 672x672, 2x2 tiles, the 48x48 map unpadded to 28x48: 576 + 28 * 49.
     expected = {(600, 1000): (5, 2, 2, 1948), (4000, 600): (4, 3, 1, 1368), (336, 336): (3, 1, 2, 1176),
                 (768, 1024): (5, 2, 2, 2340), (200, 3000): (4, 1, 3, 868), (3508, 2480): (5, 2, 2, 2256)}
@@ -202,7 +226,7 @@ def test_tile_image_internvl_matches_got_ocr2():
         image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
         expected = ref(image, return_tensors="pt")["pixel_values"]
         tiles = tile_image_internvl(image, _processor(32), max_tiles=6)
-        assert tiles.num_tiles == num_tiles(size, AnyresConfig(tile_size=32, policy="internvl", max_tiles=6))
+        assert tiles.num_tiles == num_tiles(size, InternVLAnyres(tile_size=32, max_tiles=6))
         torch.testing.assert_close(tiles.pixel_values, expected, rtol=0, atol=1e-6)
 
 
@@ -233,7 +257,7 @@ def test_encode_anyres_reassembles_tile_features():
     assert out.tokens.shape == (16 + 32, 32)
     torch.testing.assert_close(out.tokens[16:], out.feature_map.flatten(1).T)
 
-    internvl = encode_anyres(encoder, image, AnyresConfig(tile_size=32, policy="internvl", max_tiles=4))
+    internvl = encode_anyres(encoder, image, InternVLAnyres(tile_size=32, max_tiles=4))
     assert internvl.tiles.grid == (1, 2) and internvl.feature_map.shape == (32, 4, 8)
     assert internvl.tokens.shape == (3 * 16, 32) and internvl.global_tokens.shape == (16, 32)
 
@@ -246,12 +270,12 @@ def test_vlm_anyres_with_grid_projector_and_internvl():
                                       num_attention_heads=4, num_key_value_heads=2)).eval()
     processor = _processor(32)
     images = [np.full((50, 90, 3), 120, np.uint8), np.full((120, 40, 3), 30, np.uint8)]
-    for anyres in (AnyresConfig(tile_size=32, pinpoints=((32, 64), (64, 32), (64, 64))),
-                   AnyresConfig(tile_size=32, policy="internvl", max_tiles=4)):
+    for anyres in (LlavaNextAnyres(tile_size=32, pinpoints=((32, 64), (64, 32), (64, 64))),
+                   InternVLAnyres(tile_size=32, max_tiles=4)):
         projector = build_projector("pixel_shuffle", 32, 48, scale_factor=2)  # 4x4 tile grid -> 2x2 tokens
         vlm = VisionLanguageModel(tiny_encoder(), projector, lm, 63, anyres=anyres)
         assert vlm.tile_side == 2 and (vlm.image_newline is not None) == (anyres.policy == "llava_next")
-        tiles = [tile_image(im, anyres.pinpoints, processor) if anyres.pinpoints else
+        tiles = [tile_image(im, anyres.pinpoints, processor) if anyres.policy == "llava_next" else
                  tile_image_internvl(im, processor, max_tiles=4) for im in images]
         pixel_values, image_sizes = stack_tiles(tiles)
         ids = vlm.expand_image_tokens([1, 63, 2, 63, 3], image_size=[(50, 90), (120, 40)])

@@ -77,9 +77,9 @@ def test_tiles_match_llava_next_image_processor():
 
 
 def _config():
-    from vlm_encoder.anyres import AnyresConfig
+    from vlm_encoder.anyres import LlavaNextAnyres
 
-    return AnyresConfig(tile_size=TILE, pinpoints=tuple(map(tuple, PINPOINTS)))
+    return LlavaNextAnyres(tile_size=TILE, pinpoints=PINPOINTS)
 
 
 def prompt_ids(vlm, sizes):

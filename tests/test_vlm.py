@@ -265,9 +265,9 @@ def test_save_and_load_round_trip_gives_the_same_logits(tmp_path):
 
 
 def test_anyres_model_round_trip_keeps_the_newline(tmp_path):
-    from vlm_encoder.anyres import AnyresConfig
+    from vlm_encoder.anyres import LlavaNextAnyres
 
-    anyres = AnyresConfig(tile_size=32, pinpoints=((32, 64), (64, 32), (64, 64)))
+    anyres = LlavaNextAnyres(tile_size=32, pinpoints=((32, 64), (64, 32), (64, 64)))
     projector = build_projector("mlp2x_gelu", 32, D_LLM)
     vlm = VisionLanguageModel(tiny_encoder(), projector, tiny_gpt2(), IMAGE_ID, (-2,), anyres=anyres)
     with torch.no_grad():

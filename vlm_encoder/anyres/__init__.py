@@ -4,12 +4,13 @@ An image is cut into encoder-sized tiles (`tiling`) chosen by its size and aspec
 (`select`); the tiles are encoded in one batch and their features reassembled into one
 variable-length token sequence per image (`assemble`), whose length `num_image_tokens` gives
 before encoding. `encode_anyres` does it all for a bare `VisionEncoder`;
-`VisionLanguageModel(anyres=AnyresConfig(...))` feeds the sequences to an LM.
+`VisionLanguageModel(anyres=LlavaNextAnyres(...))` feeds the sequences to an LM; the
+config is one class per tiling policy (`LlavaNextAnyres`, `InternVLAnyres`).
 See `docs/resolution.md`.
 """
 
 from .assemble import assemble_tokens, num_image_tokens, num_tiles, tile_grid, unpad_bounds
-from .config import TILE_POLICIES, AnyresConfig
+from .config import TILE_POLICIES, AnyresConfig, InternVLAnyres, LlavaNextAnyres
 from .encode import AnyresFeatures, encode_anyres
 from .select import (
     anyres_grid_shape,
@@ -27,6 +28,8 @@ __all__ = [
     "AnyresConfig",
     "AnyresFeatures",
     "AnyresTiles",
+    "InternVLAnyres",
+    "LlavaNextAnyres",
     "anyres_grid_shape",
     "assemble_tokens",
     "encode_anyres",

@@ -11,7 +11,7 @@ from ..encoder import VisionEncoder
 from ..processing import ImageProcessor
 from ..processing.processor import ImageInput
 from .assemble import assemble_tokens, assembled_map_size, merge_tiles, pool_tiles, pooled_side
-from .config import AnyresConfig
+from .config import AnyresConfig, LlavaNextAnyres
 from .tiling import AnyresTiles, tile_with
 
 
@@ -68,7 +68,7 @@ def encode_anyres(
     else:
         if c.image_size[0] != c.image_size[1]:
             raise ValueError(f"tiling needs a square encoder input, got image_size={c.image_size}; pass an AnyresConfig")
-        config = AnyresConfig(tile_size=c.image_size[0], pinpoints=tuple(tuple(p) for p in pinpoints))
+        config = LlavaNextAnyres(tile_size=c.image_size[0], pinpoints=pinpoints)
     if config.tile_size % c.input_stride:
         raise ValueError(f"tile_size={config.tile_size} is not a multiple of the encoder's patch stride {c.input_stride}")
     processor = processor if processor is not None else ImageProcessor.default_for(c)

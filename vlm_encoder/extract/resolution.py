@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..anyres import AnyresConfig
+from ..anyres import AnyresConfig, LlavaNextAnyres
 from ..anyres.assemble import assemble_tokens, assembled_map_size
 from ..anyres.tiling import tile_with
 from ..encoder import VisionEncoder
@@ -61,7 +61,7 @@ def anyres_config(encoder: VisionEncoder, pinpoints: Pinpoints) -> AnyresConfig:
     height, width = encoder.config.image_size
     if height != width:
         raise ValueError(f"--anyres needs a square encoder input, got image_size={encoder.config.image_size}")
-    return AnyresConfig(tile_size=height, pinpoints=pinpoints)
+    return LlavaNextAnyres(tile_size=height, pinpoints=pinpoints)
 
 
 class ImagePreparer:

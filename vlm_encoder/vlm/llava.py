@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..anyres import AnyresConfig
+from ..anyres import LlavaNextAnyres
 from ..encoder import VisionEncoder
 from .model import VisionLanguageModel, hf_layer_to_block
 
@@ -73,9 +73,9 @@ def load_hf_llava(
                 f"{path}: vision_feature_select_strategy='full' keeps the CLS token of the {vision_type} tower, "
                 "which cannot be laid out on the tile grid; only 'default' is supported for it"
             )
-        anyres = AnyresConfig(
+        anyres = LlavaNextAnyres(
             tile_size=config.vision_config.image_size,
-            pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
+            pinpoints=config.image_grid_pinpoints,
             budget_tiles=budget_tiles,
             multi_image="base" if family == "llava_onevision" else "tiles",
         )

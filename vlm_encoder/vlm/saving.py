@@ -112,7 +112,7 @@ def load_vlm(
         image_token_id=int(config["image_token_id"]),
         feature_layers=tuple(config["feature_layers"]),
         feature_select=config["feature_select"],
-        anyres=AnyresConfig(**{**anyres, "pinpoints": _tuples(anyres["pinpoints"])}) if anyres else None,
+        anyres=AnyresConfig.from_dict(anyres) if anyres else None,
         **options,
     )
     newline_path = directory / VLM_NEWLINE_NAME
@@ -128,8 +128,3 @@ def load_vlm(
         with torch.no_grad():
             model.image_newline.copy_(saved["image_newline"])
     return model.to(device=device).eval()
-
-
-
-def _tuples(pinpoints: Any) -> Any:
-    return tuple(tuple(p) for p in pinpoints) if pinpoints is not None else None
