@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm_encoder import PRESETS, EncoderOutput, VisionConfig, VisionEncoder, create_encoder, preset_config
+from vlm_encoder import PRESETS, EncoderOutput, VisionConfig, VisionEncoder, batch_invariance, create_encoder, preset_config
 from vlm_encoder.layers import resample_patch_projection
 
 TINY = dict(image_size=32, patch_size=8, width=32, depth=3, num_heads=4)
@@ -299,18 +299,17 @@ def test_image_alone_equals_image_in_batch_of_seven_bitwise(name):
             assert torch.equal(alone.pooled[0], together.pooled[i])
 
 
-def test_set_batch_invariant_switches_every_per_image_path():
-    enc = tiny(stem_layers=(1,), stem_width=32, patch_size=1, image_size=32)
-    flags = lambda: {m.batch_invariant_cpu for m in enc.modules() if hasattr(m, "batch_invariant_cpu")}  # noqa: E731
-    assert flags() == {True}
-    enc.set_batch_invariant(False)
-    assert flags() == {False}
+def test_batch_invariance_modes_compute_the_same_features():
+    enc = tiny(stem_layers=(1,), stem_width=32, patch_size=1, image_size=32, pool="map", embed_dim=16)
     batch = pixels(3)
     with torch.inference_mode():
-        batched = enc(batch, layers=(-1,)).pooled
-        enc.set_batch_invariant(True)
-        per_image = enc(batch, layers=(-1,)).pooled
-    torch.testing.assert_close(batched, per_image, atol=1e-5, rtol=1e-5)  # same math, rounding may differ
+        alone = torch.cat([enc.image_embeds(batch[i : i + 1]) for i in range(3)])
+        by_mode = {}
+        for mode in ("auto", "always", "off"):
+            with batch_invariance(mode):
+                by_mode[mode] = enc.image_embeds(batch)
+    assert torch.equal(by_mode["auto"], alone) and torch.equal(by_mode["always"], alone)
+    torch.testing.assert_close(by_mode["off"], alone, atol=1e-5, rtol=1e-5)  # same math, rounding may differ
 
 
 def test_torch_compile_matches_eager():
@@ -352,7 +351,9 @@ def test_image_processor_travels_with_the_saved_model(tmp_path):
     # Saving a model without preprocessing over it removes the file: it was not this model's.
     tiny().save_pretrained(tmp_path / "model")
     assert not (tmp_path / "model" / "processor_config.json").exists()
-    assert VisionEncoder.from_pretrained(tmp_path / "model").image_processor is None
+    reloaded = VisionEncoder.from_pretrained(tmp_path / "model")
+    assert reloaded.get_image_processor() is None  # nothing recorded ...
+    assert reloaded.image_processor == ImageProcessor.default_for(reloaded.config)  # ... so the default is used
 
 
 def test_from_pretrained_rejects_wrong_model_type(tmp_path):

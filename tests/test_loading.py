@@ -206,7 +206,7 @@ def test_converters_are_strict_pure_functions(clip_dir):
 
 
 def test_bad_directories(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
         load_encoder(tmp_path / "does-not-exist")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_encoder(tmp_path)

@@ -96,6 +96,9 @@ def parse_model_spec(spec: str | os.PathLike) -> ModelSpec:
         raise FileNotFoundError(f"model {text!r}: no such directory")
     if text in PRESETS:
         return ModelSpec(text, "preset", text)
+    if "/" not in text and not sep and _close(text, PRESETS, cutoff=0.8):
+        raise ValueError(f"model {text!r} is not a directory, a preset or a hub id (owner/name)"
+                         + _close(text, PRESETS, cutoff=0.8, prefix="preset:"))
     if sep:
         raise ValueError(f"model {text!r}: unknown scheme {scheme + ':'!r}; a model is {FORMS}")
     return ModelSpec(text, "hub", text)
@@ -106,11 +109,11 @@ def _example(scheme: str) -> str:
             "preset": "preset:vit_tiny_patch16_224"}[scheme]
 
 
-def _close(name: str, names: Sequence[str]) -> str:
+def _close(name: str, names: Sequence[str], cutoff: float = 0.6, prefix: str = "") -> str:
     import difflib
 
-    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=cutoff)
+    return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
 
 
 @dataclass

@@ -120,14 +120,13 @@ def _layer_label(encoder, layer: int) -> tuple[int, str]:
 
 @torch.inference_mode()
 def model_line(encoder) -> str:
-    """`model: SOURCE (FAMILY)`, with "RANDOM WEIGHTS" when the encoder was never trained
-    (a preset without a checkpoint): a picture of random features must say so."""
+    """`model: SOURCE (FAMILY)`, or `model: SOURCE (random weights)` for a preset without a
+    checkpoint: a picture of untrained features must say so."""
     info = encoder.source_info
-    source = info.get("source") or "an encoder built in Python (no source recorded)"
-    family = f" ({info['family']})" if info.get("family") else ""
-    random = ", RANDOM WEIGHTS (untrained: the features show the architecture, not learned content)" if (
-        info.get("random_weights")) else ""
-    return f"model: {source}{family}{random}"
+    source = info.get("source") or "built in Python (no source recorded)"
+    if info.get("random_weights"):
+        return f"model: {source} (random weights)"
+    return f"model: {source}" + (f" ({info['family']})" if info.get("family") else "")
 
 
 def write_pca_picture(
