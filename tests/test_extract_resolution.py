@@ -121,7 +121,7 @@ def test_resume_with_other_resolution_flags_is_refused(tmp_path, images, first, 
     ({"anyres": "32x64", "resolution": "native"}, "exclude each other"),
     ({"max_patches": 12}, "native. only"),
     ({"resolution": "native", "image_size": (32, 32)}, "image_size does not apply"),
-    ({"resolution": "huge"}, "allowed: fixed, native"),
+    ({"resolution": "huge"}, "resolution must be one of 'fixed', 'native'"),
 ])
 def test_bad_resolution_flags_are_named(tmp_path, images, changes, message):
     with pytest.raises(ValueError, match=message):
@@ -138,7 +138,7 @@ def test_anyres_pinpoints_must_fit_the_tile_and_registers_are_refused(tmp_path, 
 
 
 def test_cli_native_and_anyres(tmp_path, images, capsys):
-    tiny = [a for k, v in TINY for a in ("--override", f"{k}={v}")]
+    tiny = [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
     common = ["extract", "--model", "preset:vit_tiny_patch16_224", *tiny, "--dataset", str(images), "--num-workers",
               "0", "--no-progress", "--select", "patch"]
     assert main([*common, "--out", str(tmp_path / "n"), "--resolution", "native", "--max-patches", "16"]) == 0
