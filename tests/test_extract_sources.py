@@ -10,7 +10,7 @@ import torch
 from test_extract import make_images, tiny_config
 
 from vlm_encoder import FeatureStore
-from vlm_encoder.extract import open_source, run_extraction
+from vlm_encoder.extract import open_image_source, run_extraction
 
 N = 7
 
@@ -39,7 +39,7 @@ def test_folder_is_sorted_and_recursive(tmp_path, images):
     for name in ("b/1.jpg", "a/x/2.PNG", "a/0.jpg"):
         (tmp_path / name).write_bytes((images / "img_000.jpg").read_bytes())
     (tmp_path / "notes.txt").write_text("not an image")
-    source = open_source(str(tmp_path))
+    source = open_image_source(str(tmp_path))
     assert [source.name(i) for i in range(len(source))] == ["a/0.jpg", "a/x/2.PNG", "b/1.jpg"]
 
 
@@ -71,14 +71,14 @@ def test_saved_dataset_and_parquet(tmp_path, images, folder_store):
 
 def test_imagefolder(tmp_path, images, folder_store, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    source = open_source(f"imagefolder:{images}")
+    source = open_image_source(f"imagefolder:{images}")
     assert len(source) == N and source.kind == "imagefolder"
     config = tiny_config(tmp_path, f"imagefolder:{images}", select=("cls", "patch"))
     assert run_extraction(config).complete
     store = FeatureStore(tmp_path / "out")
     # imagefolder orders its rows itself: compare each row with the folder run's row of the same image.
     names = [source.read(i) for i in range(N)]
-    by_name = {open_source(str(images)).read(i): i for i in range(N)}
+    by_name = {open_image_source(str(images)).read(i): i for i in range(N)}
     for row, name in enumerate(names):
         expected = folder_store.get(by_name[name])
         got = store.get(row)
@@ -88,10 +88,10 @@ def test_imagefolder(tmp_path, images, folder_store, monkeypatch):
 
 def test_bad_specs_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such"):
-        open_source(str(tmp_path / "missing" / "dir"))
+        open_image_source(str(tmp_path / "missing" / "dir"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no image files"):
-        open_source(str(tmp_path / "empty"))
-    (tmp_path / "data.csv").write_text("a,b\n")
+        open_image_source(str(tmp_path / "empty"))
+    (tmp_path / "data.bin").write_text("a,b\n")
     with pytest.raises(ValueError, match="unknown kind"):
-        open_source(str(tmp_path / "data.csv"))
+        open_image_source(str(tmp_path / "data.bin"))

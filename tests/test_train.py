@@ -14,7 +14,7 @@ from vlm_encoder.contrastive import ContrastiveModel
 from vlm_encoder.encoder import VisionEncoder
 from vlm_encoder.presets import preset_config
 from vlm_encoder.text import TextEncoder, text_preset_config
-from vlm_encoder.train import CheckpointError, TrainConfig, Trainer, list_checkpoints, open_source
+from vlm_encoder.train import CheckpointError, TrainConfig, Trainer, list_checkpoints, open_pair_source
 from vlm_encoder.train.evaluate import retrieval_recall, shard
 from vlm_encoder.train.metrics import read_metrics
 from vlm_encoder.train.step import ContrastiveForward, StepInputs, loss_and_backward
@@ -323,17 +323,17 @@ def test_digits_zero_shot_metrics_exist(tmp_path):
 
 # ------------------------------------------------------------------ data
 def test_builtin_sources():
-    digits = open_source("builtin:digits", "test")
-    assert len(digits) == 360 and len(open_source("builtin:digits", "train")) == 1437
+    digits = open_pair_source("builtin:digits", "test")
+    assert len(digits) == 360 and len(open_pair_source("builtin:digits", "train")) == 1437
     assert digits.captions(0)[0].startswith("a photo of the digit")
-    a = open_source("builtin:shapes", "train", options={"num_train": 5, "canvas": 32, "seed": 3})
-    b = open_source("builtin:shapes", "train", options={"num_train": 5, "canvas": 32, "seed": 3})
-    test = open_source("builtin:shapes", "test", options={"num_test": 5, "canvas": 32, "seed": 3})
+    a = open_pair_source("builtin:shapes", "train", options={"num_train": 5, "canvas": 32, "seed": 3})
+    b = open_pair_source("builtin:shapes", "train", options={"num_train": 5, "canvas": 32, "seed": 3})
+    test = open_pair_source("builtin:shapes", "test", options={"num_test": 5, "canvas": 32, "seed": 3})
     assert a.captions(0) == b.captions(0) and a.image(0).tobytes() == b.image(0).tobytes()
     assert [a.captions(i) for i in range(5)] != [test.captions(i) for i in range(5)]
     assert a.image(0).size == (32, 32)
     with pytest.raises(ValueError, match="unknown builtin"):
-        open_source("builtin:nope", "train")
+        open_pair_source("builtin:nope", "train")
 
 
 def test_imagefolder_with_captions_skips_and_counts_unreadable_images(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_encoder.train import TrainConfig, Trainer, open_source
+from vlm_encoder.train import TrainConfig, Trainer, open_pair_source
 
 N = 6
 
@@ -71,7 +71,7 @@ def test_imagefolder_with_csv_metadata(tmp_path):
         writer = csv.writer(handle)
         writer.writerow(["file_name", "text"])
         writer.writerows([n, f"picture {i}"] for i, n in enumerate(names))
-    assert_same_pairs(open_source(str(folder), "train"), captions_per_image=1)
+    assert_same_pairs(open_pair_source(str(folder), "train"), captions_per_image=1)
 
 
 def test_parquet_file_glob_and_folder(tmp_path):
@@ -80,12 +80,12 @@ def test_parquet_file_glob_and_folder(tmp_path):
     dataset = hf_dataset()
     dataset.select(range(0, 3)).to_parquet(str(shards / "train-00000.parquet"))
     dataset.select(range(3, N)).to_parquet(str(shards / "train-00001.parquet"))
-    assert_same_pairs(open_source(str(shards / "train-*.parquet"), "train"))
-    assert_same_pairs(open_source(str(shards), "train"))
+    assert_same_pairs(open_pair_source(str(shards / "train-*.parquet"), "train"))
+    assert_same_pairs(open_pair_source(str(shards), "train"))
     one = tmp_path / "all.parquet"
     dataset.to_parquet(str(one))
-    assert_same_pairs(open_source(str(one), "train"))
-    assert_same_pairs(open_source(str(one), "validation"))  # a single file is the split asked for
+    assert_same_pairs(open_pair_source(str(one), "train"))
+    assert_same_pairs(open_pair_source(str(one), "validation"))  # a single file is the split asked for
 
 
 def test_saved_dataset_and_dataset_dict(tmp_path):
@@ -93,12 +93,12 @@ def test_saved_dataset_and_dataset_dict(tmp_path):
 
     dataset = hf_dataset()
     dataset.save_to_disk(str(tmp_path / "saved"))
-    assert_same_pairs(open_source(str(tmp_path / "saved"), "train"))
+    assert_same_pairs(open_pair_source(str(tmp_path / "saved"), "train"))
     datasets.DatasetDict({"train": dataset, "test": dataset.select(range(2))}).save_to_disk(str(tmp_path / "dict"))
-    assert_same_pairs(open_source(str(tmp_path / "dict"), "train"))
-    assert len(open_source(str(tmp_path / "dict"), "test")) == 2
+    assert_same_pairs(open_pair_source(str(tmp_path / "dict"), "train"))
+    assert len(open_pair_source(str(tmp_path / "dict"), "test")) == 2
     with pytest.raises(ValueError, match=r"no split 'validation'; splits: \['test', 'train'\]"):
-        open_source(str(tmp_path / "dict"), "validation")
+        open_pair_source(str(tmp_path / "dict"), "validation")
 
 
 @pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl"])
@@ -114,7 +114,7 @@ def test_file_list_with_relative_image_paths(tmp_path, suffix):
             writer = csv.DictWriter(handle, ["filepath", "title"], delimiter="\t" if suffix == "tsv" else ",")
             writer.writeheader()
             writer.writerows(rows)
-    source = open_source(str(path), "train", image_column="filepath", text_column="title")
+    source = open_pair_source(str(path), "train", image_column="filepath", text_column="title")
     assert_same_pairs(source, captions_per_image=1)
 
 
@@ -128,10 +128,10 @@ def test_webdataset_shards(tmp_path):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    source = open_source(str(tmp_path / "shard-*.tar"), "train", image_column="png", text_column="txt")
+    source = open_pair_source(str(tmp_path / "shard-*.tar"), "train", image_column="png", text_column="txt")
     assert_same_pairs(source, captions_per_image=1)
     with pytest.raises(ValueError, match=r"image_column='image' is not a column; columns: \[.*'png'"):
-        open_source(str(tmp_path / "shard-*.tar"), "train")
+        open_pair_source(str(tmp_path / "shard-*.tar"), "train")
 
 
 def test_hub_style_repository_folder(tmp_path):
@@ -146,28 +146,28 @@ def test_hub_style_repository_folder(tmp_path):
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/fit.parquet\n"
         "  - split: test\n    path: data/heldout.parquet\n---\n# pairs\n"
     )
-    assert_same_pairs(open_source(str(repo), "train"))
-    assert len(open_source(str(repo), "test")) == 2
+    assert_same_pairs(open_pair_source(str(repo), "train"))
+    assert len(open_pair_source(str(repo), "test")) == 2
     with pytest.raises(ValueError, match=r"no split 'validation'"):
-        open_source(str(repo), "validation")
+        open_pair_source(str(repo), "validation")
 
 
 # ---------------------------------------------------------------- errors
 def test_bad_specs_are_named(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="no file matches"):
-        open_source(str(tmp_path / "nothing-*.parquet"), "train")
+        open_pair_source(str(tmp_path / "nothing-*.parquet"), "train")
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
-        open_source(str(tmp_path / "missing" / "dir"), "train")
+        open_pair_source(str(tmp_path / "missing" / "dir"), "train")
     (tmp_path / "x.bin").write_bytes(b"0")
     with pytest.raises(ValueError, match=r"cannot tell the format from the suffix '\.bin'; allowed: \.parquet"):
-        open_source(str(tmp_path / "x.bin"), "train")
+        open_pair_source(str(tmp_path / "x.bin"), "train")
     with pytest.raises(ConnectionError, match="no-such-owner/no-such-pairs: no local file or folder"):
-        open_source("no-such-owner/no-such-pairs", "train")
+        open_pair_source("no-such-owner/no-such-pairs", "train")
     with pytest.raises(ValueError, match="streaming=True is not supported"):
-        open_source("no-such-owner/no-such-pairs", "train", options={"streaming": True})
+        open_pair_source("no-such-owner/no-such-pairs", "train", options={"streaming": True})
     with pytest.raises(ValueError, match="trust_remote_code is not allowed"):
-        open_source("no-such-owner/no-such-pairs", "train", options={"trust_remote_code": True})
+        open_pair_source("no-such-owner/no-such-pairs", "train", options={"trust_remote_code": True})
 
 
 def test_non_string_caption_is_an_error_naming_the_row(tmp_path):
@@ -175,7 +175,7 @@ def test_non_string_caption_is_an_error_naming_the_row(tmp_path):
 
     path = tmp_path / "bad.parquet"
     datasets.Dataset.from_dict({"image": [png_bytes(pairs()[0][0])] * 2, "text": ["fine", None]}).to_parquet(str(path))
-    source = open_source(str(path), "train")
+    source = open_pair_source(str(path), "train")
     assert source.captions(0) == ["fine"]
     with pytest.raises(ValueError, match=r"row 1, column 'text'.*got NoneType"):
         source.captions(1)
@@ -218,6 +218,6 @@ def test_hub_name_loads_from_the_datasets_cache_offline(tmp_path, monkeypatch):
     built.rename(entry)
     (entry / "parquet-train.arrow").rename(entry / "pairs-train.arrow")
 
-    assert_same_pairs(open_source("someone/pairs", "train"))
+    assert_same_pairs(open_pair_source("someone/pairs", "train"))
     with pytest.raises(ValueError, match=r"someone/pairs: no split 'test'"):
-        open_source("someone/pairs", "test")
+        open_pair_source("someone/pairs", "test")

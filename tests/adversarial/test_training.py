@@ -36,7 +36,7 @@ from vlm_encoder.contrastive import ClipLoss, ContrastiveModel, SigLipLoss
 from vlm_encoder.encoder import VisionEncoder
 from vlm_encoder.presets import preset_config
 from vlm_encoder.text import TextEncoder, text_preset_config
-from vlm_encoder.train import CheckpointError, TrainConfig, Trainer, list_checkpoints, load_checkpoint, open_source
+from vlm_encoder.train import CheckpointError, TrainConfig, Trainer, list_checkpoints, load_checkpoint, open_pair_source
 from vlm_encoder.train import checkpoint as ckpt
 from vlm_encoder.train.batches import PairBatches
 from vlm_encoder.train.metrics import read_metrics
@@ -378,7 +378,7 @@ def test_non_finite_batch_is_skipped_logged_and_the_next_checkpoint_resumes(tmp_
 def test_a_batch_with_no_readable_image_is_a_skipped_step(tmp_path):
     from vlm_encoder.processing import ImageLoadError
 
-    shapes = open_source("builtin:shapes", "train", options=TINY["data_options"])
+    shapes = open_pair_source("builtin:shapes", "train", options=TINY["data_options"])
 
     class BrokenFirstBatch:
         name, labels, class_names, in_memory = "broken", None, None, False
@@ -454,7 +454,7 @@ def test_degenerate_batches_train_with_finite_losses(tmp_path, objective, case):
 
     image = Image.new("RGB", (16, 16), (200, 30, 30))
     if case == "batch_of_one":
-        shapes = open_source("builtin:shapes", "train", options={"num_train": 3, "canvas": 16})
+        shapes = open_pair_source("builtin:shapes", "train", options={"num_train": 3, "canvas": 16})
         source = ListSource([shapes.image(i) for i in range(3)], [shapes.captions(i) for i in range(3)])
         batch = 1
     else:

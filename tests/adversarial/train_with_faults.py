@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from vlm_encoder.train import TrainConfig, Trainer, open_source
+from vlm_encoder.train import TrainConfig, Trainer, open_pair_source
 from vlm_encoder.train import checkpoint as ckpt
 from vlm_encoder.train.evaluate import embed_source
 
@@ -107,7 +107,7 @@ def lit(out: str, cached: bool) -> None:
 def fault(out: str) -> None:
     name = os.environ["FAULT"]
     workers = 0 if name == "source_error" else 1
-    source = open_source("builtin:shapes", "train", options={"num_train": NUM_TRAIN, "canvas": 16})
+    source = open_pair_source("builtin:shapes", "train", options={"num_train": NUM_TRAIN, "canvas": 16})
     if os.environ.get("RANK", "0") == os.environ.get("FAULT_RANK", "1"):
         source = FailingSource(source, name, int(os.environ.get("FAULT_AFTER", "6")))
     Trainer(config(out, max_steps=50, num_workers=workers, eval_split=None), train_source=source).fit()

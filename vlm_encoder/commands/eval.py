@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", help="a contrastive model: a ContrastiveModel save_pretrained directory (e.g. "
                                       "RUN/export/model) or open_clip:ARCH[:TAG]")
-    parser.add_argument("--data", required=True, help="builtin:digits, builtin:shapes, hub name, folder or parquet")
+    parser.add_argument("--data", required=True, help="data spec with captions (docs/training.md): builtin:NAME, a folder "
+                        "with metadata.jsonl, imagefolder:DIR, saved dataset, .parquet/.csv/.jsonl/.tar, hub name")
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--text-column", default="text")

@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--dataset", required=True, metavar="SPEC",
-                        help="folder of images, list file (.txt), saved dataset folder, .parquet, imagefolder:DIR "
-                             "or a hub dataset name (NAME or NAME:CONFIG)")
+                        help="data spec (docs/extraction.md): folder of images, list file (.txt), folder with "
+                             "metadata.jsonl, imagefolder:DIR, saved dataset folder, .parquet/.csv/.jsonl/.tar file or "
+                             "glob, builtin:NAME or a hub dataset name (NAME or NAME:CONFIG)")
     parser.add_argument("--split", default=None, help="split of a datasets source (default train)")
     parser.add_argument("--image-column", default=None, help="image column of a datasets source (default the first Image)")
     parser.add_argument("--layers", type=int, nargs="+", default=[-1], metavar="L",

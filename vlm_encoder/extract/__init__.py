@@ -4,7 +4,7 @@ See docs/extraction.md."""
 
 from .config import KINDS, ExtractConfig
 from .runner import ExtractSummary, run_extraction
-from .sources import open_source
+from .sources import open_image_source
 from .store import CachedFeatures, FeatureColumn, FeatureStore
 
 __all__ = [
@@ -14,6 +14,6 @@ __all__ = [
     "ExtractSummary",
     "FeatureColumn",
     "FeatureStore",
-    "open_source",
+    "open_image_source",
     "run_extraction",
 ]

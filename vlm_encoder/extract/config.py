@@ -31,9 +31,10 @@ class ExtractConfig(ConfigMixin):
             (encoder, contrastive model or VLM: its image tower), an HF directory or hub id,
             `open_clip:ARCH[:TAG]`, `timm:NAME`, or `preset:NAME` (random weights from `seed`
             and `overrides`).
-        dataset: A folder of image files, a text file listing image paths (one a line,
-            relative to the file's folder), a saved `datasets` dataset
-            (`save_to_disk`), a `.parquet` file, `imagefolder:DIR`, or a hub dataset name.
+        dataset: A data spec (`vlm_encoder.specs.data`): a folder of image files, a text file
+            listing image paths (one a line, relative to the file's folder), a folder with a
+            `metadata.jsonl` or `imagefolder:DIR`, a saved `datasets` dataset (`save_to_disk`),
+            a `.parquet` / `.csv` / `.jsonl` / `.tar` file or glob, `builtin:NAME`, or a hub name.
         out: Output directory (created; resumed when it holds a run with equal arguments).
         layers: Block indices (negatives count from the end).
         select: Kinds to store, from `KINDS`.

@@ -38,7 +38,7 @@ from .shards import (
     write_shard,
 )
 from .resolution import GRID, NUM_PATCHES, ImagePreparer, VariablePlan, anyres_config
-from .sources import ImageSource, open_source
+from .sources import ImageSource, open_image_source
 
 MAX_PENDING_WRITES = 2
 
@@ -279,7 +279,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
         budget = config.max_patches or encoder.config.grid_size[0] * encoder.config.grid_size[1]
         prepare = ImagePreparer(processor, config.mode, encoder.config.input_stride, budget, tiling)
         plan = VariablePlan(plan, config.mode, tiling, encoder.config.input_stride)
-    source = open_source(config.dataset, split=config.split, image_column=config.image_column)
+    source = open_image_source(config.dataset, split=config.split, image_column=config.image_column)
     layout = ShardLayout(len(source), config.shard_size)
     fingerprint = {
         "model": describe_model(config, encoder),

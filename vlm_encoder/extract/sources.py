@@ -1,8 +1,9 @@
-"""Where the images come from: files on disk or a `datasets` dataset, as an indexed list of rows.
+"""Where the images come from: files on disk, a `datasets` dataset or a builtin, as an indexed
+list of rows. The spec is read by `vlm_encoder.specs.data`, the same grammar as `train` / `eval`.
 
 Row `i` of a source is its `i`-th image: the `i`-th path of a folder (sorted, recursive) or of a
-list file, or row `i` of a dataset split. `source.read(i)` gives what `load_image` takes (a
-path or the encoded bytes); decoding happens in the DataLoader workers.
+list file, row `i` of a dataset split, or image `i` of a builtin. `source.read(i)` gives what
+`load_image` takes (a path or the encoded bytes); decoding happens in the DataLoader workers.
 
 A source error is not an image's failure: `read` raises when the source itself fails (a file
 that existed when the source was opened is gone, a dataset file cannot be read), and the run
@@ -12,12 +13,12 @@ stops, instead of recording every remaining row as a failed image of a "complete
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-LIST_SUFFIXES = (".txt", ".lst", ".list")
+from ..specs.data import load_split, parse_data_spec
 
 
 class FileListSource:
@@ -74,16 +75,23 @@ class DatasetSource:
     Args:
         dataset: The split.
         spec: The dataset spec as given.
-        kind: `saved`, `parquet`, `imagefolder` or `hub`.
+        kind: `saved`, `imagefolder`, `hub`, or the format of files (`parquet`, `csv`, `json`,
+            `webdataset`).
         split: The split's name.
-        image_column: The column holding the images.
+        image_column: The column holding the images (a `datasets.Image` column, or file paths).
+        root: Folder relative file paths in the image column are read against.
     """
 
-    def __init__(self, dataset: Any, spec: str, kind: str, split: str, image_column: str) -> None:
+    def __init__(
+        self, dataset: Any, spec: str, kind: str, split: str, image_column: str, root: Path | None = None
+    ) -> None:
         from datasets import Image
 
         self.fingerprint = getattr(dataset, "_fingerprint", None)
-        self.dataset = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+        self.dataset = dataset.select_columns([image_column])
+        if isinstance(self.dataset.features[image_column], Image):
+            self.dataset = self.dataset.cast_column(image_column, Image(decode=False))
+        self.root = root
         self.spec = spec
         self.kind = kind
         self.split = split
@@ -96,6 +104,9 @@ class DatasetSource:
         value = self.dataset[row][self.image_column]
         if value is None:
             return b""
+        if isinstance(value, str):  # a table of file paths: relative to the table's folder
+            path = Path(value).expanduser()
+            return str(path if path.is_absolute() or self.root is None else self.root / path)
         if value.get("bytes"):
             return value["bytes"]
         return value.get("path") or b""
@@ -114,7 +125,49 @@ class DatasetSource:
         }
 
 
-ImageSource = FileListSource | DatasetSource
+class BuiltinImageSource:
+    """The images of a builtin dataset (`builtin:digits`, `builtin:shapes`), one per row, as
+    PNG bytes (the builtins are generated, so the rows are the same in every run).
+
+    Args:
+        source: The builtin's pair source.
+        spec: The dataset spec as given.
+        split: The split's name.
+    """
+
+    def __init__(self, source: Any, spec: str, split: str) -> None:
+        self.source = source
+        self.spec = spec
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, row: int) -> bytes:
+        from PIL import Image
+
+        image = self.source.image(row)
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(image)  # digits: (8, 8) uint8 grey levels
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def name(self, row: int) -> str:
+        return f"{self.split}[{row}]"
+
+    def describe(self) -> dict[str, Any]:
+        digest = hashlib.sha256(f"{self.spec}\0{self.split}\0{len(self)}".encode())
+        return {
+            "spec": self.spec,
+            "kind": "builtin",
+            "split": self.split,
+            "rows": len(self),
+            "fingerprint": digest.hexdigest(),
+        }
+
+
+ImageSource = FileListSource | DatasetSource | BuiltinImageSource
 
 
 def _file_size(path: str) -> int:
@@ -122,41 +175,6 @@ def _file_size(path: str) -> int:
         return os.path.getsize(path)
     except OSError:
         return -1
-
-
-def _folder_source(folder: Path, spec: str) -> FileListSource:
-    paths = sorted(
-        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
-    if not paths:
-        raise ValueError(f"dataset folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return FileListSource(paths, spec, "folder", folder)
-
-
-def _list_source(path: Path, spec: str) -> FileListSource:
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    entries = [line for line in lines if line and not line.startswith("#")]
-    if not entries:
-        raise ValueError(f"list file {path} names no images (one path a line, '#' starts a comment)")
-    root = path.parent.resolve()
-    paths = [Path(e) if Path(e).is_absolute() else root / e for e in entries]
-    return FileListSource(paths, spec, "list", root)
-
-
-def _pick_split(loaded: Any, split: str | None, spec: str) -> tuple[Any, str]:
-    from datasets import DatasetDict
-
-    if not isinstance(loaded, DatasetDict):
-        return loaded, split or str(getattr(loaded, "split", None) or "train")
-    names = list(loaded)
-    if split is None:
-        split = "train" if "train" in loaded else names[0] if len(names) == 1 else None
-        if split is None:
-            raise ValueError(f"dataset {spec!r} has splits {names}; choose one with --split")
-    if split not in loaded:
-        raise ValueError(f"dataset {spec!r} has no split {split!r}; it has {names}")
-    return loaded[split], split
 
 
 def _pick_image_column(dataset: Any, image_column: str | None, spec: str) -> str:
@@ -173,61 +191,36 @@ def _pick_image_column(dataset: Any, image_column: str | None, spec: str) -> str
     raise ValueError(f"dataset {spec!r} has no Image column (columns {columns}); name one with --image-column")
 
 
-def open_source(spec: str, *, split: str | None = None, image_column: str | None = None) -> ImageSource:
-    """The rows of a dataset spec.
+def open_image_source(
+    spec: str, *, split: str | None = None, image_column: str | None = None, options: dict[str, Any] | None = None
+) -> ImageSource:
+    """The image rows of a data spec (the grammar of `vlm_encoder.specs.data`).
 
     Args:
-        spec: A folder of images; a list file (`.txt`, `.lst`, `.list`); a folder written by
-            `Dataset.save_to_disk` / `DatasetDict.save_to_disk`; a `.parquet` file;
-            `imagefolder:DIR`; or a hub dataset name (`NAME` or `NAME:CONFIG`).
-        split: Split of a `datasets` source (default `train` or the only one).
-        image_column: Image column of a `datasets` source (default the first `Image` feature).
+        spec: A folder of images; a list file (`.txt`, `.lst`, `.list`); a folder with a
+            `metadata.jsonl` / `.csv`, or `imagefolder:DIR`; a folder written by `save_to_disk`;
+            a `.parquet`, `.csv`, `.tsv`, `.json(l)` or webdataset `.tar` file or glob; a local
+            dataset repository; `builtin:digits` / `builtin:shapes`; or a hub dataset name
+            (`NAME`, `OWNER/NAME` or `NAME:CONFIG`).
+        split: Split of a `datasets` source or builtin (default `train` or the only one).
+        image_column: Image column of a `datasets` source (default the first `Image` feature);
+            a column of file paths is read from disk, relative paths against the table's folder.
+        options: Keyword arguments of `datasets.load_dataset`, or a builtin's options.
 
     Returns:
-        A `FileListSource` or `DatasetSource`.
+        A `FileListSource`, `DatasetSource` or `BuiltinImageSource`.
 
     Raises:
-        ValueError: No images, an unknown split or column.
+        ValueError: A spec of no allowed form, no images, an unknown split or column.
         FileNotFoundError: A path that does not exist.
     """
-    path = Path(spec)
-    if path.exists():
-        spec = str(path.resolve())  # the same data under another spelling of its path
-    if spec.startswith("imagefolder:"):
-        from datasets import load_dataset
-
-        folder = spec.partition(":")[2]
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"imagefolder: no such folder {folder!r}")
-        spec = "imagefolder:" + str(Path(folder).resolve())
-        dataset, split = _pick_split(load_dataset("imagefolder", data_dir=folder), split, spec)
-        kind = "imagefolder"
-    elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        from datasets import load_from_disk
-
-        dataset, split = _pick_split(load_from_disk(str(path)), split, spec)
-        kind = "saved"
-    elif path.is_dir():
-        return _folder_source(path.resolve(), spec)
-    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        return _list_source(path, spec)
-    elif path.is_file() and path.suffix.lower() == ".parquet":
-        from datasets import load_dataset
-
-        dataset, split = _pick_split(load_dataset("parquet", data_files={"train": str(path)}), split, spec)
-        kind = "parquet"
-    elif path.exists():
-        raise ValueError(
-            f"dataset {spec!r} is a file of an unknown kind; give a folder of images, a list file "
-            f"({', '.join(LIST_SUFFIXES)}), a .parquet file, a saved dataset folder, imagefolder:DIR or a hub name"
-        )
-    elif spec.startswith((".", "/", "~")):  # a local path; hub names look like NAME or ORG/NAME
-        raise FileNotFoundError(f"dataset {spec!r}: no such file or folder")
-    else:
-        from datasets import load_dataset
-
-        name, _, config_name = spec.partition(":")
-        dataset, split = _pick_split(load_dataset(name, config_name or None), split, spec)
-        kind = "hub"
-    column = _pick_image_column(dataset, image_column, spec)
-    return DatasetSource(dataset, spec, kind, split, column)
+    data = parse_data_spec(spec)
+    loaded = load_split(data, split, options)
+    if data.kind == "builtin":
+        return BuiltinImageSource(loaded.builtin, data.canonical, loaded.split)
+    if loaded.files is not None:
+        return FileListSource([Path(p) for p in loaded.files], data.canonical, data.kind, data.root)
+    column = _pick_image_column(loaded.dataset, image_column, data.canonical)
+    # A `files` source is described by its format (`parquet`, ...), as stores written before this grammar were.
+    kind = data.file_format if data.kind == "files" else data.kind
+    return DatasetSource(loaded.dataset, data.canonical, kind, loaded.split, column, root=data.root)

@@ -6,7 +6,7 @@ from .config import TrainConfig
 from .evaluate import evaluate, retrieval_recall
 from .loop import Trainer, TrainResult, train
 from .sampler import EpochSampler
-from .sources import open_source
+from .sources import open_pair_source
 
 __all__ = [
     "CheckpointError",
@@ -17,7 +17,7 @@ __all__ = [
     "evaluate",
     "list_checkpoints",
     "load_checkpoint",
-    "open_source",
+    "open_pair_source",
     "retrieval_recall",
     "save_checkpoint",
     "train",

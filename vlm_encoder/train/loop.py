@@ -34,7 +34,7 @@ from .evaluate import evaluate, shard
 from .metrics import MetricsLog, read_metrics
 from .plots import plot_run
 from .sampler import EpochSampler
-from .sources import PairSource, open_source
+from .sources import PairSource, open_pair_source
 from .step import ContrastiveForward, StepInputs, loss_and_backward
 
 
@@ -132,9 +132,9 @@ class Trainer:
         model.set_image_processor(self.processor)  # saved with the model and its image tower
         options = dict(options=c.data_options, image_column=c.image_column, text_column=c.text_column,
                        label_column=c.label_column, class_names=c.class_names)
-        self.train_source = train_source or open_source(c.data, c.train_split, **options)
+        self.train_source = train_source or open_pair_source(c.data, c.train_split, **options)
         if eval_source is None and c.eval_split is not None:
-            eval_source = open_source(c.eval_data or c.data, c.eval_split, **options)
+            eval_source = open_pair_source(c.eval_data or c.data, c.eval_split, **options)
         self.eval_source = eval_source
         self.sampler = EpochSampler(len(self.train_source), c.batch_size, c.seed, acc.process_index, acc.num_processes)
         self.total_steps = c.max_steps or c.epochs * self.sampler.batches_per_epoch

@@ -1,6 +1,6 @@
 """Image-caption sources: the builtin datasets, or anything `datasets` reads (a hub name, a
 local `imagefolder` with `metadata.jsonl` / `metadata.csv`, parquet / csv / jsonl files,
-webdataset tar shards, a saved dataset).
+webdataset tar shards, a saved dataset), by the data-spec grammar of `vlm_encoder.specs.data`.
 
 A source is indexable: `image(i)` (anything `ImageProcessor` takes, or raises
 `ImageLoadError`), `captions(i)` (one or more strings), and for zero-shot evaluation
@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..processing import ImageLoadError, load_image
-from .builtin import BUILTINS
-
-BUILTIN_PREFIX = "builtin:"
+from ..specs.data import label_indices, load_split, parse_data_spec
 
 
 class PairSource(Protocol):
@@ -34,7 +32,7 @@ class PairSource(Protocol):
 
 class HFSource:
     """Rows of a `datasets.Dataset`: an image column and a caption column (a string or a list
-    of strings per row), optionally an integer label column.
+    of strings per row), optionally a label column (ints, or strings mapped to class indices).
 
     Images are read undecoded and decoded with `load_image`, so a broken file raises
     `ImageLoadError` (the loop skips and counts it) instead of failing inside `datasets`.
@@ -63,9 +61,12 @@ class HFSource:
         self.root = Path(root) if root is not None else None
         if label_column is None and "label" in columns and hasattr(dataset.features["label"], "names"):
             label_column = "label"  # imagefolder's class-folder labels
-        self.labels = [int(v) for v in dataset[label_column]] if label_column else None
         if class_names is None and label_column is not None:
             class_names = tuple(getattr(dataset.features[label_column], "names", None) or ()) or None
+        self.labels = None
+        if label_column is not None:
+            where = f"{name}, column {label_column!r}"
+            self.labels, class_names = label_indices(list(dataset[label_column]), class_names, where)
         self.class_names = class_names
         self._texts = dataset[text_column]
 
@@ -112,95 +113,7 @@ class HFSource:
         return list(value)
 
 
-# File suffixes a spec can end in, and the `datasets` builder that reads them.
-FILE_BUILDERS = {
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".json": "json",
-    ".jsonl": "json",
-    ".tar": "webdataset",
-}
-GLOB_CHARS = set("*?[")
-
-
-def _builder_for(spec: str) -> str:
-    suffix = Path(spec).suffix.lower()
-    if suffix not in FILE_BUILDERS:
-        raise ValueError(
-            f"{spec}: cannot tell the format from the suffix {suffix or '(none)'!r}; allowed: "
-            f"{', '.join(FILE_BUILDERS)}, a directory, a saved dataset or a hub name"
-        )
-    return FILE_BUILDERS[suffix]
-
-
-def _pick_split(loaded: Any, spec: str, split: str) -> Any:
-    import datasets
-
-    if isinstance(loaded, (datasets.DatasetDict, dict)):
-        if split not in loaded:
-            raise ValueError(f"{spec}: no split {split!r}; splits: {sorted(loaded)}")
-        return loaded[split]
-    return loaded
-
-
-def _load_split(spec: str, path_or_name: str, split: str, options: dict[str, Any]) -> Any:
-    """`load_dataset(path_or_name, split=split)`: only that split is prepared (a hub repo
-    with per-split files downloads just those); an unknown split is named with the others."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(path_or_name, split=split, **options)
-    except ValueError as err:
-        if "Unknown split" not in str(err):
-            raise
-        raise ValueError(f"{spec}: no split {split!r} ({err})") from None
-
-
-def _load_dataset(spec: str, split: str, options: dict[str, Any] | None = None) -> tuple[Any, Path | None]:
-    """The `datasets.Dataset` of `spec`'s `split`, and the folder that relative image paths
-    in its rows are resolved against (`None` for hub datasets)."""
-    import datasets
-
-    options = dict(options or {})
-    if options.get("trust_remote_code"):
-        raise ValueError(f"{spec}: trust_remote_code is not allowed; vlm-encoder never runs a dataset's own code")
-    options.pop("trust_remote_code", None)
-    if options.get("streaming"):
-        raise ValueError(
-            f"{spec}: streaming=True is not supported: training draws a seeded permutation of the rows and resumes "
-            "mid-epoch, which needs random access. Let `datasets` download and prepare it (the default), or "
-            "convert it to parquet / webdataset shards on disk"
-        )
-    options.pop("streaming", None)
-    path = Path(spec).expanduser()
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        return _pick_split(datasets.load_from_disk(str(path)), spec, split), path  # save_to_disk
-    if path.is_dir():  # imagefolder (+ metadata.jsonl / .csv), parquet or csv files, a hub-style repo
-        return _load_split(spec, str(path), split, options), path
-    if path.is_file() or GLOB_CHARS & set(spec):
-        builder = _builder_for(spec)
-        if builder == "csv" and Path(spec).suffix.lower() == ".tsv":
-            options.setdefault("delimiter", "\t")
-        if not path.is_file() and not sorted(path.parent.glob(path.name)):
-            raise FileNotFoundError(f"{spec}: no file matches")
-        loaded = datasets.load_dataset(builder, data_files={split: str(path)}, **options)
-        return loaded[split], path.parent
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise FileNotFoundError(f"{spec}: no such file or directory (and not a hub name such as owner/name)")
-    try:
-        loaded = _load_split(spec, spec, split, options)  # the same call as a hub-style folder above
-    except ConnectionError as err:
-        raise ConnectionError(
-            f"{spec}: no local file or folder of that name, and the Hugging Face hub could not be reached "
-            f"({err}); with HF_HUB_OFFLINE=1 only "
-            "datasets already in the local cache load. Give a local directory, parquet / csv / tar files or a "
-            "saved dataset instead"
-        ) from err
-    return loaded, None
-
-
-def open_source(
+def open_pair_source(
     spec: str,
     split: str,
     *,
@@ -210,35 +123,44 @@ def open_source(
     label_column: str | None = None,
     class_names: tuple[str, ...] | None = None,
 ) -> PairSource:
-    """Open a source by its spec and split.
+    """Open the image-caption pairs of a data spec (the grammar of `vlm_encoder.specs.data`) and split.
 
-    Specs: `builtin:digits` / `builtin:shapes`; a folder (an `imagefolder` with `metadata.jsonl`
-    or `metadata.csv`, a folder of parquet / csv files, or a hub-style dataset repository); a
-    folder written by `Dataset.save_to_disk`; a `.parquet`, `.csv`, `.tsv`, `.json(l)` or
-    webdataset `.tar` file or glob (`shards/*.tar`); or a hub name (`owner/name`).
+    Specs: `builtin:digits` / `builtin:shapes`; a folder with `metadata.jsonl` / `metadata.csv`
+    captions, or `imagefolder:DIR`; a folder written by `Dataset.save_to_disk`; a folder of
+    parquet / csv files or a hub-style dataset repository; a `.parquet`, `.csv`, `.tsv`,
+    `.json(l)` or webdataset `.tar` file or glob (`shards/*.tar`); or a hub name (`owner/name`,
+    `name:config`). A folder of images only or a list file has no captions, and is refused.
 
     Args:
         spec: The source.
         split: Its split (`train`, `test`, ...). A single file or glob is that split.
         options: Options of a builtin (`num_train`, `seed`, ...), or keyword arguments of
             `datasets.load_dataset` (`name`, `revision`, `data_dir`, ...) for the others.
-            `trust_remote_code` is refused.
+            `trust_remote_code` and `streaming` are refused.
         image_column / text_column / label_column: Column names (webdataset shards: the file
-            suffixes, e.g. `jpg` and `txt`).
+            suffixes, e.g. `jpg` and `txt`). A label column of strings is mapped to class
+            indices (in the order of `class_names`, or sorted).
         class_names: Class names for zero-shot evaluation (default: the label feature's).
 
     Raises:
-        ValueError: Unknown builtin or suffix, missing split or column, `trust_remote_code`.
+        ValueError: A spec of no allowed form, a source without captions, a missing split or
+            column, `trust_remote_code`.
         FileNotFoundError: A path or glob that names nothing.
         ConnectionError: A hub name that is neither cached nor reachable.
     """
-    if spec.startswith(BUILTIN_PREFIX):
-        name = spec[len(BUILTIN_PREFIX):]
-        if name not in BUILTINS:
-            raise ValueError(f"unknown builtin dataset {spec!r}; allowed: {', '.join(BUILTIN_PREFIX + n for n in BUILTINS)}")
-        source = BUILTINS[name](split, **(options or {}))
+    data = parse_data_spec(spec)
+    if data.kind in ("folder", "list"):
+        what = "a folder of image files only" if data.kind == "folder" else "a list file of image paths"
+        raise ValueError(
+            f"{spec}: {what} has no captions (no column {text_column!r}); put a metadata.jsonl "
+            f'({{"file_name": "a.jpg", "{text_column}": "a caption"}} a line) in the image folder, or give a '
+            "csv / jsonl / parquet table with image and caption columns (image_column=..., text_column=...)"
+        )
+    loaded = load_split(data, split, options)
+    if data.kind == "builtin":
+        source = loaded.builtin
         if class_names is not None:
             source.class_names = tuple(class_names)
         return source
-    dataset, root = _load_dataset(spec, split, options)
-    return HFSource(dataset, f"{spec}[{split}]", image_column, text_column, label_column, class_names, root=root)
+    return HFSource(loaded.dataset, f"{spec}[{loaded.split}]", image_column, text_column, label_column,
+                    class_names, root=data.root)
