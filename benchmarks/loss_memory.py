@@ -7,7 +7,7 @@ ours (chunked, never `B x B`) and open_clip's (`B x B` logits).
 On CUDA the peak is `torch.cuda.max_memory_allocated` above what the inputs already hold (an
 out-of-memory error is recorded as such and the larger batches of that contender skipped). On
 the CPU, where no allocator statistics exist, it is the peak of bytes held by tensors created
-during the call (`vlm_encoder.contrastive.memory.track_tensor_memory`), which counts the same
+during the call (`track_tensor_memory` of tests/memory_probe.py), which counts the same
 intermediates. Features are random, L2-normalised, float32 (`--dtype` to change).
 
 Results: `benchmarks/results/loss_memory_<cpu|cuda>.json` with device, date and every row.
@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from vlm_encoder.contrastive import ClipLoss, SigLipLoss
-from vlm_encoder.contrastive.memory import track_tensor_memory
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from memory_probe import track_tensor_memory  # noqa: E402  (the tests' CPU allocation probe)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GPU_BATCHES = [2**k for k in range(12, 21)]  # 4,096 ... 1,048,576

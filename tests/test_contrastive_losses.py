@@ -11,9 +11,9 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
+from memory_probe import track_tensor_memory
 
 from vlm_encoder.contrastive import ClipLoss, SigLipLoss, gather_features
-from vlm_encoder.contrastive.memory import track_tensor_memory
 
 
 def _open_clip_losses():

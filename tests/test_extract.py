@@ -24,6 +24,7 @@ from vlm_encoder.extract.model import build_encoder, build_processor
 from vlm_encoder.processing import load_image
 
 PYTHON = sys.executable
+SLOW_CLI = Path(__file__).resolve().parent / "adversarial" / "extract_with_faults.py"
 TINY = {"depth": 3, "width": 32, "num_heads": 2, "image_size": 32, "patch_size": 8}
 TINY_ARGS = [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
 
@@ -163,10 +164,11 @@ def test_other_arguments_in_the_same_directory_are_refused(tmp_path, images, ref
 
 def test_cli_resumes_after_sigkill_bitwise_equal(tmp_path, images, reference):
     out = tmp_path / "killed"
+    # `vlm-encoder extract`, each batch 0.3 s slower so the kill lands mid-run.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [PYTHON, "-m", "vlm_encoder.cli", *cli_args(images, out, "--batch-size", "2", "--num-workers", "1",
-                                                          "--sleep-per-batch", "0.3")]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [PYTHON, str(SLOW_CLI), *cli_args(images, out, "--batch-size", "2", "--num-workers", "1")]
+    process = subprocess.Popen(command, env={**env, "SLOW_BATCH_S": "0.3"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while len(list(out.glob("shard-*.json"))) < 2:

@@ -87,6 +87,8 @@ def test_trainer_on_cuda_uses_fused_adamw_and_bf16(tmp_path):
 
 
 def test_fp16_on_cuda_resumes_bitwise(tmp_path):
+    from train_helpers import run_killed_after
+
     from vlm_encoder.train import Trainer
 
     changes = dict(max_steps=6, checkpoint_every=2, keep_checkpoints=5, mixed_precision="fp16")
@@ -94,7 +96,7 @@ def test_fp16_on_cuda_resumes_bitwise(tmp_path):
     full.fit()
     assert isinstance(full.accelerator.scaler, torch.amp.GradScaler)
     AcceleratorState._reset_state(True)
-    Trainer(gpu_config(tmp_path / "cut", **changes), stop_after=3).fit()
+    run_killed_after(gpu_config(tmp_path / "cut", **changes), 3)
     AcceleratorState._reset_state(True)
     resumed = Trainer(gpu_config(tmp_path / "cut", **changes))
     resumed.fit()

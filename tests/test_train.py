@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from train_helpers import run_killed_after
 
 from vlm_encoder.contrastive import ContrastiveModel
 from vlm_encoder.encoder import VisionEncoder
@@ -90,8 +91,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     steps = dict(max_steps=7, checkpoint_every=2, accum_steps=2, keep_checkpoints=2)
     straight, _ = _train(tiny_config(tmp_path / "a", **steps))
     config = tiny_config(tmp_path / "b", **steps)
-    first, result = _train(config, stop_after=5)  # killed after step 5: last checkpoint is step 4
-    assert result.interrupted and result.step == 5
+    first = run_killed_after(config, 5)  # killed after step 5: last checkpoint is step 4
     assert [p.name for p in list_checkpoints(first.checkpoint_dir)] == ["step_00000002", "step_00000004"]
     resumed, result = _train(config)
     assert result.resumed_from.name == "step_00000004" and result.step == 7
@@ -154,23 +154,23 @@ def test_resume_never_refuses_a_directory_with_checkpoints(checkpointed):
 # ----------------------------------------------------------- non-finite guard
 def test_nan_batch_is_skipped_and_logged(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, max_steps=3))
-    plain = trainer._inputs
+    plain = trainer.step_inputs
 
     def poisoned(batch):
         inputs = plain(batch)
-        if trainer.step == 1:  # the batch of step 2
+        if trainer.progress.step == 1:  # the batch of step 2
             inputs.pixel_values = torch.full_like(inputs.pixel_values, float("nan"))
         return inputs
 
     before = {}
-    trainer._inputs = poisoned
+    trainer.step_inputs = poisoned
     original_step = trainer.train_step
 
     def step(inputs):
-        if trainer.step == 1:
+        if trainer.progress.step == 1:
             before.update(params(trainer.model))
         result = original_step(inputs)
-        if trainer.step == 2:
+        if trainer.progress.step == 2:
             after = params(trainer.model)
             assert all(torch.equal(before[k], after[k]) for k in before)  # parameters untouched
         return result
@@ -230,11 +230,11 @@ def test_locked_image_features_that_are_not_finite_are_left_out_and_counted(tmp_
 
     trainer.model.vision.image_embeds = poisoned
     result = trainer.fit()
-    assert not trainer.feature_valid[0] and trainer.feature_valid[1:].all()
+    assert not trainer.feature_cache.valid[0] and trainer.feature_cache.valid[1:].all()
     assert result.skipped_images == 1 and result.skipped_steps == []
     skipped = [r for r in read_metrics(trainer.log.path) if r["kind"] == "skipped_image"]
     assert [(r["index"], r["reason"]) for r in skipped] == [(0, "non-finite features from the locked image tower")]
-    assert torch.isfinite(trainer.image_features).all()
+    assert torch.isfinite(trainer.feature_cache.features).all()
 
 
 def test_tensorboard_scalars_match_the_jsonl(tmp_path):
@@ -263,7 +263,7 @@ def test_lit_from_a_pretrained_image_tower(tmp_path):
     tower.save_pretrained(tmp_path / "tower")
     config = tiny_config(tmp_path, vision_init=str(tmp_path / "tower"), lock_image=True, max_steps=3)
     trainer = Trainer(config)
-    assert trainer.processor == tower.image_processor
+    assert trainer.parts.processor == tower.image_processor
     trainer.fit()
     for name, value in tower.state_dict().items():
         assert torch.equal(trainer.model.vision.state_dict()[name], value), name
@@ -389,7 +389,7 @@ def test_compiled_training_forward_matches_eager(tmp_path, accum_steps):
     a, b = params(eager.model), params(compiled.model)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-4, msg=name)
-    explanation = torch._dynamo.explain(compiled.bare_forward._orig_mod)(
+    explanation = torch._dynamo.explain(compiled.parts.bare_forward._orig_mod)(
         torch.randint(1, 100, (4, 12)).index_fill_(1, torch.tensor([11]), 49407), torch.ones(4, 12, dtype=torch.long),
         pixel_values=torch.randn(4, 3, 16, 16),
     )

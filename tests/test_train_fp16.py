@@ -13,6 +13,7 @@ from vlm_encoder.train import Trainer
 from vlm_encoder.train.checkpoint import SCALER_FILE
 
 from test_train import params, tiny_config
+from train_helpers import run_killed_after
 
 
 @pytest.fixture(autouse=True)
@@ -64,8 +65,7 @@ def test_fp16_checkpoint_holds_the_scaler_and_resumes_bitwise(tmp_path):
     full = Trainer(fp16_config(tmp_path / "full", **changes))
     full.fit()
     AcceleratorState._reset_state(True)
-    first = Trainer(fp16_config(tmp_path / "cut", **changes), stop_after=3)
-    first.fit()
+    run_killed_after(fp16_config(tmp_path / "cut", **changes), 3)
     checkpoints = sorted((tmp_path / "cut" / "run" / "checkpoints").iterdir())
     assert checkpoints and all((c / SCALER_FILE).is_file() for c in checkpoints)
     saved = torch.load(checkpoints[-1] / SCALER_FILE, weights_only=True)

@@ -31,6 +31,7 @@ from vlm_encoder import FeatureStore
 from vlm_encoder.extract import run_extraction, runner
 from vlm_encoder.extract.shards import ShardLayout, valid_sidecar
 
+HERE = Path(__file__).resolve().parent
 SEED = 8
 NUM_GOOD, NUM_BAD = 38, 4  # 42 rows: 11 shards of 4 (the last of 2 rows, all broken)
 NUM_ROWS = NUM_GOOD + NUM_BAD
@@ -50,9 +51,10 @@ def _sidecars(out: Path) -> int:
 
 
 def _start(images: Path, out: Path, batch_size: int, workers: int, sleep: float) -> subprocess.Popen:
-    argv = [PYTHON, "-m", "vlm_encoder.cli", *cli_args(images, out, "--batch-size", str(batch_size),
-                                                        "--num-workers", str(workers), "--sleep-per-batch", str(sleep))]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    """`vlm-encoder extract` in a subprocess, each batch `sleep` seconds slower (extract_with_faults.py)."""
+    argv = [PYTHON, str(HERE / "extract_with_faults.py"), *cli_args(images, out, "--batch-size", str(batch_size),
+                                                                    "--num-workers", str(workers))]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", SLOW_BATCH_S=str(sleep))
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 from process_helpers import PYTHON, kill_group, run_ranks
+from train_helpers import Crash, die_after_checkpoint_file, dies_after
 
 from vlm_encoder.contrastive import ClipLoss, ContrastiveModel, SigLipLoss
 from vlm_encoder.encoder import VisionEncoder
@@ -98,10 +99,6 @@ def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
     return params(trainer.model)
 
 
-class Crash(BaseException):
-    """Stands for the process dying: nothing catches it, no clean-up runs."""
-
-
 # The files of a checkpoint in the order they are written, then the two renames.
 PARTS = ["rng_rank0.pt", "model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
          "sampler.json", "manifest.json"]
@@ -113,13 +110,11 @@ FAST_PARTS = ("model.safetensors", "manifest.json")
 @pytest.mark.parametrize("after", [p if p in FAST_PARTS else slow(p) for p in PARTS] + ["renamed"])
 def test_save_interrupted_after_any_file_keeps_the_last_checkpoint(tmp_path, monkeypatch, uninterrupted, after):
     config = tiny_config(tmp_path, **STEPS)
-    write, fsync_dir = ckpt._write_part, ckpt._fsync_dir
+    fsync_dir = ckpt._fsync_dir
     target = f".{ckpt.checkpoint_name(2)}.tmp"
 
-    def write_then_crash(path, writer):
-        write(path, writer)
-        if path.parent.name == target and path.name == after:
-            raise Crash(after)
+    def crash():
+        raise Crash(after)
 
     def fsync_then_crash(path):  # the second directory fsync follows the rename into place
         fsync_dir(path)
@@ -127,7 +122,7 @@ def test_save_interrupted_after_any_file_keeps_the_last_checkpoint(tmp_path, mon
         if after == "renamed" and Path(path) == checkpoints and (checkpoints / ckpt.checkpoint_name(2)).is_dir():
             raise Crash(after)
 
-    monkeypatch.setattr(ckpt, "_write_part", write_then_crash)
+    die_after_checkpoint_file(monkeypatch.setattr, 2, after, crash)
     monkeypatch.setattr(ckpt, "_fsync_dir", fsync_then_crash)
     with pytest.raises(Crash):
         Trainer(config).fit()
@@ -321,20 +316,20 @@ NON_FINITE = ("nan_pixels", "inf_pixels", "inf_image_embeds", "inf_text_embeds")
 def _poison(trainer: Trainer, at_step: int, how: str) -> None:
     """Make the batch of optimizer step `at_step` non-finite: in its pixels, or by a forward
     hook turning a tower's output infinite."""
-    plain = trainer._inputs
+    plain = trainer.step_inputs
 
     def inputs(batch):
         result = plain(batch)
-        if trainer.step + 1 == at_step and how in ("nan_pixels", "inf_pixels"):
+        if trainer.progress.step + 1 == at_step and how in ("nan_pixels", "inf_pixels"):
             value = float("nan") if how == "nan_pixels" else float("inf")
             result.pixel_values = result.pixel_values.clone()
             result.pixel_values[0, 0, 0, 0] = value  # one pixel is enough
         return result
 
-    trainer._inputs = inputs
+    trainer.step_inputs = inputs
 
     def hook(module, args, output):
-        if trainer.step + 1 == at_step:
+        if trainer.progress.step + 1 == at_step:
             return torch.full_like(output, float("inf"))
         return output
 
@@ -349,19 +344,21 @@ def _poison(trainer: Trainer, at_step: int, how: str) -> None:
 def test_non_finite_batch_is_skipped_logged_and_the_next_checkpoint_resumes(tmp_path, how, accum_steps):
     steps = {"max_steps": 4, "checkpoint_every": 2, "accum_steps": accum_steps}
     config = tiny_config(tmp_path, **steps)
-    trainer = Trainer(config, stop_after=2)
+    trainer = Trainer(config, train_source=dies_after(config, 2))  # killed after step 2
     _poison(trainer, 2, how)
     before = {}
     train_step = trainer.train_step
 
     def step(inputs):
-        if trainer.step == 1:
+        if trainer.progress.step == 1:
             before.update(params(trainer.model))
         return train_step(inputs)
 
     trainer.train_step = step
-    result = trainer.fit()
-    assert result.skipped_steps == [2]
+    with pytest.raises(Crash):
+        trainer.fit()
+    trainer.log.close()
+    assert trainer.progress.step == 2 and trainer.progress.skipped_steps == [2]
     assert_same_params(before, params(trainer.model))  # the skipped step changed nothing
     skipped = [r for r in read_metrics(trainer.log.path) if r["kind"] == "skipped_step"]
     assert [r["step"] for r in skipped] == [2] and "non-finite" in skipped[0]["reason"]
@@ -396,7 +393,7 @@ def test_a_batch_with_no_readable_image_is_a_skipped_step(tmp_path):
 
     config = tiny_config(tmp_path, max_steps=2)
     trainer = Trainer(config, train_source=BrokenFirstBatch())
-    first = set(trainer.sampler.batch(0, 0))
+    first = set(trainer.parts.sampler.batch(0, 0))
     result = trainer.fit()
     assert result.skipped_steps == [1] and result.skipped_images == 8
     assert "no readable image" in next(r for r in trainer.log.records if r["kind"] == "skipped_step")["reason"]

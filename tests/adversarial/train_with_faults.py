@@ -20,12 +20,15 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
 from vlm_encoder.train import TrainConfig, Trainer, open_pair_source
-from vlm_encoder.train import checkpoint as ckpt
 from vlm_encoder.train.evaluate import embed_source
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for its helpers
+from train_helpers import die_after_checkpoint_file  # noqa: E402
 
 NUM_TRAIN, NUM_TEST, BATCH = 37, 13, 4  # 37 is not a multiple of world (2) x batch (4)
 
@@ -71,20 +74,20 @@ def lit(out: str, cached: bool) -> None:
     frozen = {k: v.clone() for k, v in trainer.model.vision.state_dict().items()}
     head = trainer.model.image_proj.weight.detach().clone()
     seen: list[tuple[int, list[int]]] = []
-    plain = trainer._inputs
+    plain = trainer.step_inputs
 
     def recording(batch):
         seen.append((batch.epoch, batch.indices.tolist()))
         return plain(batch)
 
-    trainer._inputs = recording
+    trainer.step_inputs = recording
     result = trainer.fit()
-    acc, model = trainer.accelerator, trainer.model
+    acc, model, parts = trainer.accelerator, trainer.model, trainer.parts
     # Evaluation set: gathered rows must be the dataset's rows, in order (so labels line up).
-    embeds = embed_source(model, trainer.eval_source, trainer.processor, trainer.tokenizer, batch_size=4)
+    embeds = embed_source(model, parts.eval_source, parts.processor, parts.tokenizer, batch_size=4)
     model.eval()
     with torch.no_grad():
-        pixels = trainer.processor([trainer.eval_source.image(i) for i in range(NUM_TEST)])
+        pixels = parts.processor([parts.eval_source.image(i) for i in range(NUM_TEST)])
         local = model.encode_image(pixels).float()
     report = {
         "rank": acc.process_index,
@@ -115,14 +118,7 @@ def fault(out: str) -> None:
 
 def kill_in_checkpoint(out: str) -> None:
     at_step, after = int(os.environ["KILL_AT_STEP"]), os.environ["KILL_AFTER_PART"]
-    write = ckpt._write_part
-
-    def write_then_die(path, writer):
-        write(path, writer)
-        if path.parent.name == f".{ckpt.checkpoint_name(at_step)}.tmp" and path.name == after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    ckpt._write_part = write_then_die
+    die_after_checkpoint_file(setattr, at_step, after, lambda: os.kill(os.getpid(), signal.SIGKILL))
     Trainer(config(out, max_steps=3, checkpoint_every=1, eval_split=None)).fit()
 
 

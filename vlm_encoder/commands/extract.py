@@ -60,7 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="larger images are recorded as failures (default PIL's decompression-bomb limit)")
     parser.add_argument("--device", default=None, help="torch device (default: the process's accelerator)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--sleep-per-batch", type=float, default=0.0, help=argparse.SUPPRESS)  # tests of interruption
     parser.set_defaults(func=run)
 
 
@@ -88,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         device=args.device,
         progress=not args.no_progress,
-        sleep_per_batch=args.sleep_per_batch,
     )
     summary = run_extraction(config)
     from accelerate import PartialState

@@ -58,7 +58,6 @@ class ExtractConfig(ConfigMixin):
         num_workers: DataLoader worker processes decoding images (does not change the output).
         device: Torch device; default the process's accelerator (`accelerate.PartialState`).
         progress: Show a progress bar on the main process.
-        sleep_per_batch: Seconds to sleep after each batch (only to test interruption).
     """
 
     model: str
@@ -83,7 +82,6 @@ class ExtractConfig(ConfigMixin):
     num_workers: int = at_least(0, 2)
     device: str | None = None
     progress: bool = True
-    sleep_per_batch: float = 0.0
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -114,8 +112,6 @@ class ExtractConfig(ConfigMixin):
                 raise ValueError("anyres and resolution='native' exclude each other: choose one")
         if self.mode != "fixed" and self.image_size is not None:
             raise ValueError(f"image_size does not apply to {self.mode} resolution (each image keeps its own size)")
-        if self.sleep_per_batch < 0:
-            raise ValueError(f"sleep_per_batch must be >= 0, got {self.sleep_per_batch!r}")
 
     @property
     def mode(self) -> str:

@@ -351,8 +351,6 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
                     features = {k: v.to("cpu") for k, v in plan(encoder, pixels).items()}
                 assembler.add(batch, features)
                 bar.update(len(batch["rows"]))
-                if config.sleep_per_batch:
-                    time.sleep(config.sleep_per_batch)
         finally:
             bar.close()
             assembler.close()

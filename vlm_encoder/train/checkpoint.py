@@ -91,12 +91,6 @@ def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _write_part(path: Path, write) -> None:
-    """Write one checkpoint file with `write(path)` (one place, so tests can interrupt a save
-    between any two files)."""
-    write(path)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -197,16 +191,16 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     rng = capture_rng()
-    _write_part(tmp / rng_file(rank), lambda p: torch.save(rng, p))
+    torch.save(rng, tmp / rng_file(rank))
     if is_main:
         model_cpu = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-        _write_part(tmp / MODEL_FILE, lambda p: save_file(model_cpu, str(p)))
-        _write_part(tmp / OPTIMIZER_FILE, lambda p: torch.save(optimizer_state, p))
-        _write_part(tmp / SCHEDULER_FILE, lambda p: torch.save(scheduler_state, p))
+        save_file(model_cpu, str(tmp / MODEL_FILE))
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        torch.save(scheduler_state, tmp / SCHEDULER_FILE)
         if scaler_state is not None:
-            _write_part(tmp / SCALER_FILE, lambda p: torch.save(scaler_state, p))
-        _write_part(tmp / STATE_FILE, lambda p: p.write_text(json.dumps(trainer_state, indent=2)))
-        _write_part(tmp / SAMPLER_FILE, lambda p: p.write_text(json.dumps(sampler_state, indent=2)))
+            torch.save(scaler_state, tmp / SCALER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        (tmp / SAMPLER_FILE).write_text(json.dumps(sampler_state, indent=2))
     barrier()
     if is_main:
         files = {}
@@ -215,7 +209,7 @@ def save_checkpoint(
                 os.fsync(handle.fileno())
             files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         manifest = json.dumps({"step": step, "files": files}, indent=2)
-        _write_part(tmp / MANIFEST, lambda p: p.write_text(manifest))
+        (tmp / MANIFEST).write_text(manifest)
         apply_umask(tmp)  # safetensors writes its files private
         _fsync_dir(tmp)
         old = directory / f".{checkpoint_name(step)}.old"

@@ -1,5 +1,6 @@
-"""One contrastive loss-and-backward over a batch, optionally in micro-batches that keep every
-negative of the full batch (GradCache; open_clip's `accum_freq`).
+"""One training step: the contrastive loss-and-backward over a batch, optionally in
+micro-batches that keep every negative of the full batch (GradCache; open_clip's
+`accum_freq`), then clipping, the non-finite guard and the parameter update.
 
 With `accum_steps = k > 1`:
 
@@ -11,18 +12,25 @@ With `accum_steps = k > 1`:
    the full batch's parameter gradients. Only the last micro-batch synchronises gradients
    across processes, and it also carries the scale and bias terms so every trainable
    parameter takes part in that synchronised backward.
-"""
 
+A step whose loss or gradient norm is not finite on any process leaves the parameters as they
+are (every process agrees, so none waits on the others); the schedule still advances.
+"""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..contrastive import ContrastiveModel, ContrastiveOutput
+
+if TYPE_CHECKING:
+    from .setup import TrainSetup
 
 
 class ContrastiveForward(nn.Module):
@@ -167,3 +175,63 @@ def loss_and_backward(
             backward(surrogate)
     _set_rng_state(final_state)
     return loss.detach(), None
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: its loss and gradient norm (NaN when not computed), and whether the
+    update was skipped."""
+
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+def optimizer_step(parts: TrainSetup, inputs: StepInputs) -> StepResult:
+    """Loss, backward, clipping, the non-finite guard, the optimizer and schedule step, and the
+    logit-scale clamp. A non-finite loss or gradient norm on any process skips the update
+    (`skip_update`); under fp16 the gradient scaler sees it and lowers its scale."""
+    acc, c = parts.accelerator, parts.config
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss, _ = loss_and_backward(
+        parts.forward, parts.loss_fn, inputs, accum_steps=c.accum_steps, backward=acc.backward,
+        autocast=acc.autocast, no_sync=acc.no_sync, unwrapped=parts.bare_forward,
+    )
+    max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
+    grad_norm = acc.clip_grad_norm_(parts.trainable, max_norm)
+    grad_norm = torch.as_tensor(grad_norm, device=loss.device, dtype=torch.float32)
+    bad = (~torch.isfinite(loss.float()) | ~torch.isfinite(grad_norm)).float()
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        if acc.scaler is not None:
+            parts.optimizer.step()  # the fp16 scaler sees the inf, skips and lowers its scale
+        skip_update(parts)
+        return StepResult(float(loss), float(grad_norm), skipped=True)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    clamp_logit_scale(parts.model)
+    return StepResult(float(loss), float(grad_norm), skipped=False)
+
+
+def skip_update(parts: TrainSetup) -> None:
+    """A step that leaves the parameters unchanged: gradients dropped, the schedule advanced."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # the schedule counts steps, taken or not: intended here
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        parts.scheduler.step()
+    clamp_logit_scale(parts.model)
+
+
+def clamp_logit_scale(model: ContrastiveModel) -> None:
+    with torch.no_grad():
+        model.logit_scale.clamp_(0.0, model.max_logit_scale)
+
+
+def any_rank_empty(accelerator, inputs: StepInputs) -> bool:
+    """True when this or another process has no pair left in its batch (every image
+    unreadable): all ranks then skip the step together, so none waits on the others."""
+    empty = torch.tensor(float(inputs.input_ids.shape[0] == 0), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        empty = accelerator.reduce(empty, reduction="sum")
+    return bool(empty.item() > 0)

@@ -1,9 +1,10 @@
-"""Counting the tensor memory an operation allocates, on any device (CPU included).
+"""Counting the tensor memory an operation allocates, on any device (CPU included): a probe
+of the tests (tests/test_contrastive_losses.py) and of benchmarks/loss_memory.py.
 
 `track_tensor_memory()` follows every tensor created by a torch operator while it is active
 (forward and backward), through a dispatch mode, and frees it from the count when its storage
 is freed. It measures what a computation allocates, where `torch.cuda.max_memory_allocated`
-does not exist (CPU), for the linear-memory tests and the loss-memory benchmark.
+does not exist (CPU).
 """
 
 from __future__ import annotations
