@@ -1,9 +1,12 @@
 """What the Hugging Face converters share: reading a config, mapping activation names,
-selecting a tower's keys, and a key reader that proves every key was used."""
+selecting a tower's keys, and the walker that applies a family's key table strictly (timm's
+`checkpoint_filter_fn` renames, without its guessing: a key no entry names is an error)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,12 +30,33 @@ def _listing(keys: Iterable[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def hf_config(config: Any, config_class: type) -> Any:
-    """`config` as an instance of the HF `config_class` (a `config.json` dict is parsed by
-    that class, so HF's defaults fill the fields a file leaves out)."""
-    if isinstance(config, Mapping):
-        return config_class.from_dict(dict(config))
-    return config
+def parse_config(config: Any, classes: Mapping[str, type], family: str) -> Any:
+    """An HF config (or its `config.json` dict, parsed so that HF's defaults fill the fields a
+    file leaves out) as the class `classes` names for its `model_type`.
+
+    Raises:
+        ValueError: A `model_type` not in `classes` (which are listed).
+    """
+    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    if model_type not in classes:
+        expected = " or ".join(repr(name) for name in classes)
+        raise ValueError(f"{family}: expected a config with model_type {expected}, got {model_type!r}")
+    return classes[model_type].from_dict(dict(config)) if isinstance(config, Mapping) else config
+
+
+def tower_fields(vision: Any, family: str, image_size: int | None = None) -> dict[str, Any]:
+    """The `VisionConfig` fields that every HF vision config states the same way
+    (`image_size` from the config unless given)."""
+    return dict(
+        image_size=square(vision.image_size, "image_size", family) if image_size is None else image_size,
+        patch_size=square(vision.patch_size, "patch_size", family),
+        in_channels=vision.num_channels,
+        width=vision.hidden_size,
+        depth=vision.num_hidden_layers,
+        num_heads=vision.num_attention_heads,
+        act=activation(vision.hidden_act, family),
+        norm_eps=vision.layer_norm_eps,
+    )
 
 
 def activation(name: str, family: str) -> Activation:
@@ -53,8 +77,8 @@ def square(value: Any, name: str, family: str) -> int:
 
 def select_tower(
     state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], ignored: tuple[str, ...]
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Keys of one tower with its wrapper prefix removed, and the keys skipped as ignored.
+) -> dict[str, torch.Tensor]:
+    """Keys of one tower with its wrapper prefix removed.
 
     The first of `prefixes` that some key starts with is removed from the keys under it
     (e.g. `vision_model.` of a `CLIPModel`); keys outside it are kept as they are, so that
@@ -63,87 +87,137 @@ def select_tower(
     of `ignored` (the text tower, logit scale, a classifier) are dropped.
     """
     prefix = next((p for p in prefixes if any(k.startswith(p) for k in state_dict)), "")
-    tower, skipped = {}, []
-    for key, value in state_dict.items():
-        if key.startswith(ignored):
-            skipped.append(key)
-            continue
-        tower[key[len(prefix) :] if prefix and key.startswith(prefix) else key] = value
-    return tower, skipped
+    return {
+        key[len(prefix) :] if prefix and key.startswith(prefix) else key: value
+        for key, value in state_dict.items()
+        if not key.startswith(ignored)
+    }
 
 
-class KeyReader:
-    """Takes tensors out of a state dict by name and, at the end, fails on any key not taken.
+@dataclass(frozen=True)
+class Transform:
+    """Our keys `targets` computed by `fn` from the HF keys `sources` (`{i}`: the block index).
 
-    Args:
-        state_dict: The reference's tensors.
-        family: Name used in error messages (e.g. `HF CLIP`).
+    `fn` takes the source tensors in order and returns one tensor per target (a tuple when
+    there are several). An `optional` transform is skipped when none of its sources is there;
+    otherwise every source must be.
     """
 
-    def __init__(self, state_dict: Mapping[str, torch.Tensor], family: str) -> None:
-        self._tensors = dict(state_dict)
-        self._used: set[str] = set()
-        self.family = family
+    targets: tuple[str, ...]
+    sources: tuple[str, ...]
+    fn: Callable[..., Any]
+    optional: bool = False
 
-    def has(self, key: str) -> bool:
-        return key in self._tensors
 
-    def take(self, key: str) -> torch.Tensor:
-        """The tensor `key`, marked used.
+@dataclass(frozen=True)
+class KeyTable:
+    """A family's checkpoint layout: how its keys become ours, applied strictly by `convert`.
+
+    Args:
+        renames: HF name -> our name, `{i}` standing for the block index. A name is a key or a
+            module: `pre_layrnorm -> norm_pre` turns `pre_layrnorm.weight` into `norm_pre.weight`.
+        transforms: The keys that are more than renamed (fused qkv, the CLS position row).
+        optional: Prefixes of `renames` entries that a checkpoint may lack (a head); every
+            other entry must match at least one key (per block, for an `{i}` entry).
+        ignored: Keys dropped when present (buffers such as `embeddings.position_ids`).
+
+    Which tensors a renamed module holds (weight, bias) is the model's to check: the result
+    goes to `load_state_dict_strict`, which names a missing one as the key it feeds.
+    """
+
+    renames: Mapping[str, str]
+    transforms: tuple[Transform, ...] = ()
+    optional: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+
+    def convert(self, tower: Mapping[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+        """Our state dict from one tower's HF keys (no guessing: each key is consumed by
+        exactly one entry, each required entry is met, nothing is produced twice).
 
         Raises:
-            WeightsError: `key` is missing.
+            WeightsError: Naming the HF keys that are missing, unknown, or mapped twice, or
+                blocks that are not numbered `0..n-1`.
         """
-        if key not in self._tensors:
-            stem = key.rsplit(".", 2)[0]
-            near = [k for k in self._tensors if k.startswith(stem)]
-            raise WeightsError(
-                f"{self.family} checkpoint is missing the key {key!r}"
-                + (f"; keys near it: {_listing(near, 8)}" if near else "")
-            )
-        self._used.add(key)
-        return self._tensors[key]
+        tensors = {k: v for k, v in tower.items() if k not in self.ignored}
+        blocks = self._blocks(tensors, family)
+        out: dict[str, torch.Tensor] = {}
 
-    def take_linear(self, prefix: str, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`prefix.weight` and (when `bias`) `prefix.bias`."""
-        return self.take(f"{prefix}.weight"), self.take(f"{prefix}.bias") if bias else None
+        def put(key: str, value: torch.Tensor, source: str) -> None:
+            if key in out:
+                raise WeightsError(f"{family} checkpoint maps two keys to {key!r}, the second {source!r}")
+            out[key] = value
 
-    def ignore(self, key: str) -> None:
-        """Mark an optional key as deliberately unused (e.g. DINOv2's `mask_token`)."""
-        if key in self._tensors:
-            self._used.add(key)
+        for t in self.transforms:
+            for i in blocks if "{i}" in "".join(t.sources) else [None]:
+                sources = [s.format(i=i) for s in t.sources]
+                missing = [s for s in sources if s not in tensors]
+                if missing and (len(missing) < len(sources) or not t.optional):
+                    raise WeightsError(f"{family} checkpoint is missing the keys {_listing(missing)}")
+                if not missing:
+                    values = t.fn(*(tensors.pop(s) for s in sources))
+                    for target, value in zip(t.targets, values if isinstance(values, tuple) else (values,)):
+                        put(target.format(i=i), value, sources[0])
 
-    def count_layers(self, prefix: str) -> int:
-        """Number of blocks `prefix{i}.` present; they must be numbered `0..n-1`."""
-        indices = set()
-        for key in self._tensors:
-            if key.startswith(prefix):
-                head = key[len(prefix) :].split(".", 1)[0]
-                if head.isdigit():
-                    indices.add(int(head))
+        patterns = [(_pattern(hf), hf, ours) for hf, ours in self.renames.items()]
+        met, unknown = set(), []
+        for key, value in tensors.items():
+            match = next(((m, hf, ours) for rx, hf, ours in patterns if (m := rx.fullmatch(key))), None)
+            if match is None:
+                unknown.append(key)
+                continue
+            m, hf, ours = match
+            i = int(m["i"]) if "{i}" in hf else None
+            met.add((hf, i))
+            put(ours.format(i=i) + (m["rest"] or ""), value, key)
+        if unknown:
+            raise WeightsError(f"{family} checkpoint has keys the converter does not know: {_listing(unknown)}")
+        missing = [
+            hf.format(i=i)
+            for hf in self.renames
+            if not hf.startswith(self.optional)
+            for i in (blocks if "{i}" in hf else [None])
+            if (hf, i) not in met
+        ]
+        if missing:
+            raise WeightsError(f"{family} checkpoint is missing the keys (or modules) {_listing(missing)}")
+        return out
+
+    def _blocks(self, tensors: Mapping[str, torch.Tensor], family: str) -> list[int]:
+        """The block indices `0..n-1` found under the table's `{i}` prefixes."""
+        names = [*self.renames, *(s for t in self.transforms for s in t.sources)]
+        prefixes = tuple({name.split("{i}")[0] for name in names if "{i}" in name})
+        if not prefixes:
+            return []
+        heads = (key[len(p) :].split(".", 1)[0] for key in tensors for p in prefixes if key.startswith(p))
+        indices = {int(head) for head in heads if head.isdigit()}
         if not indices:
-            raise WeightsError(f"{self.family} checkpoint has no blocks under {prefix!r}")
+            raise WeightsError(f"{family} checkpoint has no blocks under {_listing(prefixes)}")
         if indices != set(range(len(indices))):
-            raise WeightsError(f"{self.family} checkpoint's blocks under {prefix!r} are not numbered 0..n-1: {sorted(indices)}")
-        return len(indices)
-
-    def finish(self) -> None:
-        """Raise if any key was never taken or ignored.
-
-        Raises:
-            WeightsError: Listing the leftover keys.
-        """
-        leftover = set(self._tensors) - self._used
-        if leftover:
-            raise WeightsError(f"{self.family} checkpoint has keys the converter does not know: {_listing(leftover)}")
+            raise WeightsError(f"{family} checkpoint's blocks are not numbered 0..n-1: {sorted(indices)}")
+        return sorted(indices)
 
 
-def fuse_qkv(reader: KeyReader, q: str, k: str, v: str, bias: bool = True) -> dict[str, torch.Tensor]:
-    """Our fused `qkv.weight` (and `.bias`), rows q then k then v, from three linears."""
-    out = {"weight": torch.cat([reader.take(f"{name}.weight") for name in (q, k, v)], dim=0)}
-    if bias:
-        out["bias"] = torch.cat([reader.take(f"{name}.bias") for name in (q, k, v)], dim=0)
-    return out
+def _pattern(name: str) -> re.Pattern[str]:
+    """`name` (with `{i}`) as a regex for the key itself or the keys under it."""
+    return re.compile(re.escape(name).replace(re.escape("{i}"), r"(?P<i>\d+)") + r"(?P<rest>\..+)?")
+
+
+def fused_qkv(attn: str, names: tuple[str, str, str], optional_bias: bool = False) -> tuple[Transform, Transform]:
+    """Our `blocks.{i}.attn.qkv` weight and bias (rows q, k, v) from the linears `attn.<name>`."""
+    return tuple(
+        Transform(
+            (f"blocks.{{i}}.attn.qkv.{p}",),
+            tuple(f"{attn}.{n}.{p}" for n in names),
+            lambda *t: torch.cat(t, dim=0),
+            optional=optional_bias and p == "bias",
+        )
+        for p in ("weight", "bias")
+    )
+
+
+def as_rows(table: torch.Tensor) -> torch.Tensor:
+    """A table of token rows `(N, D)` (or already `(1, N, D)`) as `(1, N, D)`."""
+    return table.reshape(1, -1, table.shape[-1])
 
 
 def split_position_table(position: torch.Tensor, cls_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

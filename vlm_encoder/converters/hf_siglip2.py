@@ -26,26 +26,12 @@ import torch
 from ..config import VisionConfig
 from ..weights import WeightsError
 from . import hf_siglip
-from .hf_common import activation, hf_config, select_tower, square
+from .hf_common import parse_config, select_tower, square
 
 FAMILY = "HF SigLIP2"
 TOWER_PREFIXES = ("vision_model.",)
 IGNORED_PREFIXES = ("text_model.", "logit_scale", "logit_bias")
 PATCH_KEY = "embeddings.patch_embedding.weight"
-
-
-def _vision_config(hf_config_or_dict: Any) -> Any:
-    from transformers import Siglip2Config, Siglip2VisionConfig
-
-    if isinstance(hf_config_or_dict, Mapping):
-        model_type = hf_config_or_dict.get("model_type")
-    else:
-        model_type = getattr(hf_config_or_dict, "model_type", None)
-    if model_type == "siglip2":
-        return hf_config(hf_config_or_dict, Siglip2Config).vision_config
-    if model_type == "siglip2_vision_model":
-        return hf_config(hf_config_or_dict, Siglip2VisionConfig)
-    raise ValueError(f"{FAMILY}: expected a config with model_type 'siglip2' or 'siglip2_vision_model', got {model_type!r}")
 
 
 def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
@@ -63,35 +49,27 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
     Raises:
         ValueError: Another model type, or a `num_patches` that is not a square number.
     """
-    vision = _vision_config(hf_config_or_dict)
-    patch = square(vision.patch_size, "patch_size", FAMILY)
+    from transformers import Siglip2Config, Siglip2VisionConfig
+
+    classes = {"siglip2": Siglip2Config, "siglip2_vision_model": Siglip2VisionConfig}
+    parsed = parse_config(hf_config_or_dict, classes, FAMILY)
+    vision = getattr(parsed, "vision_config", parsed)
     side = math.isqrt(int(vision.num_patches))
     if side * side != vision.num_patches:
         raise ValueError(f"{FAMILY}: num_patches={vision.num_patches} is not a square number; the position table is a square grid")
-    return VisionConfig(
-        image_size=side * patch,
-        patch_size=patch,
-        in_channels=vision.num_channels,
-        width=vision.hidden_size,
-        depth=vision.num_hidden_layers,
-        num_heads=vision.num_attention_heads,
-        mlp_dim=vision.intermediate_size,
-        act=activation(vision.hidden_act, FAMILY),
-        qkv_bias=True,
-        patch_bias=True,
-        class_token=False,
-        final_norm=True,
-        norm_eps=vision.layer_norm_eps,
-        pool="map" if getattr(vision, "vision_use_head", True) else "none",
-        map_mlp_dim=vision.intermediate_size,
-        pos_resample_antialias=True,
-        pos_resample_mode="bilinear",
-    )
+    image_size = side * square(vision.patch_size, "patch_size", FAMILY)
+    config = hf_siglip.config_from_vision(vision, FAMILY, image_size)
+    return config.replace(pos_resample_antialias=True, pos_resample_mode="bilinear")
 
 
 def linear_patch_to_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     """SigLIP2's patch `Linear` weight `(D, p*p*C)` (inputs in `(i, j, c)` order) as a
     convolution kernel `(D, C, p, p)`."""
+    if weight.ndim != 2:
+        raise WeightsError(
+            f"{FAMILY}: {PATCH_KEY} has shape {tuple(weight.shape)}; a NaFlex tower has a Linear (D, p*p*C) "
+            "(a convolution kernel means a fixed-resolution SigLIP2 checkpoint: load it as model_type 'siglip')"
+        )
     D, fan_in = weight.shape
     p = math.isqrt(fan_in // in_channels) if fan_in % in_channels == 0 else 0
     if p == 0 or p * p * in_channels != fan_in:
@@ -104,8 +82,7 @@ def linear_patch_to_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], in_channels: int = 3) -> dict[str, torch.Tensor]:
     """Our state dict from an HF SigLIP2 checkpoint (full model or vision tower).
 
-    The patch `Linear` is turned into a convolution kernel, then the tower is converted by
-    the SigLIP converter (same key layout otherwise).
+    The patch `Linear` is turned into a convolution kernel; the rest is SigLIP's key table.
 
     Args:
         state_dict: `Siglip2Model` (`vision_model.*`; text keys and logit scale/bias are
@@ -118,19 +95,10 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], in_channels: int 
     Raises:
         WeightsError: A key is missing, unknown, or the patch weight is not `(D, p*p*C)`.
     """
-    tower, _ = select_tower(state_dict, TOWER_PREFIXES, IGNORED_PREFIXES)
-    if PATCH_KEY not in tower:
-        raise WeightsError(f"{FAMILY} checkpoint is missing the key {PATCH_KEY!r}")
-    if tower[PATCH_KEY].ndim != 2:
-        raise WeightsError(
-            f"{FAMILY}: {PATCH_KEY} has shape {tuple(tower[PATCH_KEY].shape)}; a NaFlex tower has a Linear (D, p*p*C) "
-            "(a convolution kernel means a fixed-resolution SigLIP2 checkpoint: load it as model_type 'siglip')"
-        )
-    tower[PATCH_KEY] = linear_patch_to_conv(tower[PATCH_KEY], in_channels)
-    try:
-        return hf_siglip.convert_state_dict(tower)
-    except WeightsError as err:
-        raise WeightsError(f"{FAMILY} (SigLIP layout): {err}") from None
+    tower = select_tower(state_dict, TOWER_PREFIXES, IGNORED_PREFIXES)
+    if PATCH_KEY in tower:
+        tower[PATCH_KEY] = linear_patch_to_conv(tower[PATCH_KEY], in_channels)
+    return hf_siglip.TABLE.convert(tower, FAMILY)
 
 
 def naflex_patches_to_images(

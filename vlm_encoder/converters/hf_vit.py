@@ -1,15 +1,6 @@
-"""HF ViT (`ViTModel`, and the `vit.` backbone of `ViTForImageClassification`) to `VisionEncoder`.
-
-Mapping:
-  embeddings.cls_token + position row 0               -> cls_token
-  embeddings.position_embeddings rows 1..             -> pos_embed (patches only)
-  embeddings.patch_embeddings.projection              -> patch_embed.proj
-  encoder.layer.i.attention.attention.{query,key,value} -> blocks.i.attn.qkv (fused)
-  encoder.layer.i.attention.output.dense              -> blocks.i.attn.proj
-  encoder.layer.i.layernorm_{before,after}            -> blocks.i.norm{1,2}
-  encoder.layer.i.{intermediate,output}.dense         -> blocks.i.mlp.fc{1,2}
-  layernorm                                           -> norm
-  pooler.dense (+ tanh), when present                 -> proj (proj_bias, proj_act='tanh')
+"""HF ViT (`ViTModel`, and the `vit.` backbone of `ViTForImageClassification`) to
+`VisionEncoder`; `TABLE` maps the names. The pooler (`pooler.dense` + tanh), when present,
+becomes our `proj` (with bias, `proj_act='tanh'`).
 
 Our `pooled` is the final-normed CLS token (HF `last_hidden_state[:, 0]`); with a pooler,
 `image_embeds` is HF's `pooler_output`. The classifier of an image-classification checkpoint
@@ -25,11 +16,31 @@ from typing import Any
 import torch
 
 from ..config import VisionConfig
-from .hf_common import KeyReader, activation, fuse_qkv, hf_config, select_tower, split_position_table, square
+from .hf_common import KeyTable, Transform, fused_qkv, parse_config, select_tower, split_position_table, tower_fields
 
 FAMILY = "HF ViT"
 TOWER_PREFIXES = ("vit.",)
 IGNORED_PREFIXES = ("classifier.",)
+TABLE = KeyTable(
+    renames={
+        "embeddings.patch_embeddings.projection": "patch_embed.proj",
+        "encoder.layer.{i}.attention.output.dense": "blocks.{i}.attn.proj",
+        "encoder.layer.{i}.layernorm_before": "blocks.{i}.norm1",
+        "encoder.layer.{i}.layernorm_after": "blocks.{i}.norm2",
+        "encoder.layer.{i}.intermediate.dense": "blocks.{i}.mlp.fc1",
+        "encoder.layer.{i}.output.dense": "blocks.{i}.mlp.fc2",
+        "layernorm": "norm",
+        "pooler.dense": "proj",
+    },
+    transforms=(
+        Transform(
+            ("cls_token", "pos_embed"), ("embeddings.position_embeddings", "embeddings.cls_token"), split_position_table
+        ),
+        *fused_qkv("encoder.layer.{i}.attention.attention", ("query", "key", "value"), optional_bias=True),
+    ),
+    optional=("pooler.",),
+    ignored=("embeddings.mask_token",),
+)
 
 
 def config_from_hf(hf_config_or_dict: Any, *, pooler: bool = False) -> VisionConfig:
@@ -45,26 +56,16 @@ def config_from_hf(hf_config_or_dict: Any, *, pooler: bool = False) -> VisionCon
     """
     from transformers import ViTConfig
 
-    model_type = hf_config_or_dict.get("model_type") if isinstance(hf_config_or_dict, Mapping) else getattr(hf_config_or_dict, "model_type", None)
-    if model_type != "vit":
-        raise ValueError(f"{FAMILY}: expected a config with model_type 'vit', got {model_type!r}")
-    c = hf_config(hf_config_or_dict, ViTConfig)
+    c = parse_config(hf_config_or_dict, {"vit": ViTConfig}, FAMILY)
     if pooler and c.pooler_act != "tanh":
         raise ValueError(f"{FAMILY}: pooler_act={c.pooler_act!r} is not supported; supported: tanh")
     return VisionConfig(
-        image_size=square(c.image_size, "image_size", FAMILY),
-        patch_size=square(c.patch_size, "patch_size", FAMILY),
-        in_channels=c.num_channels,
-        width=c.hidden_size,
-        depth=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
+        **tower_fields(c, FAMILY),
         mlp_dim=c.intermediate_size,
-        act=activation(c.hidden_act, FAMILY),
         qkv_bias=c.qkv_bias,
         patch_bias=True,
         class_token=True,
         final_norm=True,
-        norm_eps=c.layer_norm_eps,
         pool="cls",
         embed_dim=(c.pooler_output_size or c.hidden_size) if pooler else None,
         proj_bias=True,
@@ -86,29 +87,4 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     Raises:
         WeightsError: A key is missing, or a key is neither used nor on the ignored list.
     """
-    tower, _ = select_tower(state_dict, TOWER_PREFIXES, IGNORED_PREFIXES)
-    r = KeyReader(tower, FAMILY)
-    out: dict[str, torch.Tensor] = {}
-    out["cls_token"], out["pos_embed"] = split_position_table(
-        r.take("embeddings.position_embeddings"), r.take("embeddings.cls_token")
-    )
-    out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = r.take_linear("embeddings.patch_embeddings.projection")
-    r.ignore("embeddings.mask_token")
-    for i in range(r.count_layers("encoder.layer.")):
-        src, dst = f"encoder.layer.{i}", f"blocks.{i}"
-        attn = f"{src}.attention.attention"
-        bias = r.has(f"{attn}.query.bias")
-        qkv = fuse_qkv(r, f"{attn}.query", f"{attn}.key", f"{attn}.value", bias=bias)
-        out[f"{dst}.attn.qkv.weight"] = qkv["weight"]
-        if bias:
-            out[f"{dst}.attn.qkv.bias"] = qkv["bias"]
-        out[f"{dst}.attn.proj.weight"], out[f"{dst}.attn.proj.bias"] = r.take_linear(f"{src}.attention.output.dense")
-        out[f"{dst}.norm1.weight"], out[f"{dst}.norm1.bias"] = r.take_linear(f"{src}.layernorm_before")
-        out[f"{dst}.norm2.weight"], out[f"{dst}.norm2.bias"] = r.take_linear(f"{src}.layernorm_after")
-        out[f"{dst}.mlp.fc1.weight"], out[f"{dst}.mlp.fc1.bias"] = r.take_linear(f"{src}.intermediate.dense")
-        out[f"{dst}.mlp.fc2.weight"], out[f"{dst}.mlp.fc2.bias"] = r.take_linear(f"{src}.output.dense")
-    out["norm.weight"], out["norm.bias"] = r.take_linear("layernorm")
-    if r.has("pooler.dense.weight"):
-        out["proj.weight"], out["proj.bias"] = r.take_linear("pooler.dense")
-    r.finish()
-    return out
+    return TABLE.convert(select_tower(state_dict, TOWER_PREFIXES, IGNORED_PREFIXES), FAMILY)

@@ -20,7 +20,6 @@ Face text model, CoCa, custom attention blocks, another vocabulary) are refused 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,7 @@ import torch
 from ..text import TextConfig, TextEncoder
 from ..text.config import CLIP_VOCAB_SIZE
 from ..weights import WeightsError, load_state_dict_strict, naming, read_state_dict, strip_prefixes
-from .open_clip_vit import _BLOCK_RENAMES, UnsupportedOpenClipModel, resolve_checkpoint, vision_from_state_dict
+from .open_clip_vit import UnsupportedOpenClipModel, resblock_key, resolve_checkpoint, vision_from_state_dict
 
 if TYPE_CHECKING:
     from ..contrastive import ContrastiveModel
@@ -112,7 +111,6 @@ def convert_text_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        block = re.match(r"transformer\.resblocks\.(\d+)\.(.+)", key)
         if key.startswith("visual.") or key == "attn_mask":
             continue
         if key == "token_embedding.weight":
@@ -125,14 +123,8 @@ def convert_text_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
             out["text_proj.weight"] = value.t().contiguous()  # (D, E) -> (E, D)
         elif key == "logit_scale":
             out["logit_scale"] = value.reshape(())
-        elif block:
-            rest = block[2]
-            for old, new in _BLOCK_RENAMES.items():
-                if rest.startswith(old):
-                    out[f"text.blocks.{block[1]}.{new}{rest[len(old):]}"] = value
-                    break
-            else:
-                unknown.append(key)
+        elif ours := resblock_key(key, "text.blocks."):
+            out[ours] = value
         else:
             unknown.append(key)
     if unknown:

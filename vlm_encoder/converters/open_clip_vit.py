@@ -242,12 +242,19 @@ def convert_state_dict(
     return out
 
 
+def resblock_key(key: str, prefix: str) -> str | None:
+    """Our name, under `prefix` (`blocks.`, `text.blocks.`), of an open_clip
+    `transformer.resblocks.{i}.*` key; `None` for any other key."""
+    block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key)
+    old = next((old for old in _BLOCK_RENAMES if block and block[2].startswith(old)), None)
+    return None if old is None else f"{prefix}{block[1]}.{_BLOCK_RENAMES[old]}{block[2][len(old) :]}"
+
+
 def _convert_native(visual: dict[str, torch.Tensor], config: VisionConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
     out: dict[str, torch.Tensor] = {}
     left = []
     ln_post = "pooled_norm." if config.pooled_norm else "norm."
     for key, value in visual.items():
-        block = re.match(r"transformer\.resblocks\.(\d+)\.(.+)", key)
         if key == "conv1.weight":
             out["patch_embed.proj.weight"] = value
         elif key == "class_embedding":
@@ -260,14 +267,8 @@ def _convert_native(visual: dict[str, torch.Tensor], config: VisionConfig) -> tu
             out[ln_post + key[len("ln_post.") :]] = value
         elif key == "proj":
             out["proj.weight"] = value.t().contiguous()  # (D, E) -> (E, D)
-        elif block:
-            rest = block[2]
-            for old, new in _BLOCK_RENAMES.items():
-                if rest.startswith(old):
-                    out[f"blocks.{block[1]}.{new}{rest[len(old):]}"] = value
-                    break
-            else:
-                left.append(key)
+        elif ours := resblock_key(key, "blocks."):
+            out[ours] = value
         else:
             left.append(key)
     if "pos_embed" in out:
@@ -306,8 +307,7 @@ def load_open_clip(arch: str, checkpoint: str | None = None, cache_dir: str | No
         cache_dir: open_clip's download cache directory (its default when `None`).
 
     Returns:
-        The encoder in eval mode; `image_processor` holds open_clip's preprocessing when the
-        processing module is available.
+        The encoder in eval mode; `image_processor` holds open_clip's preprocessing.
 
     Raises:
         ValueError: Unknown architecture or tag.
@@ -356,6 +356,8 @@ def vision_from_state_dict(
     (read from `source`, named in errors), carrying `preprocess` as its image processor."""
     import open_clip
 
+    from ..processing import ImageProcessor
+
     model_cfg = open_clip.get_model_config(arch)
     vc = _vision_cfg(model_cfg)
     trunk = build_timm_trunk(model_cfg) if vc.timm_model_name else None
@@ -365,7 +367,7 @@ def vision_from_state_dict(
         weights = convert_state_dict(state_dict, config, timm_trunk=trunk is not None)
         load_state_dict_strict(encoder, weights, source=f"open_clip {arch} weights ({source})")
     encoder.eval()
-    encoder.image_processor = _image_processor(preprocess)
+    encoder.image_processor = ImageProcessor.from_open_clip(preprocess)
     return encoder
 
 
@@ -389,20 +391,10 @@ def _pretrained_file(arch: str, tag: str | None, cache_dir: str | None) -> tuple
         )
     try:
         path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
-    except Exception as err:  # urllib / huggingface_hub raise many kinds; re-raise with the way out
-        raise RuntimeError(
-            f"open_clip weights {arch!r} / {tag!r} are not in the local cache and could not be downloaded "
-            f"({type(err).__name__}: {str(err).strip()[:300]}). Pass a local file instead: "
-            f"load_open_clip({arch!r}, checkpoint='path/to/open_clip_model.safetensors')"
-        ) from err
+    except Exception as err:  # noqa: BLE001 - urllib / huggingface_hub raise many kinds
+        way_out = f"load_open_clip({arch!r}, checkpoint='path/to/open_clip_model.safetensors')"
+        raise timm_vit.not_cached(f"open_clip weights {arch!r} / {tag!r}", err, way_out) from err
     if not path or not os.path.isfile(path):
         raise RuntimeError(f"open_clip gave no weight file for {arch!r} / {tag!r}; pass a local file as checkpoint=")
     return path, tag_cfg
 
-
-def _image_processor(preprocess_cfg: dict[str, Any]) -> Any:
-    try:
-        from ..processing import ImageProcessor
-    except ImportError:
-        return None
-    return ImageProcessor.from_open_clip(preprocess_cfg)

@@ -364,6 +364,15 @@ def _fold_prefix_positions(out: dict[str, torch.Tensor], config: VisionConfig) -
     out["pos_embed"] = table[:, prefix:].contiguous()
 
 
+def not_cached(what: str, err: Exception, way_out: str) -> RuntimeError:
+    """The error for pretrained weights that are neither cached nor downloadable (the
+    libraries raise many kinds): what failed, and how to pass a local file instead."""
+    return RuntimeError(
+        f"{what} are not in the local cache and could not be downloaded "
+        f"({type(err).__name__}: {str(err).strip()[:300]}). Pass a local file instead: {way_out}"
+    )
+
+
 def encoder_from_timm_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None) -> VisionEncoder:
     """A `VisionEncoder` equivalent to a timm `VisionTransformer` instance.
 
@@ -394,8 +403,7 @@ def load_timm(name: str, checkpoint: str | None = None, **timm_kwargs: Any) -> V
             (e.g. `img_size=384`, `dynamic_img_size=True`).
 
     Returns:
-        The encoder in eval mode; `image_processor` holds timm's preprocessing when the
-        processing module is available.
+        The encoder in eval mode; `image_processor` holds timm's preprocessing.
 
     Raises:
         RuntimeError: `checkpoint=None` and timm cannot get the weights (offline and not cached).
@@ -403,34 +411,25 @@ def load_timm(name: str, checkpoint: str | None = None, **timm_kwargs: Any) -> V
         WeightsError: The checkpoint does not fit the architecture.
     """
     import timm
+    import timm.data
+
+    from ..processing import ImageProcessor
 
     if checkpoint is None:
         try:
             model = timm.create_model(name, pretrained=True, **timm_kwargs)
-        except Exception as err:  # timm/huggingface_hub raise many kinds; re-raise with the way out
-            raise RuntimeError(
-                f"timm pretrained weights for {name!r} are not in the local cache and could not be "
-                f"downloaded ({type(err).__name__}: {str(err).strip()[:300]}). Pass a local file instead: "
-                f"load_timm({name!r}, checkpoint='path/to/model.safetensors')"
-            ) from err
+        except Exception as err:  # noqa: BLE001 - timm / huggingface_hub raise many kinds
+            way_out = f"load_timm({name!r}, checkpoint='path/to/model.safetensors')"
+            raise not_cached(f"timm pretrained weights for {name!r}", err, way_out) from err
         state_dict = None
     else:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
         state_dict = read_state_dict(checkpoint)
     with naming(str(checkpoint) if checkpoint is not None else f"timm {name} pretrained weights"):
         encoder = encoder_from_timm_model(model, state_dict)
-    encoder.image_processor = _timm_image_processor(model)
-    return encoder
-
-
-def _timm_image_processor(model: nn.Module) -> Any:
-    try:
-        from ..processing import ImageProcessor
-    except ImportError:
-        return None
-    import timm.data
-
     # The model's own input size, so that `img_size=` overrides reach the processor too
     # (timm's pretrained cfg keeps the checkpoint's native size).
     size = (model.in_chans, *model.patch_embed.img_size)
-    return ImageProcessor.from_timm(timm.data.resolve_data_config({"input_size": size}, model=model))
+    encoder.image_processor = ImageProcessor.from_timm(timm.data.resolve_data_config({"input_size": size}, model=model))
+    return encoder
+
