@@ -20,11 +20,12 @@ def load_hf_llava(
     path: str | os.PathLike,
     family: Literal["llava", "llava_next", "llava_onevision"],
     *,
-    dtype: torch.dtype | None,
-    device: str | torch.device | None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> VisionLanguageModel:
-    """The body of `VisionLanguageModel.from_llava` / `from_llava_next` / `from_llava_onevision`."""
+    """The body of `VisionLanguageModel.from_llava` / `from_llava_next` / `from_llava_onevision`:
+    the same loader for the three families, which differ only in their tiling (`anyres`)."""
     import transformers
     from transformers import AutoModelForCausalLM
 

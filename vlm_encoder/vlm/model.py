@@ -540,30 +540,15 @@ class VisionLanguageModel(nn.Module):
         return load_hf_llava(path, "llava", dtype=dtype, device=device, **kwargs)
 
     @classmethod
-    def from_llava_next(
-        cls,
-        path: str | os.PathLike,
-        *,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        **kwargs: Any,
-    ) -> VisionLanguageModel:
-        """Load a transformers `LlavaNextForConditionalGeneration` checkpoint directory.
+    def from_llava_next(cls, path: str | os.PathLike, **options: Any) -> VisionLanguageModel:
+        """Load a transformers `LlavaNextForConditionalGeneration` checkpoint directory
+        (`path`, with the `options` of `from_llava`: `dtype`, `device`, constructor options).
 
         As `from_llava`, plus any resolution: `anyres` is the checkpoint's
         `image_grid_pinpoints` at the tower's image size (`llava_next` policy, unpad,
         newline), and `image_newline` is loaded. Tile the images with
         `vlm_encoder.anyres.tile_image` (or pass transformers' `pixel_values` and
         `image_sizes` as they are); the same inputs give the same logits.
-
-        Args:
-            path: A local directory written by `LlavaNextForConditionalGeneration.save_pretrained`.
-            dtype: Load in this dtype (default: as transformers does).
-            device: Where to put the model.
-            **kwargs: Passed to the constructor.
-
-        Returns:
-            The model in eval mode.
 
         Raises:
             ValueError: Not a LLaVA-NeXT checkpoint, `vision_feature_select_strategy='full'`
@@ -572,19 +557,12 @@ class VisionLanguageModel(nn.Module):
         """
         from .llava import load_hf_llava
 
-        return load_hf_llava(path, "llava_next", dtype=dtype, device=device, **kwargs)
+        return load_hf_llava(path, "llava_next", **options)
 
     @classmethod
-    def from_llava_onevision(
-        cls,
-        path: str | os.PathLike,
-        *,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        **kwargs: Any,
-    ) -> VisionLanguageModel:
+    def from_llava_onevision(cls, path: str | os.PathLike, **options: Any) -> VisionLanguageModel:
         """Load a transformers `LlavaOnevisionForConditionalGeneration` checkpoint directory
-        (LLaVA-OneVision: a SigLIP tower, `anyres_max_N` tiling).
+        (LLaVA-OneVision: a SigLIP tower, `anyres_max_N` tiling; the `options` of `from_llava`).
 
         As `from_llava_next`, plus the token budget: `anyres.budget_tiles` is the `N` of the
         checkpoint's `vision_aspect_ratio` (`anyres_max_9`), so an image whose unpadded tile
@@ -600,4 +578,4 @@ class VisionLanguageModel(nn.Module):
         """
         from .llava import load_hf_llava
 
-        return load_hf_llava(path, "llava_onevision", dtype=dtype, device=device, **kwargs)
+        return load_hf_llava(path, "llava_onevision", **options)
