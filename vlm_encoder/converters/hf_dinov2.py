@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from ..config import VisionConfig
-from .hf_common import KeyTable, Transform, as_rows, fused_qkv, parse_config, select_tower, split_position_table
-from .hf_common import tower_fields
+from . import hf_vit
+from .hf_common import KeyTable, Transform, as_rows, parse_config, select_tower, tower_fields
 
 FAMILY = "HF DINOv2"
 TOWER_PREFIXES = ("dinov2.", "dinov2_with_registers.")
@@ -38,12 +38,9 @@ TABLE = KeyTable(
         "encoder.layer.{i}.mlp.weights_out": "blocks.{i}.mlp.fc2",
         "layernorm": "norm",
     },
-    transforms=(
-        Transform(
-            ("cls_token", "pos_embed"), ("embeddings.position_embeddings", "embeddings.cls_token"), split_position_table
-        ),
+    transforms=(  # HF ViT's embeddings and attention, plus the registers
+        *hf_vit.TABLE.transforms,
         Transform(("register_tokens",), ("embeddings.register_tokens",), as_rows, optional=True),
-        *fused_qkv("encoder.layer.{i}.attention.attention", ("query", "key", "value"), optional_bias=True),
     ),
     optional=("encoder.layer.{i}.mlp.",),
     ignored=("embeddings.mask_token",),
