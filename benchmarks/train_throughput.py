@@ -54,7 +54,6 @@ def build_ours(arch: dict, locked: bool):
     from vlm_encoder.encoder import VisionEncoder
     from vlm_encoder.presets import preset_config
     from vlm_encoder.text import TextEncoder, text_preset_config
-    from vlm_encoder.train.build import use_batched_cpu_attention
 
     vision = VisionEncoder(preset_config(
         "vit_base_patch32_clip_224", image_size=arch["image"], patch_size=arch["patch"], width=arch["width"],
@@ -63,7 +62,6 @@ def build_ours(arch: dict, locked: bool):
     text = TextEncoder(text_preset_config("base", width=arch["text_width"], depth=arch["text_depth"],
                                           num_heads=arch["text_heads"], context_length=arch["context"]))
     model = ContrastiveModel(vision, text, arch["embed"])
-    use_batched_cpu_attention(model)
     if locked:
         model.freeze_vision()
     return model
@@ -100,6 +98,7 @@ def make_step(impl: str, model, arch: dict, batch: int, device: torch.device, lo
     mask = torch.ones_like(ids)
     pixels = torch.randn(batch, 3, arch["image"], arch["image"], device=device)
     if impl == "ours":
+        from vlm_encoder import batch_invariance
         from vlm_encoder.train.step import ContrastiveForward, StepInputs, loss_and_backward
 
         forward = ContrastiveForward(model)
@@ -115,7 +114,8 @@ def make_step(impl: str, model, arch: dict, batch: int, device: torch.device, lo
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = loss_and_backward(forward, loss_fn, inputs, autocast=amp)
+            with batch_invariance("off"):  # as the Trainer trains: batched CPU kernels
+                loss, _ = loss_and_backward(forward, loss_fn, inputs, autocast=amp)
             optimizer.step()
             return loss
     else:

@@ -282,3 +282,53 @@ def test_readme_first_snippet_runs_and_every_encoder_has_a_processor():
     photos = [Image.fromarray(np.full((300, 200, 3), i * 40, dtype=np.uint8)) for i in range(4)]
     pixels = encoder.image_processor(photos)
     assert pixels.shape == (4, 3, 224, 224) and pixels.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- every data spec form, every command
+from test_data_specs import FORMS as DATA_FORMS  # noqa: E402
+from test_data_specs import root as data_root  # noqa: E402,F401  (a fixture)
+from test_data_specs import spec_of  # noqa: E402
+
+CAPTIONED = [form for form, (_, _, _, pair, _) in DATA_FORMS.items() if pair is not None]
+
+
+def _columns(options: dict, style: str) -> list[str]:
+    names = {"image_column": "image-column", "text_column": "text-column", "label_column": "label-column"}
+    if style == "flags":
+        return [a for k, v in options.items() for a in (f"--{names[k]}", v)]
+    return [f"{k}={v}" for k, v in options.items()]
+
+
+@pytest.mark.parametrize("form", DATA_FORMS)
+def test_extract_takes_every_data_form(form, data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    image_options = DATA_FORMS[form][2]
+    preset = [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
+    code, _, err = run(["extract", "--model", "preset:vit_tiny_patch16_224", *preset, "--dataset",
+                        spec_of(data_root, form), *_columns({k: v for k, v in image_options.items()}, "flags"),
+                        "--out", str(tmp_path / "store"), "--no-progress", "--num-workers", "0"], capsys)
+    assert code == 0, err
+    assert len(FeatureStore(tmp_path / "store")) == 4
+
+
+@pytest.mark.parametrize("form", CAPTIONED)
+def test_eval_and_train_take_every_captioned_data_form(form, data_root, models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    spec, pair_options = spec_of(data_root, form), DATA_FORMS[form][3]
+    code, out, err = run(["eval", models["contrastive"], "--data", spec, "--split", "train", "--json", "--cpu",
+                          "--templates", "a {}", *_columns(pair_options, "flags")], capsys)
+    assert code == 0, err
+    metrics = json.loads(out)
+    has_labels = "label_column" in pair_options or DATA_FORMS[form][1] == "imagefolder"  # class sub-folders
+    assert ("zero_shot_top1" in metrics) == has_labels, metrics
+    code, _, err = run(["train", f"init_model={models['contrastive']}", f"data={spec}", "max_steps=1",
+                        "batch_size=4", "warmup_steps=1", "eval_split=null", "progress=false",
+                        *_columns(pair_options, "overrides"), f"output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("form", [f for f in DATA_FORMS if f not in CAPTIONED])
+def test_train_refuses_caption_less_data_in_one_line(form, data_root, tmp_path, capsys):
+    code, _, err = run(["train", f"data={spec_of(data_root, form)}", "max_steps=1", f"output_dir={tmp_path}"],
+                       capsys)
+    assert code == 2 and err.count("\n") == 1 and "caption" in err, err

@@ -9,7 +9,7 @@ from .config import VisionConfig
 from .contrastive import ClipLoss, ContrastiveModel, SigLipLoss
 from .encoder import VisionEncoder
 from .extract import FeatureStore
-from .determinism import set_batch_invariant
+from .determinism import batch_invariance
 from .converters.open_clip_vit import load_open_clip
 from .converters.timm_vit import load_timm
 from .loading import load_encoder
@@ -47,6 +47,6 @@ __all__ = [
     "SigLipLoss",
     "TextConfig",
     "TextEncoder",
-    "set_batch_invariant",
+    "batch_invariance",
     "__version__",
 ]

@@ -9,6 +9,11 @@ The property tests run with one torch thread (on a CPU shared by many processes,
 spinning threads make these tiny forwards ~40x slower); the batch dependence they guard
 against (a convolution or GEMM kernel chosen by batch size) shows at any thread count, and
 `test_at_the_default_thread_count` repeats the check with the default threads.
+
+The guarantee costs nothing where the batched kernels keep it (see `vlm_encoder.determinism`);
+`test_the_batched_path_is_invariant_for_the_preset_shapes` pins that they do for the shapes
+of the presets, so a torch upgrade that breaks it fails here rather than silently slowing
+extraction down to one call per image.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vlm_encoder import VisionConfig, VisionEncoder
+from vlm_encoder import VisionConfig, VisionEncoder, batch_invariance
+from vlm_encoder.layers import Block
 
 NUM_IMAGES = 64
 TINY = {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "num_heads": 2}
@@ -126,19 +132,46 @@ def test_at_the_default_thread_count(name):
             assert torch.equal(batched[key], reference[key]), f"{name}: {key} at batch size {batch_size}"
 
 
-def test_the_hybrid_stem_alone_is_batch_dependent_without_the_per_image_path(one_thread):
-    """Why the encoder runs its stem and patch embedding per image on the CPU: the batched
-    convolutions round differently from the single-image ones (a kernel chosen by batch size)."""
-    encoder, images = encoder_and_images("hybrid_stem")
-    encoder.set_batch_invariant(False)
-    try:
-        batched = features(encoder, images[:7])["patches0"]
-    finally:
-        encoder.set_batch_invariant(True)
-    singles = torch.cat([features(encoder, images[i : i + 1])["patches0"] for i in range(7)])
-    if torch.equal(batched, singles):
-        pytest.skip("this CPU's convolution kernels happen to be batch-invariant for these shapes")
-    assert torch.equal(features(encoder, images[:7])["patches0"], singles)
+@pytest.mark.parametrize("name", ["hybrid_stem", "cls"])
+def test_without_the_switch_some_kernels_round_by_batch(one_thread, name):
+    """Why the switch exists: with `batch_invariance("off")` the small convolutions of the
+    hybrid stem and the linears over one pooled row per image round differently in a batch
+    (a kernel chosen by batch size); the default falls back per image for those ops only."""
+    encoder, images = encoder_and_images(name)
+    with batch_invariance("off"):
+        batched = features(encoder, images[:7])
+    singles = {key: torch.cat([features(encoder, images[i : i + 1])[key] for i in range(7)]) for key in batched}
+    if all(torch.equal(batched[key], singles[key]) for key in batched):
+        pytest.skip("this CPU's kernels happen to be batch-invariant for these shapes")
+    default = features(encoder, images[:7])
+    assert all(torch.equal(default[key], singles[key]) for key in batched)
+
+
+# tokens, heads, causal: ViT-B/16 224, ViT-B/32 224, ViT-L/14 336, ViT-L/14 224, CLIP's text tower
+PRESET_SHAPES = [(197, 12, False), (50, 12, False), (577, 16, False), (257, 16, False), (77, 8, True)]
+HEAD_DIM = 8  # tiny widths: the token and head counts are what decide the kernels' work split
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("tokens", "heads", "causal"), PRESET_SHAPES, ids=[f"{t}x{h}" for t, h, _ in PRESET_SHAPES])
+@torch.inference_mode()
+def test_the_batched_path_is_invariant_for_the_preset_shapes(tokens, heads, causal, dtype):
+    """One batched call of a transformer block (attention, the token-wise linears, norms)
+    gives each image bitwise what it gets alone, at the default thread count: the default
+    mode then never needs its per-image fallback for the blocks."""
+    torch.manual_seed(0)
+    width = heads * HEAD_DIM
+    block = Block(width, heads, width).to(dtype).eval()
+    x = torch.randn(5, tokens, width).to(dtype)  # (B, T, D)
+    with batch_invariance("off"):
+        alone = torch.cat([block(x[i : i + 1], causal=causal)[0] for i in range(5)])
+        for batch_size in (2, 5):
+            together = block(x[:batch_size], causal=causal)[0]
+            differing = (together != alone[:batch_size]).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            assert not differing, (
+                f"{tokens} tokens x {heads} heads, {dtype}, {torch.get_num_threads()} threads: images {differing} "
+                f"of a batch of {batch_size} differ from alone; the default mode would fall back per image"
+            )
 
 
 def test_the_check_can_fail():

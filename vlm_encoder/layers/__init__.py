@@ -4,7 +4,7 @@ from .attention import Attention, SegmentMask, attention_weights
 from .block import Block, DropPath, LayerScale
 from .init import init_linears_and_norms
 from .map_head import AttentionPoolHead
-from .mlp import Mlp, RowwiseMlp, SwiGLU, build_mlp, get_activation, rowwise_linear
+from .mlp import Mlp, SwiGLU, build_mlp, get_activation
 from .patch_embed import PatchEmbed, resample_patch_projection
 from .pos_embed import resample_pos_embed, sincos_2d_pos_embed
 from .stem import ResNetStem
@@ -17,7 +17,6 @@ __all__ = [
     "DropPath",
     "LayerScale",
     "Mlp",
-    "RowwiseMlp",
     "PatchEmbed",
     "ResNetStem",
     "SegmentMask",
@@ -26,7 +25,6 @@ __all__ = [
     "get_activation",
     "init_linears_and_norms",
     "resample_patch_projection",
-    "rowwise_linear",
     "resample_pos_embed",
     "sincos_2d_pos_embed",
 ]

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..determinism import batch_invariant_call
+
 
 @dataclass(frozen=True)
 class SegmentMask:
@@ -56,9 +58,6 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        # CPU batches go through the kernel one image at a time (bitwise batch invariance);
-        # training sets this False for one batched call (much faster, same math).
-        self.batch_invariant_cpu = True
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_weights: bool = False,
@@ -93,12 +92,12 @@ class Attention(nn.Module):
             attn_mask = attn_mask.dense(x.device)
         if return_weights:
             weights = attention_weights(q, k, attn_mask)
-            x = (weights @ v).transpose(1, 2).reshape(B, T, D)
-        elif x.device.type == "cpu" and B > 1 and self.batch_invariant_cpu:
-            x = _per_image_attention(q, k, v, attn_mask, causal)
-        else:  # one batched call
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
-            x = x.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+            x = weights @ v  # (B, heads, T, head_dim)
+        else:
+            if attn_mask is not None:  # batch first, one mask per image
+                attn_mask = attn_mask.expand(B, -1, -1, -1) if attn_mask.ndim == 4 else attn_mask.expand(B, 1, T, T)
+            x = batch_invariant_call(F.scaled_dot_product_attention, q, k, v, attn_mask, is_causal=causal)
+        x = x.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(x), weights
 
 
@@ -115,25 +114,4 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segmen
             attended = F.scaled_dot_product_attention(q[row : row + 1, :, part], k[row : row + 1, :, part], v[row : row + 1, :, part])
             out[row, part].view(n, H, d).copy_(attended[0].transpose(0, 1))  # (n, H, d)
             start += n
-    return out
-
-
-def _per_image_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool = False
-) -> torch.Tensor:
-    """The batch-invariant CPU path: one fused call per image, each image's heads written
-    straight into the merged `(B, T, D)` layout (one copy, as the batched path has).
-
-    PyTorch's fused CPU kernel rounds depending on how the whole batch is split into work for
-    the threads, so for some shapes an image's output would change bitwise with the batch it
-    is in. Per image, the features are identical whatever the batch (each call still has
-    heads x query blocks of parallel work, so the loop costs little)."""
-    B, H, T, d = q.shape
-    out = q.new_empty(B, T, H * d)
-    per_image_mask = attn_mask is not None and attn_mask.ndim == 4 and attn_mask.shape[0] == B
-    for i in range(B):
-        mask = attn_mask[i : i + 1] if per_image_mask else attn_mask
-        attended = F.scaled_dot_product_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], attn_mask=mask,
-                                                  is_causal=causal)
-        out[i].view(T, H, d).copy_(attended[0].transpose(0, 1))  # (T, H, d)
     return out

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .mlp import RowwiseMlp, rowwise_linear
+from ..determinism import batch_invariant_call
+from .mlp import Mlp
 
 
 class AttentionPoolHead(nn.Module):
@@ -31,20 +33,17 @@ class AttentionPoolHead(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = RowwiseMlp(dim, mlp_dim, act)
+        self.mlp = Mlp(dim, mlp_dim, act)
         nn.init.trunc_normal_(self.latent, std=dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         H, d = self.num_heads, self.head_dim
-        # The query is the same for every image: project it once. Scores and the weighted sum
-        # are written so that no matrix product has one row per image (CPU GEMMs round
-        # differently for different small row counts; see `rowwise_linear`).
-        q = self.q(self.latent).reshape(H, d, 1) * d**-0.5  # (H, d, 1)
-        k, v = self.kv(x).reshape(B, T, 2, H, d).unbind(2)  # each (B, T, H, d)
-        scores = torch.bmm(k.permute(2, 0, 1, 3).reshape(H, B * T, d), q)  # (H, B*T, 1)
-        weights = scores.reshape(H, B, T).softmax(dim=-1)  # (H, B, T)
-        pooled = (weights.permute(1, 2, 0).unsqueeze(-1) * v).sum(dim=1)  # (B, H, d)
-        pooled = rowwise_linear(self.proj, pooled.reshape(B, 1, D))  # (B, 1, D)
-        pooled = pooled + self.mlp(self.norm(pooled))
-        return pooled[:, 0]  # (B, D)
+        # One learned query, projected once and shared by every image.
+        q = self.q(self.latent).reshape(1, 1, H, d).transpose(1, 2).expand(B, -1, -1, -1)  # (B, H, 1, d)
+        k, v = self.kv(x).reshape(B, T, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, d)
+        pooled = batch_invariant_call(F.scaled_dot_product_attention, q, k, v)  # (B, H, 1, d)
+        pooled = pooled.transpose(1, 2).reshape(B, D)  # (B, D)
+        # Linears over one pooled row per image: batch-variant on the CPU (see `determinism`).
+        pooled = batch_invariant_call(self.proj, pooled)
+        return pooled + batch_invariant_call(self.mlp, self.norm(pooled))  # (B, D)

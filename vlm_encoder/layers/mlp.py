@@ -14,19 +14,6 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-def rowwise_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`linear(x)` for per-image vectors `(B, ..., D)`, batch-invariant on the CPU.
-
-    CPU GEMM kernels round differently for different row counts when there are only a few
-    rows (B pooled vectors), so an image's pooled output would depend on its batch. On the
-    CPU each image goes through its own call (a matrix-vector product: cheap next to the
-    transformer); elsewhere it is one call.
-    """
-    if x.device.type != "cpu" or x.shape[0] == 1:
-        return linear(x)
-    return torch.cat([linear(row) for row in x.split(1)], dim=0)
-
-
 class _Activation(nn.Module):
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str) -> None:
         super().__init__()
@@ -62,13 +49,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-class RowwiseMlp(Mlp):
-    """`Mlp` over per-image vectors, batch-invariant on the CPU (see `rowwise_linear`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rowwise_linear(self.fc2, self.act(rowwise_linear(self.fc1, x)))
 
 
 class SwiGLU(nn.Module):

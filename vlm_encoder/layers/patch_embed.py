@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..determinism import batch_invariant_call
+
 
 class PatchEmbed(nn.Module):
     """Cut an image (or a stem feature map) into patches and project each to width `D`.
@@ -24,7 +26,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """`(B, C, H, W) -> (B, N, D)` tokens in row-major order, with the grid `(H/p, W/p)`."""
-        x = self.proj(x)  # (B, D, h, w)
+        x = batch_invariant_call(self.proj, x)  # (B, D, h, w); small convolutions may round by batch size
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid  # (B, h*w, D)
 

@@ -15,6 +15,7 @@ import torch
 
 from ..contrastive import ContrastiveModel
 from ..contrastive.distributed import gather_features, world
+from ..determinism import batch_invariance
 from ..processing import ImageProcessor
 from .batches import ImageReader
 from .sources import PairSource
@@ -134,6 +135,7 @@ def retrieval_recall(
     return metrics
 
 
+@batch_invariance("off")  # metrics need no bitwise batch invariance: batched CPU kernels
 def evaluate(
     model: ContrastiveModel,
     source: PairSource,
