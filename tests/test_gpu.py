@@ -79,8 +79,8 @@ def test_trainer_on_cuda_uses_fused_adamw_and_bf16(tmp_path):
     from vlm_encoder.train import Trainer
 
     trainer = Trainer(gpu_config(tmp_path, max_steps=3, mixed_precision="bf16"))
-    assert trainer.device.type == "cuda"
-    assert all(group.get("fused") for group in trainer.optimizer.optimizer.param_groups)
+    assert trainer.parts.device.type == "cuda"
+    assert all(group.get("fused") for group in trainer.parts.optimizer.optimizer.param_groups)
     result = trainer.fit()
     assert not result.skipped_steps
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

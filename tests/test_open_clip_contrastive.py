@@ -125,8 +125,8 @@ def test_converted_model_trains_and_saves(tmp_path):
         batch_size=6, max_steps=2, warmup_steps=1, eval_split="test", eval_batch_size=6, progress=False,
     )
     trainer = Trainer(config)
-    assert trainer.processor == trainer.model.vision.image_processor  # open_clip's preprocessing, not a default
+    assert trainer.parts.processor == trainer.model.vision.image_processor  # open_clip's preprocessing, not a default
     result = trainer.fit()
     assert result.step == 2 and not result.skipped_steps
     exported = ContrastiveModel.from_pretrained(tmp_path / "run" / "export" / "model")
-    assert exported.vision.image_processor == trainer.processor  # saved with the model
+    assert exported.vision.image_processor == trainer.parts.processor  # saved with the model
