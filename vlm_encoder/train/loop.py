@@ -73,10 +73,11 @@ class Trainer:
         accelerator: An `accelerate.Accelerator` (default: one from the config).
 
     Attributes:
+        model / accelerator: The model being trained and the accelerator (from `parts`).
         parts: The run's pieces (`TrainSetup`): model, processor, sources, optimizer, ...
         progress: Where the run stands (`Progress`: step, skipped steps and images).
         log: The metrics log (`metrics.jsonl`).
-        checkpoint_dir: The run's checkpoint folder.
+        checkpoints / checkpoint_dir: Saving and resuming (`RunCheckpoints`), and its folder.
         feature_cache: LiT's cached image features, once `fit` has computed them.
     """
 
