@@ -70,7 +70,7 @@ def test_load_encoder_config_and_info(saved):
     assert (c.pos_resample_mode, c.pos_resample_antialias) == ("bilinear", True)
     assert encoder.source_info["family"] == "siglip2"
     assert encoder.source_info["max_num_patches"] == MAX_PATCHES
-    assert encoder.image_processor is None  # NaFlex sizes per image: see vlm_encoder.packing
+    assert encoder.get_image_processor() is None  # NaFlex sizes per image: see vlm_encoder.packing
 
 
 @torch.no_grad()
