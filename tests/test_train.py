@@ -443,3 +443,16 @@ def test_hugging_face_text_tower_trains_through_the_config(tmp_path):
                                    trainer.model.text(tokens.input_ids, tokens.attention_mask).pooled, rtol=0, atol=0)
     with pytest.raises(ValueError, match="text_pooling must be one of 'mean', 'cls', got the string 'max'"):
         tiny_config(tmp_path, text_model=str(bert), text_pooling="max")
+
+
+def test_a_resume_is_announced_and_lit_caching_and_eval_show_progress(tmp_path, capsys):
+    """A resumed run says where it resumed from; LiT's feature caching and the evaluation show
+    progress bars (on stderr, with `progress`)."""
+    config = tiny_config(tmp_path, max_steps=2, checkpoint_every=2, lock_image=True, eval_split="test",
+                         eval_batch_size=8, progress=True)
+    _train(config)
+    first = capsys.readouterr().err
+    assert "caching LiT image features" in first and "eval" in first and "resuming from" not in first
+    _train(config.with_overrides(["max_steps=3"]))
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "at step 2 of 3" in err

@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         print("zero-shot accuracy skipped: the labels have no class names (pass --class-names NAME ...); "
               "retrieval recall only", file=sys.stderr)
     metrics = evaluate(model, source, processor, model.text.tokenizer(), templates=args.templates or DEFAULT_TEMPLATES,
-                       batch_size=args.batch_size, device=accelerator.device)
+                       batch_size=args.batch_size, device=accelerator.device, progress=not args.no_progress)
     if accelerator.is_main_process:
         if args.json:
             print(json.dumps(metrics))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..contrastive import ContrastiveModel
 from ..contrastive.distributed import gather_features, world
@@ -59,13 +60,18 @@ def embed_source(
     tokenizer: Callable,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    progress: bool = True,
 ) -> EvalEmbeddings:
-    """Embed every readable image of `source` and all its captions (sharded over ranks)."""
+    """Embed every readable image of `source` and all its captions (sharded over ranks; a
+    progress bar on rank 0 counts this rank's images)."""
     rank, world_size = world()
     reader = ImageReader(source, processor)
     mine = list(shard(len(source), rank, world_size))
     images, index, texts, owners, skipped = [], [], [], [], 0
+    bar = tqdm(total=len(mine), desc="eval", unit="img", disable=not progress or rank != 0, dynamic_ncols=True,
+               leave=False)
     for start in range(0, len(mine), batch_size):
+        bar.update(len(mine[start : start + batch_size]))
         kept, pixels, bad = reader.read(mine[start : start + batch_size])
         skipped += len(bad)
         if not kept:
@@ -76,6 +82,7 @@ def embed_source(
         texts.append(model.encode_text(tokens.input_ids.to(device), tokens.attention_mask.to(device)).float())
         index.append(torch.tensor(kept, device=device))
         owners.append(torch.tensor([i for i, _ in captions], device=device))
+    bar.close()
     width = model.embed_dim
     cat = lambda parts, shape, dtype: torch.cat(parts) if parts else torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
     image_embeds = _gather(cat(images, (0, width), torch.float32))
@@ -145,8 +152,10 @@ def evaluate(
     templates: Sequence[str] | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    progress: bool = True,
 ) -> dict[str, float]:
-    """Zero-shot accuracy (when the source has labels and class names) and retrieval recall.
+    """Zero-shot accuracy (when the source has labels and class names) and retrieval recall
+    (`progress`: a bar over the images on rank 0).
 
     Returns:
         `zero_shot_top1`, `zero_shot_top5` (if labelled), `i2t_R@k`, `t2i_R@k` for k in 1, 5,
@@ -155,7 +164,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        embeds = embed_source(model, source, processor, tokenizer, batch_size, device)
+        embeds = embed_source(model, source, processor, tokenizer, batch_size, device, progress)
         metrics: dict[str, float] = {}
         labels, names = getattr(source, "labels", None), getattr(source, "class_names", None)
         if labels is not None and names and templates:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..contrastive.distributed import gather_features
 from .batches import ImageReader, PairBatch
@@ -55,7 +56,10 @@ def cache_image_features(parts: TrainSetup, log: MetricsLog, step: int) -> Image
     batch_size = parts.config.eval_batch_size
     feats, index = [], []
     vision = parts.model.vision
+    bar = tqdm(total=len(mine), desc="caching LiT image features", unit="img", dynamic_ncols=True, leave=False,
+               disable=not (parts.config.progress and acc.is_main_process))
     for start in range(0, len(mine), batch_size):
+        bar.update(len(mine[start : start + batch_size]))
         kept, pixels, bad = reader.read(mine[start : start + batch_size])
         for i, reason in bad:
             log.write("skipped_image", step, index=i, reason=reason)
@@ -68,6 +72,7 @@ def cache_image_features(parts: TrainSetup, log: MetricsLog, step: int) -> Image
                     log.write("skipped_image", step, index=i, reason="non-finite features from the locked image tower")
             feats.append(batch_feats[finite])
             index.append(torch.tensor(kept, device=device)[finite])
+    bar.close()
     width = vision.config.embed_dim or vision.config.width
     local = torch.cat(feats) if feats else torch.zeros(0, width, device=device)
     local_index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)

@@ -16,6 +16,7 @@ Run directory:
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -198,6 +199,9 @@ class Trainer:
             c.save(self.run_dir / "config.yaml")
         resumed = self.checkpoints.resume(candidates)
         self.progress = resumed.progress
+        if resumed.path is not None and acc.is_main_process:
+            print(f"resuming from {resumed.path} at step {self.progress.step} of {parts.total_steps}",
+                  file=sys.stderr, flush=True)
         check_finite_parameters(parts, resumed.path)
         if parts.use_feature_cache:
             self.feature_cache = cache_image_features(parts, self.log, self.progress.step)
@@ -215,7 +219,7 @@ class Trainer:
         if p.eval_source is None:
             return {}
         metrics = evaluate(p.model, p.eval_source, p.processor, p.tokenizer, templates=self.config.templates,
-                           batch_size=self.config.eval_batch_size, device=p.device)
+                           batch_size=self.config.eval_batch_size, device=p.device, progress=self.config.progress)
         self.log.write("eval", self.progress.step, **metrics)
         return metrics
 
