@@ -39,3 +39,7 @@ def test_two_processes_through_accelerate_equal_one(tmp_path):
     assert checksums(out) == checksums(reference)
     writers = [json.loads(p.read_text())["writer"] for p in sorted(out.glob("shard-*.json"))]
     assert [w["rank"] for w in writers] == [0, 1, 0, 1, 0, 1] and {w["world_size"] for w in writers} == {2}
+    # Only the main process reports, and for the whole launch: all 22 rows in all 6 shards.
+    summaries = [line for line in result.stdout.splitlines() if "rows written" in line]
+    assert len(summaries) == 1, result.stdout
+    assert "this run: 22 rows in 6 shards, 0 shards kept" in summaries[0], summaries[0]

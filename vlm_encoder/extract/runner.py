@@ -53,10 +53,10 @@ class ExtractSummary:
         rows_written: Rows with features in the store (all processes, all runs).
         rows_failed: Rows that failed to decode (all processes, all runs).
         complete: Every shard is written; `rows_written + rows_failed == total_rows`.
-        rows_this_run: Rows this process handled now (written or failed).
-        shards_this_run: Shards this process wrote now.
-        shards_kept: Shards of this process found intact and kept.
-        seconds: Wall time of this process's run (model loading, checks and extraction).
+        rows_this_run: Rows handled now (written or failed), by every process of the launch.
+        shards_this_run: Shards written now, by every process.
+        shards_kept: Shards found intact and kept.
+        seconds: Wall time of the run (model loading, checks and extraction; the slowest process).
         extract_seconds: Of which decoding, encoding and writing this run's shards.
     """
 
@@ -361,15 +361,36 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
         finalize_manifest(out, manifest, layout)
     state.wait_for_everyone()
     final = read_manifest(out)
+    # The summary speaks for the whole launch: counts summed, times of the slowest process.
+    rows_run, shards_run, kept = _sum_over_processes(world, rows_todo, len(todo), len(mine) - len(todo))
+    seconds, extract_seconds = _max_over_processes(world, time.perf_counter() - started, extract_seconds)
     return ExtractSummary(
         out=str(out),
         total_rows=layout.num_rows,
         rows_written=final.get("rows_written", 0),
         rows_failed=final.get("rows_failed", 0),
         complete=bool(final.get("complete")),
-        rows_this_run=rows_todo,
-        shards_this_run=len(todo),
-        shards_kept=len(mine) - len(todo),
-        seconds=time.perf_counter() - started,
+        rows_this_run=int(rows_run),
+        shards_this_run=int(shards_run),
+        shards_kept=int(kept),
+        seconds=seconds,
         extract_seconds=extract_seconds,
     )
+
+
+def _reduce(world: int, values: tuple[float, ...], op: str) -> list[float]:
+    if world == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def _sum_over_processes(world: int, *values: float) -> list[float]:
+    return _reduce(world, values, "sum")
+
+
+def _max_over_processes(world: int, *values: float) -> list[float]:
+    return _reduce(world, values, "max")
