@@ -14,7 +14,7 @@ from .fusion import FeatureFusion, TokenStream, resample_tokens
 from .kind import ProjectorKind, build_mlp
 from .llava import convert_hf_llava_projector, load_llava_mm_projector
 from .mlp import MLPOptions
-from .pixel_shuffle import PixelShuffleOptions
+from .pixel_shuffle import PixelShuffleOptions, load_idefics3_connector, load_internvl_projector
 from .pool import PoolOptions
 from .registry import list_projectors, projector_class, projector_table, register_projector
 from .resampler import ResamplerOptions
@@ -35,6 +35,8 @@ __all__ = [
     "build_projector",
     "convert_hf_llava_projector",
     "list_projectors",
+    "load_idefics3_connector",
+    "load_internvl_projector",
     "load_llava_mm_projector",
     "projector_class",
     "projector_table",
