@@ -48,8 +48,11 @@ class KindOptions(ConfigMixin):
 
 
 # The kinds' options, as flat `ProjectorConfig` fields in configs saved before the split.
-_FLAT_OPTIONS = ("hidden_dim", "scale_factor", "norm", "target_grid", "num_queries", "num_heads", "depth", "pos_embed_grid")
-_ALWAYS_SAVED_FLAT = _FLAT_OPTIONS[:-1]  # `pos_embed_grid` came later
+_FLAT_OPTIONS = (
+    "hidden_dim", "scale_factor", "norm", "target_grid", "num_queries", "num_heads", "depth",
+    "pos_embed_grid", "order", "num_linear",
+)
+_ALWAYS_SAVED_FLAT = _FLAT_OPTIONS[:7]  # the others came later
 
 
 @dataclass(frozen=True)
