@@ -116,3 +116,27 @@ def test_compiled_training_matches_eager(tmp_path):
     assert compiled_result.step == eager_result.step == 3
     for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_position_table_follows_a_fused_adamw_step_on_cuda():
+    """A CUDA fused AdamW step writes the parameters without bumping `_version`: a forward
+    at a non-native size afterwards must still use the current table (docs/guarantees.md)."""
+    from vlm_encoder import VisionConfig, VisionEncoder
+
+    torch.manual_seed(0)
+    config = VisionConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=4)
+    encoder = VisionEncoder(config).cuda().eval()
+    other = torch.randn(2, 3, 48, 40, device="cuda")
+    with torch.no_grad():
+        before = encoder(other).patches(-1)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=0.1, fused=True)
+    encoder.train()
+    encoder(torch.randn(2, 3, 32, 32, device="cuda")).pooled.square().sum().backward()
+    optimizer.step()
+    encoder.eval()
+    fresh = VisionEncoder(config).cuda().eval()
+    fresh.load_state_dict(encoder.state_dict())
+    with torch.no_grad():
+        after = encoder(other).patches(-1)
+        assert torch.equal(after, fresh(other).patches(-1))
+    assert not torch.equal(after, before)

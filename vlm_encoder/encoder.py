@@ -90,7 +90,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         self.pooled_norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.pooled_norm else nn.Identity()
         self.proj = nn.Linear(c.width, c.embed_dim, bias=c.proj_bias) if c.embed_dim else None
         self.grad_checkpointing = False
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._pos_cache: dict[tuple, torch.Tensor] = {}  # sin-cos tables only (see position_embedding)
         self._image_processor = None  # what a pretrained source records (see `image_processor`)
         self.source_info: dict = {}  # where a loader found the weights: family, source, ...
         self.reset_parameters()
@@ -204,31 +204,26 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         """The position embedding `(1, h*w, D)` for a patch grid, or `None` without one.
 
         A learned table is resampled (`config.pos_resample_mode`, bicubic by default, in
-        float32, antialiased unless `config.pos_resample_antialias` is off) for grids other than the
-        native one; the result is cached per grid when no gradient flows to the table.
+        float32, antialiased unless `config.pos_resample_antialias` is off) from its current
+        values on every call for grids other than the native one. It is never cached: no key
+        can see every write (`.data`, an EMA, a fused optimizer step leave `_version` as it
+        was), and resampling costs ~0.2% of a batch-1 forward (docs/guarantees.md). A fixed
+        sin-cos table depends on the config only and is cached per grid, device and dtype.
         """
         c = self.config
         if c.pos_embed == "none":
             return None
-        if c.pos_embed == "learned" and tuple(grid) == c.grid_size:
-            return self.pos_embed
-        needs_grad = c.pos_embed == "learned" and self.pos_embed.requires_grad and torch.is_grad_enabled()
-        source = self.pos_embed if c.pos_embed == "learned" else None
-        key = (tuple(grid), c.pos_embed, None if source is None else (source._version, source.data_ptr(), source.dtype, source.device))
-        if not needs_grad and key in self._pos_cache:
-            return self._pos_cache[key]
         if c.pos_embed == "learned":
-            table = resample_pos_embed(
+            return resample_pos_embed(
                 self.pos_embed, c.grid_size, grid, antialias=c.pos_resample_antialias, mode=c.pos_resample_mode
             )
-        else:
-            param = self.patch_embed.proj.weight
-            table = sincos_2d_pos_embed(c.width, grid).to(device=param.device, dtype=param.dtype)
-        if not needs_grad:
+        param = self.patch_embed.proj.weight
+        key = (tuple(grid), c.width, param.device, param.dtype)
+        if key not in self._pos_cache:
             if len(self._pos_cache) > 32:
                 self._pos_cache.clear()
-            table = self._pos_cache[key] = table.detach()
-        return table
+            self._pos_cache[key] = sincos_2d_pos_embed(c.width, grid).to(device=param.device, dtype=param.dtype)
+        return self._pos_cache[key]
 
     def patchify(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image `(B, C, H, W)` through the stem (if any) and the patch embedding: patch tokens
