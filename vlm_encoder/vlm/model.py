@@ -14,7 +14,13 @@ token sequence of its own length `L_i` (base tokens, the unpadded tile grid, a l
 `image_newline` after each row); the text holds `L_i` placeholders for image `i`
 (`num_image_tokens(image_size)` gives `L_i` before encoding).
 
-By default the encoder and the LM are frozen and only the projector trains (LLaVA's
+Several towers (Prismatic's DINOv2 + SigLIP, Cambrian): `encoder` may be a list of encoders,
+each with its own image size and processor; their patch grids are brought to one grid
+`tower_grid` (`tower_resize`: bilinear `interpolate` or adaptive average `pool`), then the
+projector fuses every tower's layers (`in_dim` lists one width per tower layer, in order);
+`pixel_values` is then one tensor per tower (`preprocess(images)` gives them).
+
+By default the encoder(s) and the LM are frozen and only the projector trains (LLaVA's
 stage-1 feature alignment); `set_trainable` switches each part.
 """
 
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..anyres import AnyresConfig, assemble_tokens
@@ -36,7 +43,29 @@ from ..encoder import VisionEncoder
 
 FeatureSelect = Literal["patch", "cls_patch"]
 FEATURE_SELECTS = ("patch", "cls_patch")
+TowerResize = Literal["interpolate", "pool"]
+TOWER_RESIZES = ("interpolate", "pool")
 IGNORE_INDEX = -100
+PixelValues = torch.Tensor | Sequence[torch.Tensor]
+
+
+def resize_tokens(tokens: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int], mode: TowerResize) -> torch.Tensor:
+    """Row-major patch tokens `(B, h*w, D)` on `grid` to `(B, h'*w', D)` on `new_grid`.
+
+    `interpolate`: the projectors' bilinear resampling (`projectors.resample_tokens`:
+    `align_corners=False`, antialiased when a side shrinks); `pool`: adaptive average pooling
+    (`F.adaptive_avg_pool2d`; growing a side repeats patches). Computed in float32 and cast
+    back; a stream already on `new_grid` is returned as it is.
+    """
+    from ..projectors.fusion import resample_tokens
+    from ..projectors.kind import grid_to_tokens, tokens_to_grid
+
+    if tuple(grid) == tuple(new_grid):
+        return tokens
+    if mode == "interpolate":
+        return resample_tokens(tokens, grid, new_grid)
+    fmap = F.adaptive_avg_pool2d(tokens_to_grid(tokens.float(), grid), tuple(new_grid))  # (B, D, h', w')
+    return grid_to_tokens(fmap).to(tokens.dtype)
 
 
 def expand_image_tokens(
@@ -92,13 +121,16 @@ class VisionLanguageModel(nn.Module):
     """Feeds projected image tokens into a causal LM (LLaVA-style).
 
     Args:
-        encoder: The vision encoder.
-        projector: A `projectors.Projector` with one input stream per feature layer, each
-            of the encoder's width, and `out_dim` equal to the LM's hidden size.
+        encoder: The vision encoder, or a list of them (several towers, each fed its own
+            `pixel_values`).
+        projector: A `projectors.Projector` with one input stream per feature layer (per
+            tower, in order), each of its encoder's width, and `out_dim` equal to the LM's
+            hidden size.
         language_model: Any `AutoModelForCausalLM` (it must accept `inputs_embeds`).
         image_token_id: The placeholder id; the text holds one per image token.
         feature_layers: Encoder blocks whose tokens the projector fuses (negatives from the
-            end; `-2` is LLaVA's default, HF `hidden_states[-2]`).
+            end; `-2` is LLaVA's default, HF `hidden_states[-2]`). Several towers: the same
+            layers for each, or one sequence of layers per tower.
         feature_select: `patch` (drop CLS, LLaVA's `default`) or `cls_patch` (CLS then
             patches, LLaVA's `full`; needs a per-token projector or the resampler).
         train_encoder: Train the encoder (default frozen).
@@ -108,39 +140,68 @@ class VisionLanguageModel(nn.Module):
             placeholder group). Needs `feature_select='patch'` and a projector whose output per
             tile is a square grid (token-wise kinds, `pixel_shuffle`, `pool`, ...); for
             `llava_next` with `newline`, adds the learned `image_newline` `(d_llm,)`, trained
-            with the projector.
+            with the projector. One tower only.
+        tower_grid: Several towers: the common patch grid `(h, w)` (an int: square) the
+            towers' tokens are resized to before fusion. Default: the projector's
+            `fusion_grid`, else the first tower's grid.
+        tower_resize: Several towers: `interpolate` (bilinear) or `pool` (adaptive average),
+            see `resize_tokens`.
     """
 
     def __init__(
         self,
-        encoder: VisionEncoder,
+        encoder: VisionEncoder | Sequence[VisionEncoder],
         projector: nn.Module,
         language_model: nn.Module,
         image_token_id: int,
-        feature_layers: Sequence[int] = (-2,),
+        feature_layers: Sequence[int] | Sequence[Sequence[int]] = (-2,),
         feature_select: FeatureSelect = "patch",
         *,
         train_encoder: bool = False,
         train_projector: bool = True,
         train_language_model: bool = False,
         anyres: AnyresConfig | None = None,
+        tower_grid: int | tuple[int, int] | None = None,
+        tower_resize: TowerResize = "interpolate",
     ) -> None:
         super().__init__()
         from ..projectors import Projector
+        from ..validation import optional_positive_pair
 
         if not isinstance(projector, Projector):
             raise TypeError(f"projector must be a projectors.Projector, got {type(projector).__name__}")
         if feature_select not in FEATURE_SELECTS:
             raise ValueError(f"feature_select={feature_select!r} is not supported; allowed: {', '.join(FEATURE_SELECTS)}")
-        self.feature_layers = tuple(encoder.resolve_layers(tuple(feature_layers)))
+        towers = [encoder] if isinstance(encoder, VisionEncoder) else list(encoder)
+        if not towers or not all(isinstance(t, VisionEncoder) for t in towers):
+            raise TypeError("encoder must be a VisionEncoder or a non-empty sequence of VisionEncoders")
+        self.tower_layers = tuple(
+            tuple(tower.resolve_layers(tuple(layers))) for tower, layers in zip(towers, _layers_per_tower(feature_layers, len(towers)))
+        )
+        widths = tuple(tower.width for tower, layers in zip(towers, self.tower_layers) for _ in layers)
         pc = projector.config
-        if pc.num_inputs != len(self.feature_layers):
+        if pc.num_inputs != len(widths):
             raise ValueError(
                 f"the projector fuses {pc.num_inputs} stream(s) (in_dim={pc.in_dim}) but feature_layers "
-                f"{tuple(feature_layers)} gives {len(self.feature_layers)}"
+                f"{tuple(feature_layers)} gives {len(widths)}"
             )
-        if any(width != encoder.width for width in pc.in_dims):
-            raise ValueError(f"projector in_dim={pc.in_dim} does not match the encoder width {encoder.width}")
+        if pc.in_dims != widths:
+            which = "encoder width" if len(towers) == 1 else "encoder widths per feature layer"
+            raise ValueError(f"projector in_dim={pc.in_dim} does not match the {which} {widths if len(towers) > 1 else widths[0]}")
+        if tower_resize not in TOWER_RESIZES:
+            raise ValueError(f"tower_resize={tower_resize!r} is not supported; allowed: {', '.join(TOWER_RESIZES)}")
+        self.tower_grid = None  # the common grid of several towers
+        if len(towers) > 1:
+            if feature_select != "patch" or anyres is not None:
+                raise ValueError("several towers need feature_select='patch' and anyres=None: their patch grids are resized")
+            grid = optional_positive_pair(tower_grid, "tower_grid") or pc.fusion_grid or towers[0].config.grid_size
+            if pc.fusion_grid is not None and tuple(pc.fusion_grid) != tuple(grid):
+                raise ValueError(f"tower_grid {tuple(grid)} differs from the projector's fusion_grid {tuple(pc.fusion_grid)}")
+            self.tower_grid = tuple(grid)
+        elif tower_grid is not None:
+            raise ValueError("tower_grid is for several encoders; this model has one")
+        self.tower_resize = tower_resize
+        encoder = towers[0]
         if feature_select == "cls_patch":
             if encoder.cls_token is None:
                 raise ValueError("feature_select='cls_patch' needs an encoder with a CLS token; use 'patch'")
@@ -163,7 +224,7 @@ class VisionLanguageModel(nn.Module):
                 d_llm = pc.out_dim  # initialised as transformers' LlavaNextModel does
                 newline = nn.Parameter(torch.randn(d_llm, dtype=embeddings.weight.dtype) / d_llm**0.5)
         self.image_newline = newline  # (d_llm,) or None
-        self.encoder = encoder
+        self.encoders = nn.ModuleList(towers)
         self.projector = projector
         self.language_model = language_model
         self.image_token_id = image_token_id
@@ -178,8 +239,11 @@ class VisionLanguageModel(nn.Module):
         if feature_select != "patch":
             raise ValueError("anyres needs feature_select='patch': tiles are reassembled on their patch grids")
         stride = encoder.config.input_stride
-        if anyres.tile_size % stride:
-            raise ValueError(f"anyres tile_size={anyres.tile_size} is not a multiple of the encoder's patch stride {stride}")
+        if anyres.tile_size % stride and encoder.config.patch_remainder == "error":
+            raise ValueError(
+                f"anyres tile_size={anyres.tile_size} is not a multiple of the encoder's patch stride {stride} "
+                "(an encoder with patch_remainder='drop' floors each tile's grid, as LLaVA-OneVision's SigLIP at 384/14)"
+            )
         side = anyres.tile_size // stride
         m = projector.num_output_tokens(grid_size=(side, side))
         out_side = math.isqrt(m)
@@ -189,6 +253,21 @@ class VisionLanguageModel(nn.Module):
                 f"gives {m} tokens for a {side}x{side} tile"
             )
         return out_side
+
+    @property
+    def encoder(self) -> VisionEncoder:
+        """The vision encoder of a one-tower model (several towers: `encoders`)."""
+        if len(self.encoders) > 1:
+            raise ValueError(f"this model has {len(self.encoders)} vision towers: use vlm.encoders[i]")
+        return self.encoders[0]
+
+    @property
+    def feature_layers(self) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+        """The encoder's feature layers (block indices); several towers: one tuple per tower."""
+        return self.tower_layers[0] if len(self.encoders) == 1 else self.tower_layers
+
+    def _part(self, name: str) -> nn.Module:
+        return self.encoders if name == "encoder" else getattr(self, name)
 
     # ------------------------------------------------------------- training
     def set_trainable(
@@ -200,7 +279,7 @@ class VisionLanguageModel(nn.Module):
             if flag is None:
                 continue
             self.trainable[name] = bool(flag)
-            getattr(self, name).requires_grad_(bool(flag))
+            self._part(name).requires_grad_(bool(flag))
         if projector is not None and self.image_newline is not None:
             self.image_newline.requires_grad_(bool(projector))
         self.train(self.training)
@@ -209,7 +288,7 @@ class VisionLanguageModel(nn.Module):
         super().train(mode)
         for name, flag in self.trainable.items():
             if not flag:
-                getattr(self, name).eval()
+                self._part(name).eval()
         return self
 
     # --------------------------------------------------------------- images
@@ -224,6 +303,10 @@ class VisionLanguageModel(nn.Module):
             if image_size is None:
                 raise ValueError("with anyres the token count depends on the image: pass image_size=(height, width)")
             return anyres_num_image_tokens(image_size, self.anyres, self.tile_side, base_only)
+        if self.tower_grid is not None:
+            if image_size is not None:
+                raise ValueError("a model of several towers gives tower_grid's token count for every image; pass no image_size")
+            return self.projector.num_output_tokens(grid_size=self.tower_grid)
         c = self.encoder.config
         if image_size is None:
             grid = c.grid_size
@@ -253,15 +336,50 @@ class VisionLanguageModel(nn.Module):
             return expand_image_tokens(input_ids, self.image_token_id, counts)
         return expand_image_tokens(input_ids, self.image_token_id, self.num_image_tokens(image_size, base_only))
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: Any) -> list[torch.Tensor]:
+        """Each tower's `image_processor` applied to `images` (one image or a list): one
+        `(I, 3, H_t, W_t)` tensor per tower, the `pixel_values` of a model of several towers."""
+        return [tower.image_processor(images) for tower in self.encoders]
+
+    def tower_features(self, pixel_values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The projector's input streams of a model of several towers: for each tower (in
+        order) and each of its feature layers, the patch tokens resized to `tower_grid`.
+
+        Args:
+            pixel_values: One `(I, C, H_t, W_t)` tensor per tower, each normalised by its
+                tower's processor (`preprocess`).
+
+        Returns:
+            One `(I, h*w, D_t)` tensor per stream, `(h, w) = tower_grid`.
+        """
+        if isinstance(pixel_values, torch.Tensor) or len(pixel_values) != len(self.encoders):
+            got = "one tensor" if isinstance(pixel_values, torch.Tensor) else f"{len(pixel_values)}"
+            raise ValueError(f"this model has {len(self.encoders)} vision towers: pass one pixel tensor per tower "
+                             f"(vlm.preprocess(images)), got {got}")
+        streams = []
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable.get("encoder", False)):
+            for tower, layers, pixels in zip(self.encoders, self.tower_layers, pixel_values):
+                out = tower(pixels.to(next(tower.parameters()).dtype), layers=layers)
+                streams += [resize_tokens(t, out.grid_size, self.tower_grid, self.tower_resize) for t in out.patch_tokens]
+        return streams
+
+    def image_features(self, pixel_values: PixelValues) -> torch.Tensor:
         """Projected image tokens.
 
         Args:
-            pixel_values: Normalised images `(I, C, H, W)`.
+            pixel_values: Normalised images `(I, C, H, W)`; several towers: one such tensor
+                per tower (`preprocess`).
 
         Returns:
             `(I, M, d_llm)` in the LM's embedding dtype.
         """
+        dtype = self.language_model.get_input_embeddings().weight.dtype
+        if self.tower_grid is not None:
+            return self.projector(self.tower_features(pixel_values), grid_size=self.tower_grid).to(dtype)
+        if not isinstance(pixel_values, torch.Tensor):
+            if len(pixel_values) != 1:
+                raise ValueError(f"this model has one vision tower, got {len(pixel_values)} pixel tensors")
+            pixel_values = pixel_values[0]
         param = next(self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable.get("encoder", False)):
             out = self.encoder(pixel_values.to(param.dtype), layers=self.feature_layers)
@@ -270,7 +388,7 @@ class VisionLanguageModel(nn.Module):
         else:
             streams = [torch.cat([out.cls(l).unsqueeze(1), out.patches(l)], dim=1) for l in self.feature_layers]
             features = self.projector(streams)  # (I, 1 + N, D) per layer
-        return features.to(self.language_model.get_input_embeddings().weight.dtype)
+        return features.to(dtype)
 
     def anyres_image_features(
         self,
@@ -320,7 +438,7 @@ class VisionLanguageModel(nn.Module):
     def prepare_inputs(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: PixelValues | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_sizes: torch.Tensor | Sequence | None = None,
@@ -333,7 +451,7 @@ class VisionLanguageModel(nn.Module):
                 (`expand_image_tokens`); samples may have several images or none.
             pixel_values: `(I, C, H, W)`, the images in the order their placeholders appear
                 (sample 0's first), or `None` for text only. With `anyres`: the tiles, as
-                `anyres_image_features` takes them.
+                `anyres_image_features` takes them. Several towers: one such tensor per tower.
             attention_mask: `(B, L)`; default all ones.
             labels: `(B, L)` next-token targets; image positions are set to -100.
             image_sizes: `anyres` only: `(I, 2)` original `(height, width)` of each image;
@@ -416,7 +534,7 @@ class VisionLanguageModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: PixelValues | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_sizes: torch.Tensor | Sequence | None = None,
@@ -433,7 +551,7 @@ class VisionLanguageModel(nn.Module):
     def generate(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: PixelValues | None = None,
         attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | Sequence | None = None,
         batch_num_images: Sequence[int] | torch.Tensor | None = None,
@@ -453,7 +571,9 @@ class VisionLanguageModel(nn.Module):
         """Write the whole model into `save_directory`:
 
             vlm_config.json        image_token_id, feature_layers, feature_select, anyres, trainable
-            encoder/               VisionEncoder.save_pretrained (with its image processor)
+                                   (several towers: num_encoders, tower_grid, tower_resize)
+            encoder/               VisionEncoder.save_pretrained (with its image processor);
+                                   several towers: encoder_0/, encoder_1/, ...
             projector/             Projector.save_pretrained
             language_model/        the LM's own save_pretrained (safetensors); left out with
                                    `language_model=False` (a frozen LM: give it to
@@ -579,3 +699,15 @@ class VisionLanguageModel(nn.Module):
         from .llava import load_hf_llava
 
         return load_hf_llava(path, "llava_onevision", **options)
+
+
+def _layers_per_tower(feature_layers: Sequence[int] | Sequence[Sequence[int]], n_towers: int) -> list[Sequence[int]]:
+    """`feature_layers` as one sequence of layers per tower (ints: the same for every tower)."""
+    items = list(feature_layers)
+    if all(isinstance(item, int) for item in items):
+        return [items] * n_towers
+    if len(items) != n_towers or any(isinstance(item, int) for item in items):
+        raise ValueError(
+            f"feature_layers must be a sequence of ints or one sequence of ints per tower ({n_towers}), got {feature_layers!r}"
+        )
+    return items

@@ -1,7 +1,9 @@
 """Writing and reading a whole `VisionLanguageModel` (`save_pretrained` / `from_pretrained`):
 
     vlm_config.json              image_token_id, feature_layers, feature_select, anyres, trainable
+                                 (several towers: num_encoders, tower_grid, tower_resize)
     encoder/                     VisionEncoder.save_pretrained (with its image processor)
+    encoder_0/, encoder_1/, ...  instead of encoder/ for a model of several towers
     projector/                   Projector.save_pretrained
     language_model/              the LM's own save_pretrained (safetensors), unless left out
     image_newline.safetensors    the learned newline token, when the model has one
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +30,21 @@ VLM_CONFIG_NAME = "vlm_config.json"
 VLM_NEWLINE_NAME = "image_newline.safetensors"
 
 
+def encoder_dirs(num_encoders: int) -> list[str]:
+    """The encoder sub-directories: `encoder` for one tower, `encoder_{i}` for several."""
+    return ["encoder"] if num_encoders == 1 else [f"encoder_{i}" for i in range(num_encoders)]
+
+
 def save_vlm(model: VisionLanguageModel, save_directory: str | os.PathLike, language_model: bool = True) -> Path:
     """`VisionLanguageModel.save_pretrained` (see there)."""
     from safetensors.torch import save_file
 
     target = Path(save_directory)
     with staging_directory(target) as staging:
-        entries = [VLM_CONFIG_NAME, "encoder", "projector"]
-        model.encoder.save_pretrained(staging / "encoder")
+        towers = encoder_dirs(len(model.encoders))
+        entries = [VLM_CONFIG_NAME, *towers, "projector"]
+        for name, tower in zip(towers, model.encoders):
+            tower.save_pretrained(staging / name)
         model.projector.save_pretrained(staging / "projector")
         if language_model:
             model.language_model.save_pretrained(staging / "language_model")
@@ -46,14 +56,18 @@ def save_vlm(model: VisionLanguageModel, save_directory: str | os.PathLike, lang
         config = {
             "model_type": VLM_MODEL_TYPE,
             "image_token_id": model.image_token_id,
-            "feature_layers": list(model.feature_layers),
+            "feature_layers": [list(layers) for layers in model.tower_layers] if len(towers) > 1 else list(model.feature_layers),
             "feature_select": model.feature_select,
             "anyres": model.anyres.to_dict() if model.anyres is not None else None,
             "trainable": dict(model.trainable),
             "language_model": "language_model" if language_model else None,
         }
+        if len(towers) > 1:
+            config.update(num_encoders=len(towers), tower_grid=list(model.tower_grid), tower_resize=model.tower_resize)
         write_atomic(staging / VLM_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
-        stale = tuple(name for name in ("language_model", VLM_NEWLINE_NAME) if name not in entries)
+        # Another save's encoder directories (one tower / several) go with it.
+        old_towers = [p.name for p in target.glob("encoder*") if re.fullmatch(r"encoder(_\d+)?", p.name)] if target.is_dir() else []
+        stale = tuple(name for name in ("language_model", VLM_NEWLINE_NAME, *old_towers) if name not in entries)
         move_into_place(staging, target, entries, stale)
     return target
 
@@ -99,18 +113,23 @@ def load_vlm(
             lm_path, trust_remote_code=False, **({"dtype": dtype} if dtype is not None else {})
         )
     dtype = dtype or language_model.get_input_embeddings().weight.dtype
-    encoder = VisionEncoder.from_pretrained(directory / "encoder", dtype=dtype)
+    num_encoders = config.get("num_encoders", 1)
+    if isinstance(num_encoders, bool) or not isinstance(num_encoders, int) or num_encoders < 1:
+        raise WeightsError(f"{config_path}: num_encoders must be a positive int, got {num_encoders!r}")
+    towers = [VisionEncoder.from_pretrained(directory / name, dtype=dtype) for name in encoder_dirs(num_encoders)]
+    if num_encoders > 1:
+        kwargs = {"tower_grid": tuple(config["tower_grid"]), "tower_resize": config["tower_resize"], **kwargs}
     projector = Projector.from_pretrained(directory / "projector").to(dtype=dtype)
     anyres = config.get("anyres")
     trainable = config.get("trainable") or {}
     options = {f"train_{name}": flag for name, flag in trainable.items()}
     options.update(kwargs)
     model = VisionLanguageModel(
-        encoder,
+        towers[0] if num_encoders == 1 else towers,
         projector,
         language_model.to(dtype=dtype),
         image_token_id=int(config["image_token_id"]),
-        feature_layers=tuple(config["feature_layers"]),
+        feature_layers=tuple(tuple(l) if isinstance(l, list) else l for l in config["feature_layers"]),
         feature_select=config["feature_select"],
         anyres=AnyresConfig.from_dict(anyres) if anyres else None,
         **options,
