@@ -7,6 +7,7 @@ from .map_head import AttentionPoolHead
 from .mlp import Mlp, SwiGLU, build_mlp, get_activation
 from .patch_embed import PatchEmbed, resample_patch_projection
 from .pos_embed import resample_pos_embed, sincos_2d_pos_embed
+from .rope import Rope2d, RopeTable
 from .stem import ResNetStem
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "Mlp",
     "PatchEmbed",
     "ResNetStem",
+    "Rope2d",
+    "RopeTable",
     "SegmentMask",
     "SwiGLU",
     "build_mlp",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..determinism import batch_invariant_call
+from .rope import RopeTable
 
 
 @dataclass(frozen=True)
@@ -50,18 +51,29 @@ class Attention(nn.Module):
         dim: Token width `D`.
         num_heads: Number of heads; `D` must be divisible by it.
         qkv_bias: Bias on the fused `qkv` projection.
+        qk_norm: LayerNorm over each head's query and key (`q_norm`, `k_norm`), before RoPE.
+        inner_norm: LayerNorm on the attended tokens before `proj` (`norm`; EVA02-CLIP's
+            sub-LN, timm `scale_attn_inner`).
+        norm_eps: Epsilon of those LayerNorms.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, inner_norm: bool = False,
+        norm_eps: float = 1e-6,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        # Created only when used, so that the state dicts of other towers are unchanged.
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if inner_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_weights: bool = False,
-        causal: bool = False,
+        causal: bool = False, rope: RopeTable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend over the tokens.
 
@@ -74,6 +86,8 @@ class Attention(nn.Module):
             causal: Each token attends to itself and the tokens before it (a text tower). Passed
                 to the kernel as `is_causal`, so the flash kernel serves it (an explicit mask
                 would rule it out); `attn_mask` must then be `None`.
+            rope: Rotary table `(T, head_dim)` or `(B, T, head_dim)` applied to queries and keys
+                (identity rows for tokens that are not rotated), or `None`.
 
         Returns:
             The attended tokens `(B, T, D)` and the weights `(B, heads, T, T)` or `None`.
@@ -83,12 +97,16 @@ class Attention(nn.Module):
             raise ValueError("causal=True takes no attn_mask (the causal mask is implied)")
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope.rotate(q), rope.rotate(k)
         weights = None
         if causal and return_weights:
             attn_mask, causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), False
         if isinstance(attn_mask, SegmentMask):
             if not return_weights:
-                return self.proj(_segment_attention(q, k, v, attn_mask)), None
+                return self.proj(self.norm(_segment_attention(q, k, v, attn_mask))), None
             attn_mask = attn_mask.dense(x.device)
         if return_weights:
             weights = attention_weights(q, k, attn_mask)
@@ -98,7 +116,7 @@ class Attention(nn.Module):
                 attn_mask = attn_mask.expand(B, -1, -1, -1) if attn_mask.ndim == 4 else attn_mask.expand(B, 1, T, T)
             x = batch_invariant_call(F.scaled_dot_product_attention, q, k, v, attn_mask, is_causal=causal)
         x = x.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.proj(x), weights
+        return self.proj(self.norm(x)), weights
 
 
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: SegmentMask) -> torch.Tensor:

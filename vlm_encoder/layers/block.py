@@ -7,6 +7,7 @@ from torch import nn
 
 from .attention import Attention, SegmentMask
 from .mlp import build_mlp
+from .rope import RopeTable
 
 
 class LayerScale(nn.Module):
@@ -51,6 +52,9 @@ class Block(nn.Module):
         norm_eps: LayerNorm epsilon.
         layer_scale_init: LayerScale initial value, or `None` for no LayerScale.
         drop_path: Stochastic-depth rate of this block.
+        qk_norm: LayerNorm over each head's queries and keys.
+        attn_norm: LayerNorm on the attended tokens before the output projection.
+        mlp_norm: LayerNorm on the MLP's hidden activations.
     """
 
     def __init__(
@@ -64,23 +68,29 @@ class Block(nn.Module):
         norm_eps: float = 1e-6,
         layer_scale_init: float | None = None,
         drop_path: float = 0.0,
+        qk_norm: bool = False,
+        attn_norm: bool = False,
+        mlp_norm: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, inner_norm=attn_norm, norm_eps=norm_eps)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = build_mlp(mlp_type, dim, mlp_dim, act)
+        self.mlp = build_mlp(mlp_type, dim, mlp_dim, act, norm_eps if mlp_norm else None)
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | SegmentMask | None = None, return_weights: bool = False,
-        causal: bool = False,
+        causal: bool = False, rope: RopeTable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(B, T, D) -> (B, T, D)`, plus attention weights `(B, heads, T, T)` when asked
-        (`causal`: each token attends to itself and the tokens before it)."""
-        attended, weights = self.attn(self.norm1(x), attn_mask=attn_mask, return_weights=return_weights, causal=causal)
+        (`causal`: each token attends to itself and the tokens before it; `rope`: the rotary
+        table of the tokens)."""
+        attended, weights = self.attn(
+            self.norm1(x), attn_mask=attn_mask, return_weights=return_weights, causal=causal, rope=rope
+        )
         x = x + self.drop_path(self.ls1(attended))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, weights

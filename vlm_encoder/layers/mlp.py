@@ -38,36 +38,48 @@ def get_activation(name: str) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}; allowed: gelu, quick_gelu, gelu_tanh")
 
 
-class Mlp(nn.Module):
-    """Linear, activation, Linear: `(B, T, D) -> (B, T, D)`."""
+def _hidden_norm(hidden_dim: int, norm_eps: float | None) -> nn.Module:
+    """LayerNorm on the hidden activations before `fc2` (EVA02's sub-LN, timm `scale_mlp`)."""
+    return nn.Identity() if norm_eps is None else nn.LayerNorm(hidden_dim, eps=norm_eps)
 
-    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu") -> None:
+
+class Mlp(nn.Module):
+    """Linear, activation, [LayerNorm], Linear: `(B, T, D) -> (B, T, D)`.
+
+    Args:
+        norm_eps: Epsilon of a LayerNorm on the hidden activations, or `None` for none.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", norm_eps: float | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = get_activation(act)
+        self.norm = _hidden_norm(hidden_dim, norm_eps)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
 class SwiGLU(nn.Module):
-    """Packed SwiGLU (DINOv2 giant): `fc2(silu(a) * b)` with `a, b = fc1(x).chunk(2)`."""
+    """Packed SwiGLU (DINOv2 giant): `fc2(silu(a) * b)` with `a, b = fc1(x).chunk(2)`
+    (the gate first), with an optional LayerNorm before `fc2` (`norm_eps`, EVA02-CLIP)."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, norm_eps: float | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.norm = _hidden_norm(hidden_dim, norm_eps)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(a) * b)
+        a, b = self.fc1(x).chunk(2, dim=-1)  # each (B, T, hidden)
+        return self.fc2(self.norm(F.silu(a) * b))
 
 
-def build_mlp(kind: str, dim: int, hidden_dim: int, act: str) -> nn.Module:
-    """The block MLP for `VisionConfig.mlp_type`."""
+def build_mlp(kind: str, dim: int, hidden_dim: int, act: str, norm_eps: float | None = None) -> nn.Module:
+    """The block MLP for `VisionConfig.mlp_type` (`norm_eps`: a hidden LayerNorm, or `None`)."""
     if kind == "mlp":
-        return Mlp(dim, hidden_dim, act)
+        return Mlp(dim, hidden_dim, act, norm_eps)
     if kind == "swiglu":
-        return SwiGLU(dim, hidden_dim)
+        return SwiGLU(dim, hidden_dim, norm_eps)
     raise ValueError(f"unknown mlp_type {kind!r}; allowed: mlp, swiglu")
