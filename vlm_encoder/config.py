@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .layers.rope import RopeKind, RopeLayout
 from .specs.options import ConfigMixin, at_least, check_fields
 from .validation import repeat_number
 
@@ -46,6 +47,23 @@ class VisionConfig(ConfigMixin):
         pos_embed: `learned` 1D table over the patch grid (resampled for other sizes),
             fixed 2D `sincos`, or `none`. The CLS token's own position embedding, when a
             checkpoint has one, is folded into the CLS token by the converters.
+        rope: 2D rotary position embedding of the patch tokens' queries and keys (prefix
+            tokens unrotated), on top of `pos_embed` (EVA02 and PE have both; DINOv3 sets
+            `pos_embed='none'`): `none`, `eva` (integer positions, timm `eva.py`'s EVA02 / PE)
+            or `dinov3` (patch centres in [-1, 1], its training-time jitter off). Recomputed
+            for every grid, never resampled. See `layers/rope.py`.
+        rope_theta: RoPE frequency base (timm `rope_temperature`, HF `rope_theta`).
+        rope_layout: `half` (rotate the two halves of the head dim) or `interleaved`
+            (adjacent pairs; timm's default for EVA02 / PE).
+        rope_ref_grid: `eva` only: positions are rescaled so that any grid spans this one
+            (timm `ref_feat_shape`, the pre-training grid), or `None` (integer positions).
+        rope_grid_offset: Added to every RoPE position (PE uses 1).
+        rope_xy: Head-dim order of the axes `(x, y)` instead of `(y, x)` (timm
+            `rope_grid_indexing='xy'`, PE).
+        qk_norm: LayerNorm over each head's queries and keys before RoPE.
+        attn_norm: LayerNorm on the attended tokens before the output projection (EVA02-CLIP's
+            sub-LN, timm `scale_attn_inner`).
+        mlp_norm: LayerNorm on the MLP's hidden activations before `fc2` (timm `scale_mlp`).
         norm_pre: LayerNorm on the tokens before the first block (CLIP's `ln_pre`).
         final_norm: LayerNorm after the last block, applied to every token.
         pooled_norm: LayerNorm applied to the pooled vector (timm/MAE `fc_norm`, used with
@@ -55,6 +73,7 @@ class VisionConfig(ConfigMixin):
         pool: Pooled output: `cls`, `gap` (mean of patch tokens), `map` (attention
             pooling with a learned query, as SigLIP) or `none`.
         map_mlp_dim: Hidden width of the MAP head's MLP (default `mlp_dim`).
+        map_num_heads: Attention heads of the MAP head (default `num_heads`; PE core uses 8).
         embed_dim: Width of the projected image embedding (CLIP's visual projection),
             or `None` for no projection.
         proj_bias: Bias on that projection.
@@ -90,6 +109,15 @@ class VisionConfig(ConfigMixin):
     class_token: bool = True
     num_register_tokens: int = at_least(0, 0)
     pos_embed: PosEmbedKind = "learned"
+    rope: RopeKind = "none"
+    rope_theta: float = at_least(1.0, 10000.0)
+    rope_layout: RopeLayout = "half"
+    rope_ref_grid: tuple[int, int] | None = at_least(1, None)
+    rope_grid_offset: float = 0.0
+    rope_xy: bool = False
+    qk_norm: bool = False
+    attn_norm: bool = False
+    mlp_norm: bool = False
     norm_pre: bool = False
     final_norm: bool = True
     pooled_norm: bool = False
@@ -97,6 +125,7 @@ class VisionConfig(ConfigMixin):
     layer_scale_init: float | None = None
     pool: PoolKind = "cls"
     map_mlp_dim: int | None = at_least(1, None)
+    map_num_heads: int | None = at_least(1, None)
     embed_dim: int | None = at_least(1, None)
     proj_bias: bool = False
     proj_act: ProjectionActivation = "none"
@@ -117,10 +146,18 @@ class VisionConfig(ConfigMixin):
                 f"width={self.width} must be divisible by num_heads={self.num_heads} "
                 f"(head dim = width / num_heads)"
             )
+        if self.map_num_heads is not None and self.width % self.map_num_heads:
+            raise ValueError(f"width={self.width} must be divisible by map_num_heads={self.map_num_heads}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool='cls' needs class_token=True; use 'gap', 'map' or 'none' without a CLS token")
         if self.pos_embed == "sincos" and self.width % 4:
             raise ValueError(f"pos_embed='sincos' needs width divisible by 4, got width={self.width}")
+        if self.rope != "none" and self.head_dim % 4:
+            raise ValueError(
+                f"rope={self.rope!r} needs a head dim (width / num_heads) divisible by 4, got {self.head_dim}"
+            )
+        if self.rope_ref_grid is not None and self.rope != "eva":
+            raise ValueError(f"rope_ref_grid applies to rope='eva' only, got rope={self.rope!r}")
         if self.proj_act != "none" and self.embed_dim is None:
             raise ValueError("proj_act needs a projection: set embed_dim")
         if self.drop_path_rate >= 1.0:

@@ -4,6 +4,8 @@ Data flow for an image `(B, C, H, W)`:
   [hybrid stem] -> patch embedding `(B, N, D)` + position table -> [CLS, registers, patches]
   `(B, T, D)` -> [LN pre] -> blocks 0..L-1 (pre-norm) -> final LN -> pooled `(B, D)`
   -> [projection `(B, E)`].
+With `config.rope`, every block also rotates the patch tokens' queries and keys by a 2D
+rotary table `(T, head_dim)` computed for the grid (`layers/rope.py`).
 Layer `i` is the output of block `i`; negative indices count from the end. Only the blocks
 up to the deepest requested layer run.
 """
@@ -24,6 +26,8 @@ from .layers import (
     Block,
     PatchEmbed,
     ResNetStem,
+    Rope2d,
+    RopeTable,
     init_linears_and_norms,
     resample_patch_projection,
     resample_pos_embed,
@@ -78,12 +82,20 @@ class VisionEncoder(PretrainedMixin, nn.Module):
                 norm_eps=c.norm_eps,
                 layer_scale_init=c.layer_scale_init,
                 drop_path=rate,
+                qk_norm=c.qk_norm,
+                attn_norm=c.attn_norm,
+                mlp_norm=c.mlp_norm,
             )
             for rate in rates
         )
+        self.rope = (
+            Rope2d(c.head_dim, c.rope, c.rope_theta, c.rope_layout, c.rope_grid_offset, c.rope_ref_grid, c.rope_xy)
+            if c.rope != "none"
+            else None
+        )
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.final_norm else nn.Identity()
         self.attn_pool = (
-            AttentionPoolHead(c.width, c.num_heads, c.map_mlp_dim or c.mlp_dim, c.act, c.norm_eps)
+            AttentionPoolHead(c.width, c.map_num_heads or c.num_heads, c.map_mlp_dim or c.mlp_dim, c.act, c.norm_eps)
             if c.pool == "map"
             else None
         )
@@ -225,6 +237,11 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             self._pos_cache[key] = sincos_2d_pos_embed(c.width, grid).to(device=param.device, dtype=param.dtype)
         return self._pos_cache[key]
 
+    def rope_table(self, grid: tuple[int, int], device: torch.device) -> RopeTable | None:
+        """The rotary table `(T, head_dim)` of one image's tokens (prefix rows the identity),
+        or `None` without RoPE."""
+        return None if self.rope is None else self.rope(grid, self.num_prefix_tokens, device)
+
     def patchify(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image `(B, C, H, W)` through the stem (if any) and the patch embedding: patch tokens
         `(B, N, D)` without positions, and the grid `(h, w)`."""
@@ -284,6 +301,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         wanted = self.resolve_layers(layers)
         self._check_pixels(pixel_values)
         x, grid = self.embed(pixel_values)
+        rope = self.rope_table(grid, x.device)
         last = max(wanted)
         wanted_set = set(wanted)
         captured: dict[int, torch.Tensor] = {}
@@ -291,9 +309,9 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         for i, block in enumerate(self.blocks[: last + 1]):
             want_weights = output_attentions and i in wanted_set
             if self.grad_checkpointing and self.training and torch.is_grad_enabled() and not want_weights:
-                x, weights = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x, weights = torch.utils.checkpoint.checkpoint(block, x, rope=rope, use_reentrant=False)
             else:
-                x, weights = block(x, return_weights=want_weights)
+                x, weights = block(x, return_weights=want_weights, rope=rope)
             if i in wanted_set:
                 captured[i] = x
                 if weights is not None:

@@ -9,6 +9,7 @@ The family is chosen explicitly, never guessed from the weights:
                                                  their own sizes with `vlm_encoder.packing`)
       `vit`                                   -> `converters.hf_vit`
       `dinov2`, `dinov2_with_registers`       -> `converters.hf_dinov2`
+      `dinov3_vit`                            -> `converters.hf_dinov3` (2D RoPE)
       `llava`, `llava_next`                   -> the tower named by `vision_config.model_type`,
                                                  keys under `vision_tower.` / `model.vision_tower.`
   * `open_clip:ARCH` -> `converters.open_clip_vit.load_open_clip(ARCH, checkpoint)`
@@ -62,6 +63,7 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "vit",
     "dinov2",
     "dinov2_with_registers",
+    "dinov3_vit",
 )
 LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision")
 # Families whose processor resizes each image under a patch budget instead of to one size.
@@ -197,7 +199,7 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch
 
 # ---------------------------------------------------------------------------- families
 def _converter(model_type: str) -> ModuleType:
-    from .converters import hf_clip, hf_dinov2, hf_siglip, hf_siglip2, hf_vit
+    from .converters import hf_clip, hf_dinov2, hf_dinov3, hf_siglip, hf_siglip2, hf_vit
 
     table = {
         "clip": hf_clip,
@@ -209,6 +211,7 @@ def _converter(model_type: str) -> ModuleType:
         "vit": hf_vit,
         "dinov2": hf_dinov2,
         "dinov2_with_registers": hf_dinov2,
+        "dinov3_vit": hf_dinov3,
     }
     return table[model_type]
 

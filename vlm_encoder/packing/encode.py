@@ -94,12 +94,16 @@ def encode_packed(
     checkpointing = encoder.grad_checkpointing and encoder.training and torch.is_grad_enabled()
     x, _ = packed.batched()  # (P, T, D)
     mask = packed.segment_mask()  # one attention call per image segment, no masked blocks
+    rope = None  # a RoPE tower: each image's rotary rows at its place in its pack (P, T, head_dim)
+    if encoder.rope is not None:
+        rows = [[(s.start, s.grid) for s in packed.pack_segments(p)] for p in range(packed.num_packs)]
+        rope = encoder.rope.packed(rows, x.shape[1], encoder.num_prefix_tokens, x.device)
     captured: dict[int, torch.Tensor] = {}
     for i, block in enumerate(encoder.blocks[: last + 1]):
         if checkpointing:
-            x, _ = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            x, _ = torch.utils.checkpoint.checkpoint(block, x, mask, rope=rope, use_reentrant=False)
         else:
-            x, _ = block(x, attn_mask=mask)
+            x, _ = block(x, attn_mask=mask, rope=rope)
         if i in wanted_set:
             captured[i] = x
     # layer -> per-image (1, T_i, D)
