@@ -130,3 +130,19 @@ def test_multi_tower_inputs_are_checked():
                             anyres=LlavaNextAnyres(tile_size=32, pinpoints=[[32, 32]]))
     with pytest.raises(ValueError, match="one"):
         VisionLanguageModel(dino, build_projector("linear", 32, D_LLM), lm, IMAGE_ID, (-1,), tower_grid=4)
+
+
+@pytest.mark.slow  # ~12 s on the shared 2-core machine (224 and 384 px towers)
+def test_the_example_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "multi_tower_vlm.py"
+    spec = importlib.util.spec_from_file_location("multi_tower_vlm_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--out", str(tmp_path / "vlm"), "--resize", "interpolate"]) == 0
+    printed = capsys.readouterr().out
+    for expected in ("grid 16x16", "grid 24x24", "image tokens per image: 64", "logits equal after save / load: True"):
+        assert expected in printed, expected
+    assert (tmp_path / "vlm" / "encoder_1").is_dir()
