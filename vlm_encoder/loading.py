@@ -95,6 +95,7 @@ def load_encoder(
     revision: str | None = None,
     overrides: dict[str, Any] | None = None,
     seed: int = 0,
+    patch_remainder: str | None = None,
 ) -> VisionEncoder:
     """Load a vision tower from any model spec as a `VisionEncoder`.
 
@@ -110,6 +111,10 @@ def load_encoder(
         revision: Hub revision (branch, tag or commit) for a repo id.
         overrides: Changes of a preset's `VisionConfig` fields, e.g. `{"depth": 4}`.
         seed: Seed of a preset's random weights.
+        patch_remainder: `error` or `drop` (floor the patch grid, ignoring the last pixels)
+            for sides that are not a multiple of the patch stride; default: the source's own
+            policy (every HF family, timm and open_clip floor, as their references do, so
+            `google/siglip-so400m-patch14-384` is a 27 x 27 grid).
 
     Returns:
         The encoder in eval mode, with `encoder.image_processor` (the source's preprocessing,
@@ -125,7 +130,7 @@ def load_encoder(
     from .specs.models import load_vision
 
     return load_vision(source, checkpoint=checkpoint, dtype=dtype, device=device, revision=revision,
-                       overrides=overrides, seed=seed).vision
+                       overrides=overrides, seed=seed, patch_remainder=patch_remainder).vision
 
 
 def load_encoder_files(

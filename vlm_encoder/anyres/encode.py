@@ -69,7 +69,7 @@ def encode_anyres(
         if c.image_size[0] != c.image_size[1]:
             raise ValueError(f"tiling needs a square encoder input, got image_size={c.image_size}; pass an AnyresConfig")
         config = LlavaNextAnyres(tile_size=c.image_size[0], pinpoints=pinpoints)
-    if config.tile_size % c.input_stride:
+    if config.tile_size % c.input_stride and c.patch_remainder == "error":  # `drop` floors each tile's grid
         raise ValueError(f"tile_size={config.tile_size} is not a multiple of the encoder's patch stride {c.input_stride}")
     processor = processor if processor is not None else ImageProcessor.default_for(c)
     tiles = tile_with(image, config, processor)

@@ -12,7 +12,8 @@ from ..specs.models import FORMS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None = None, positional: bool = False) -> None:
-    """`--model SPEC` (or a positional `model`), `--checkpoint`, `--override`, `--seed`."""
+    """`--model SPEC` (or a positional `model`), `--checkpoint`, `--override`, `--seed`,
+    `--patch-remainder`."""
     group = parser.add_argument_group("model")
     spec_help = f"model spec: {FORMS}" + (f" (default {default}: random weights)" if default else "")
     if positional:
@@ -26,6 +27,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None 
                        help="change a VisionConfig field of a preset:NAME model, e.g. --override depth=4 "
                             "(repeatable; values are YAML: 64, [224, 320], true)")
     group.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    group.add_argument("--patch-remainder", choices=("error", "drop"), default=None,
+                       help="image sides that are not a multiple of the patch stride: drop floors the grid (the "
+                            "last pixels are ignored, as the HF, timm and open_clip references do), error refuses "
+                            "them (default: the model's own policy)")
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,6 +42,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": args.checkpoint,
         "overrides": apply_overrides(VisionConfig, {}, args.override),
         "seed": args.seed,
+        "patch_remainder": args.patch_remainder,
     }
 
 

@@ -46,7 +46,11 @@ def parse_config(config: Any, classes: Mapping[str, type], family: str) -> Any:
 
 def tower_fields(vision: Any, family: str, image_size: int | None = None) -> dict[str, Any]:
     """The `VisionConfig` fields that every HF vision config states the same way
-    (`image_size` from the config unless given)."""
+    (`image_size` from the config unless given).
+
+    `patch_remainder='drop'`: every HF family embeds patches with a strided convolution that
+    floors the grid (`image_size // patch_size`, e.g. SigLIP so400m/14 at 384 px: 27 x 27),
+    and sizes its position table by that floor."""
     return dict(
         image_size=square(vision.image_size, "image_size", family) if image_size is None else image_size,
         patch_size=square(vision.patch_size, "patch_size", family),
@@ -56,6 +60,7 @@ def tower_fields(vision: Any, family: str, image_size: int | None = None) -> dic
         num_heads=vision.num_attention_heads,
         act=activation(vision.hidden_act, family),
         norm_eps=vision.layer_norm_eps,
+        patch_remainder="drop",
     )
 
 

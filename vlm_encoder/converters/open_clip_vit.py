@@ -204,6 +204,7 @@ def config_from_open_clip(model_cfg: Mapping[str, Any]) -> VisionConfig:
         pool=pools[vc.pool_type],
         embed_dim=int(model_cfg["embed_dim"]),
         proj_bias=False,
+        patch_remainder="drop",  # conv1 floors the grid, positional_embedding has image_size // patch_size rows
     )
 
 

@@ -285,6 +285,9 @@ def config_from_timm(model: nn.Module) -> VisionConfig:
         proj_bias=proj_bias,
         stem_layers=stem_layers,
         stem_width=stem_width,
+        # timm's PatchEmbed convolution floors the grid (`img_size // patch_size`: 27 x 27 for
+        # vit_so400m_patch14_siglip_384) and sizes the position table by it.
+        patch_remainder="drop",
     )
 
 

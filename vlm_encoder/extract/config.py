@@ -41,6 +41,8 @@ class ExtractConfig(ConfigMixin):
         checkpoint: Weight file loaded into `model`.
         overrides: Changes of a preset's `VisionConfig` fields (`{"depth": 4}`).
         seed: Seed of a preset's random initialisation.
+        patch_remainder: `error` or `drop` (floor the patch grid) for the image tower, instead
+            of the source's own policy (`specs.models.load_model`).
         dtype: `fp32`, `bf16` or `fp16`: the encoder's dtype and the stored features'.
         image_size: `(H, W)` to resize to instead of the processor's size.
         resolution: `fixed` (every image at one size) or `native` (each image at its own
@@ -68,6 +70,7 @@ class ExtractConfig(ConfigMixin):
     checkpoint: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = at_least(0, 0)
+    patch_remainder: Literal["error", "drop"] | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     image_size: tuple[int, int] | None = at_least(1, None)
     norm: bool = False

@@ -29,7 +29,7 @@ def build_encoder(config: ExtractConfig) -> VisionEncoder:
     from ..specs.models import load_vision
 
     loaded = load_vision(config.model, command="extract", checkpoint=config.checkpoint,
-                         overrides=config.overrides, seed=config.seed)
+                         overrides=config.overrides, seed=config.seed, patch_remainder=config.patch_remainder)
     return loaded.vision.float().eval()
 
 

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 ModelKind = Literal["encoder", "contrastive", "vlm", "text"]
+PatchRemainder = Literal["error", "drop"]
+PATCH_REMAINDERS: tuple[str, ...] = ("error", "drop")
 Need = Literal["vision", "contrastive", "any"]
 SCHEMES = ("open_clip", "timm", "preset")
 FORMS = (
@@ -183,6 +185,7 @@ def load_model(
     revision: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    patch_remainder: PatchRemainder | None = None,
 ) -> LoadedModel:
     """Resolve and load a model spec: the one resolver behind `load_encoder`, every command
     and `TrainConfig`'s `vision_init` / `init_model`.
@@ -201,18 +204,28 @@ def load_model(
         revision: Hub revision of a repo id.
         dtype: Floating dtype of the result (default float32).
         device: Where to put it.
+        patch_remainder: The image tower's policy for sides that are not a multiple of the
+            patch stride (`VisionConfig.patch_remainder`): `error` or `drop` (floor the grid).
+            Default: what the source's converter sets, its reference's behaviour (every HF
+            family, timm and open_clip floor; a preset or our own save keeps its config's).
 
     Returns:
         A `LoadedModel` in eval mode.
 
     Raises:
-        ValueError: A spec that does not fit `need`, overrides for a non-preset, a bad override.
+        ValueError: A spec that does not fit `need`, overrides for a non-preset, a bad override,
+            an unknown `patch_remainder`, or `patch_remainder='error'` for a tower whose
+            native size is not a multiple of its patch stride.
         FileNotFoundError: No such directory, missing files, or a hub id not cached offline.
         WeightsError: Weights that do not fit.
     """
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     if overrides and spec.scheme != "preset":
         raise ValueError(f"overrides apply to preset: models only; {spec.text!r} is not a preset")
+    if patch_remainder is not None and patch_remainder not in PATCH_REMAINDERS:
+        raise ValueError(f"patch_remainder={patch_remainder!r} is not one of {', '.join(PATCH_REMAINDERS)}")
+    if patch_remainder is not None and spec.scheme == "preset":  # before the preset's config is checked
+        overrides = {**(overrides or {}), "patch_remainder": patch_remainder}
     kind = model_kind(spec, revision)
     if need == "contrastive" and kind != "contrastive" or need == "vision" and kind == "text":
         what = f"{command} takes" if command else "expected"
@@ -244,6 +257,8 @@ def load_model(
         loaded = _load_directory(spec, kind, checkpoint, revision)
     if loaded.vision is not None:
         loaded.vision.source_info = loaded.info
+        if patch_remainder is not None and spec.scheme != "preset":
+            loaded.vision.config = loaded.vision.config.replace(patch_remainder=patch_remainder)
     loaded.model.to(device=device, dtype=dtype)
     return loaded
 
