@@ -13,7 +13,8 @@ The family is chosen explicitly, never guessed from the weights:
       `llava`, `llava_next`                   -> the tower named by `vision_config.model_type`,
                                                  keys under `vision_tower.` / `model.vision_tower.`
   * `open_clip:ARCH` -> `converters.open_clip_vit.load_open_clip(ARCH, checkpoint)`
-  * `timm:NAME`      -> `converters.timm_vit.load_timm(NAME, checkpoint)`
+  * `timm:NAME`      -> `converters.timm_vit.load_timm(NAME, checkpoint)`, or for a model of timm's
+                        `eva.py` (EVA02, PE, DINOv3) `converters.timm_eva.load_timm_eva`
 
 Weights are read from safetensors (single or sharded) or, when a repo has none, from
 `pytorch_model.bin` with `torch.load(weights_only=True)`. No code from a repo is ever run
