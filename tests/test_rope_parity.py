@@ -239,6 +239,7 @@ def test_packed_rope_tower_equals_per_image(case, tmp_path):
             torch.testing.assert_close(got.pooled, alone.pooled, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # ~13 s on 2 shared cores: extract and viz each start a full command
 def test_extract_and_viz_on_a_saved_dinov3(tmp_path):
     from PIL import Image
 
