@@ -60,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="larger images are recorded as failures (default PIL's decompression-bomb limit)")
     parser.add_argument("--device", default=None, help="torch device (default: the process's accelerator)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--wait-lock", action="store_true",
+                        help="if another run is writing --out, wait for it to finish (default: refuse to start)")
     parser.set_defaults(func=run)
 
 
@@ -87,10 +89,19 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         device=args.device,
         progress=not args.no_progress,
+        wait_lock=args.wait_lock,
     )
     summary = run_extraction(config)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         print(summary, file=sys.stderr if not summary.complete else sys.stdout)
-    return 0 if summary.complete else 1
+        if summary.rows_nonfinite:
+            print(f"warning: {summary.rows_nonfinite} rows gave non-finite features (inf/NaN) in {config.dtype} and "
+                  "are recorded as failures in failures.jsonl, not stored; extract with --dtype bf16 or fp32",
+                  file=sys.stderr)
+        if summary.all_failed:
+            print(f"vlm-encoder extract: error: every one of the {summary.total_rows} images failed, none has "
+                  f"features; e.g. {summary.first_failure}", file=sys.stderr)
+            return 1
+    return 0 if summary.complete and not summary.all_failed else 1

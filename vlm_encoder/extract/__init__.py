@@ -5,7 +5,7 @@ See docs/extraction.md."""
 from .config import KINDS, ExtractConfig
 from .runner import ExtractSummary, run_extraction
 from .sources import open_image_source
-from .store import CachedFeatures, FeatureColumn, FeatureStore
+from .store import CachedFeatures, FeatureColumn, FeatureStore, ShardReadError
 
 __all__ = [
     "KINDS",
@@ -14,6 +14,7 @@ __all__ = [
     "ExtractSummary",
     "FeatureColumn",
     "FeatureStore",
+    "ShardReadError",
     "open_image_source",
     "run_extraction",
 ]

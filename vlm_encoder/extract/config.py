@@ -60,6 +60,8 @@ class ExtractConfig(ConfigMixin):
         num_workers: DataLoader worker processes decoding images (does not change the output).
         device: Torch device; default the process's accelerator (`accelerate.PartialState`).
         progress: Show a progress bar on the main process.
+        wait_lock: When another run holds `out` (its lock, see `vlm_encoder.locks`), wait for
+            it to finish instead of refusing to start.
     """
 
     model: str
@@ -85,6 +87,7 @@ class ExtractConfig(ConfigMixin):
     num_workers: int = at_least(0, 2)
     device: str | None = None
     progress: bool = True
+    wait_lock: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731

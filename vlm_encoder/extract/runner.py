@@ -4,17 +4,25 @@ Per process (rank `r` of `W`, from `accelerate.PartialState`): take the shards `
 `k % W == r` that are missing or fail their checksum, decode and preprocess their rows in
 DataLoader workers, encode them in batches (never crossing a shard), and write each shard
 as soon as its last row is encoded (in a writer thread, so encoding goes on meanwhile).
-Rows that fail to decode are recorded with the reason and left out of the shard.
+Rows that fail to decode, and rows whose features come out non-finite (an fp16 overflow), are
+recorded with the reason and left out of the shard.
+
+One run per `out`: the run holds the directory's lock (`vlm_encoder.locks`) from before it reads
+the manifest until its summary; a second run is refused with the holder's pid, host and
+command, or waits (`wait_lock`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,17 +30,21 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..encoder import VisionEncoder
+from ..locks import hold_directory
 from ..processing import ImageLoadError, ImageProcessor, load_image
 from .config import IMAGE_KINDS, ExtractConfig
 from .model import build_encoder, build_processor, describe_model
 from .shards import (
+    FAILURES_NAME,
     FORMAT,
+    NONFINITE_REASON,
     ROW_IDS,
     ShardLayout,
     check_fingerprint,
     finalize_manifest,
     read_manifest,
     remove_stale_temporaries,
+    retryable,
     valid_sidecar,
     write_json_atomic,
     write_shard,
@@ -58,6 +70,9 @@ class ExtractSummary:
         shards_kept: Shards found intact and kept.
         seconds: Wall time of the run (model loading, checks and extraction; the slowest process).
         extract_seconds: Of which decoding, encoding and writing this run's shards.
+        rows_nonfinite: Of the failed rows, those whose features were not finite (inf/NaN).
+        rows_retryable: Of the failed rows, those a rerun retries once their file is there.
+        first_failure: One failed row and its reason, for messages (empty without failures).
     """
 
     out: str
@@ -70,6 +85,14 @@ class ExtractSummary:
     shards_kept: int
     seconds: float
     extract_seconds: float = 0.0
+    rows_nonfinite: int = 0
+    rows_retryable: int = 0
+    first_failure: str = ""
+
+    @property
+    def all_failed(self) -> bool:
+        """Every row of the dataset failed: the store holds no features."""
+        return self.complete and self.rows_written == 0 and self.rows_failed > 0
 
     @property
     def images_per_second(self) -> float:
@@ -215,6 +238,7 @@ class _ShardAssembler:
         part["failures"] += [
             {"row": row, "name": self.source.name(row), "reason": reason} for row, reason in batch["failures"]
         ]
+        part["failures"].sort(key=lambda f: f["row"])
         if part["seen"] == len(self.layout.rows(shard)):
             self._write(shard, self.parts.pop(shard))
 
@@ -266,6 +290,13 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
     """
     started = time.perf_counter()
     state = _process_state(config.device)
+    hint = "pass --wait-lock to wait for it, or choose another --out"
+    with hold_directory(config.out, state, what="extraction", hint=hint, wait=config.wait_lock):
+        return _extract(config, state, started)
+
+
+def _extract(config: ExtractConfig, state: Any, started: float) -> ExtractSummary:
+    """`run_extraction`, under the lock of `config.out`."""
     rank, world = state.process_index, state.num_processes
     device = torch.device(config.device) if config.device else state.device
     out = config.out
@@ -309,6 +340,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
 
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)  # of killed runs: this run holds the lock and writes nothing yet
         if read_manifest(out) is None:
             manifest = {
                 "format": FORMAT,
@@ -330,7 +362,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
     check_fingerprint(out, manifest, fingerprint)
 
     mine = layout.shards_of_rank(rank, world)
-    todo = [k for k in mine if valid_sidecar(out, k, layout.rows(k)) is None]
+    todo = [k for k in mine if _needs_work(out, k, layout, source)]
     rows_todo = sum(len(layout.rows(k)) for k in todo)
     loop_started = time.perf_counter()
     if todo:
@@ -349,6 +381,7 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
                     if prepare is None:
                         pixels = pixels.to(device=device, dtype=config.torch_dtype, non_blocking=True)
                     features = {k: v.to("cpu") for k, v in plan(encoder, pixels).items()}
+                    features = _drop_nonfinite(batch, features, config.dtype)
                 assembler.add(batch, features)
                 bar.update(len(batch["rows"]))
         finally:
@@ -375,7 +408,59 @@ def run_extraction(config: ExtractConfig) -> ExtractSummary:
         shards_kept=int(kept),
         seconds=seconds,
         extract_seconds=extract_seconds,
+        rows_nonfinite=final.get("rows_nonfinite", 0),
+        rows_retryable=final.get("rows_retryable", 0),
+        first_failure=_first_failure(out),
     )
+
+
+def _needs_work(out: Path, shard: int, layout: ShardLayout, source: ImageSource) -> bool:
+    """A shard is (re)done when its file is missing or fails its checksum, or when one of its
+    failed rows failed for a reason that can go away (a missing file) and its file is there now."""
+    sidecar = valid_sidecar(out, shard, layout.rows(shard))
+    if sidecar is None:
+        return True
+    for failure in sidecar.get("failures", []):
+        if retryable(failure["reason"]):
+            try:
+                data = source.read(failure["row"])
+            except OSError:
+                continue
+            if isinstance(data, str) and os.path.isfile(data):
+                return True
+    return False
+
+
+def _drop_nonfinite(batch: dict[str, Any], features: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Leave out the rows whose features hold inf or NaN, recording them as failures of `batch`."""
+    rows = batch["ok_rows"]
+    counts = features.get(NUM_PATCHES)  # variable resolution: patches are (sum N_i, D)
+    ragged = lambda key: counts is not None and key.endswith(".patch")  # noqa: E731
+    bad = torch.zeros(len(rows), dtype=torch.bool)
+    for key, value in features.items():
+        if not value.is_floating_point():
+            continue
+        finite = value.isfinite().reshape(value.shape[0], -1).all(1)
+        if ragged(key):
+            finite = torch.stack([part.all() for part in finite.split(counts.tolist())])
+        bad |= ~finite
+    if not bad.any():
+        return features
+    keep = ~bad
+    hint = "an activation overflowed: use --dtype bf16 or fp32" if dtype == "fp16" else "the model gives inf/NaN"
+    reason = f"{NONFINITE_REASON} from the encoder in {dtype}; {hint}"
+    batch["failures"] = batch["failures"] + [(row, reason) for row, b in zip(rows, bad.tolist()) if b]
+    batch["ok_rows"] = [row for row, b in zip(rows, bad.tolist()) if not b]
+    return {k: v[keep.repeat_interleave(counts)] if ragged(k) else v[keep] for k, v in features.items()}
+
+
+def _first_failure(out: Path) -> str:
+    try:
+        with open(out / FAILURES_NAME) as handle:
+            first = json.loads(handle.readline() or "{}")
+    except (OSError, ValueError):
+        return ""
+    return f"row {first['row']} ({first.get('name')}): {first['reason']}" if first else ""
 
 
 def _reduce(world: int, values: tuple[float, ...], op: str) -> list[float]:

@@ -11,6 +11,10 @@ whatever the batch size, worker count or number of processes, so a resumed run r
 the shards whose file is missing or does not match its sidecar's checksum. A shard file is
 written to a temporary file, fsynced and renamed into place; its sidecar is written (the same
 way) only after, so a sidecar always describes a complete file.
+
+A failed row is kept failed by a rerun when its reason cannot go away (not an image, truncated,
+non-finite features), and retried when it can (`retryable`: the file was missing or could not
+be read, and is there now).
 """
 
 from __future__ import annotations
@@ -184,11 +188,22 @@ def check_fingerprint(out: Path, manifest: dict[str, Any], fingerprint: dict[str
         )
 
 
+# Reasons of failures that can go away: a rerun retries the row once its file is there.
+RETRYABLE_REASONS = ("no such file", "cannot be read")
+NONFINITE_REASON = "non-finite features (inf/NaN)"
+
+
+def retryable(reason: str) -> bool:
+    """Whether a failure's reason can go away (a missing or unreadable file), so a rerun retries it."""
+    return reason.startswith(RETRYABLE_REASONS)
+
+
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete the temporary shard files that interrupted writes left (`.shard-*.tmp`, from a
-    process killed between creating and renaming one). Call it only when no process of the
-    run is writing. Returns the files removed."""
-    stale = sorted(out.glob(".shard-*.tmp"))
+    """Delete the temporary files that interrupted writes left (a shard, a sidecar, the
+    manifest or `failures.jsonl` of a process killed between creating and renaming one). Call
+    it only when no process writes the store (the run holds the directory's lock and its
+    processes are not writing). Returns the files removed."""
+    stale = sorted({*out.glob(".shard-*.tmp"), *out.glob(f".{MANIFEST_NAME}.*.tmp"), *out.glob(f".{FAILURES_NAME}.*.tmp")})
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -216,6 +231,8 @@ def finalize_manifest(out: Path, manifest: dict[str, Any], layout: ShardLayout) 
         complete=len(shards) == layout.num_shards,
         rows_written=sum(s["rows_written"] for s in shards),
         rows_failed=sum(s["rows_failed"] for s in shards),
+        rows_nonfinite=sum(f["reason"].startswith(NONFINITE_REASON) for f in failures),
+        rows_retryable=sum(retryable(f["reason"]) for f in failures),
     )
     write_json_atomic(out / MANIFEST_NAME, manifest)
     return manifest

@@ -7,7 +7,11 @@ list file, row `i` of a dataset split, or image `i` of a builtin. `source.read(i
 
 A source error is not an image's failure: `read` raises when the source itself fails (a file
 that existed when the source was opened is gone, a dataset file cannot be read), and the run
-stops, instead of recording every remaining row as a failed image of a "complete" store.
+stops, instead of recording every remaining row as a failed image of a "complete" store. This
+holds for every source whose rows are files: a folder, a list file, and a `datasets` dataset
+whose image column holds paths (`imagefolder`, a table of file paths).
+
+File names need not be valid UTF-8: they are fingerprinted by their bytes (`surrogateescape`).
 """
 
 from __future__ import annotations
@@ -52,10 +56,7 @@ class FileListSource:
         """
         path = self.paths[row]
         if self.sizes[row] >= 0 and not os.path.exists(path):
-            raise FileNotFoundError(
-                f"dataset {self.spec!r}: {path} existed when the run started and is gone now; the dataset "
-                "changed or its storage went away during the run. Restore it and run the same command again."
-            )
+            raise _gone(self.spec, path)
         return path
 
     def name(self, row: int) -> str:
@@ -65,7 +66,7 @@ class FileListSource:
         """Spec, kind, size and a fingerprint of the row list (relative path and byte size of each file)."""
         digest = hashlib.sha256()
         for path, size in zip(self.paths, self.sizes):
-            digest.update(f"{os.path.relpath(path, self.root)}\0{size}\n".encode())
+            digest.update(f"{os.path.relpath(path, self.root)}\0{size}\n".encode("utf-8", "surrogateescape"))
         return {"spec": self.spec, "kind": self.kind, "rows": len(self), "fingerprint": digest.hexdigest()}
 
 
@@ -96,20 +97,39 @@ class DatasetSource:
         self.kind = kind
         self.split = split
         self.image_column = image_column
+        # Byte size of each row's file when the source was opened (-1: missing then), for a
+        # column of paths; `None` when the images are stored in the dataset as bytes.
+        paths = _column_paths(self.dataset, image_column)
+        self.sizes = None if paths is None else [_file_size(self._resolve(p)) if p else -1 for p in paths]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _resolve(self, value: str) -> str:
+        path = Path(value).expanduser()  # a table of file paths: relative to the table's folder
+        return str(path if path.is_absolute() or self.root is None else self.root / path)
+
     def read(self, row: int) -> bytes | str:
+        """The row's encoded image, or its file's path.
+
+        Raises:
+            FileNotFoundError: The row's file existed when the source was opened and is gone
+                now (the folder moved, the storage unmounted).
+        """
         value = self.dataset[row][self.image_column]
         if value is None:
             return b""
-        if isinstance(value, str):  # a table of file paths: relative to the table's folder
-            path = Path(value).expanduser()
-            return str(path if path.is_absolute() or self.root is None else self.root / path)
-        if value.get("bytes"):
+        if isinstance(value, str):
+            path = self._resolve(value)
+        elif value.get("bytes"):
             return value["bytes"]
-        return value.get("path") or b""
+        else:
+            path = value.get("path") or ""
+            if not path:
+                return b""
+        if self.sizes is not None and self.sizes[row] >= 0 and not os.path.exists(path):
+            raise _gone(self.spec, path)
+        return path
 
     def name(self, row: int) -> str:
         return f"{self.split}[{row}]"
@@ -168,6 +188,31 @@ class BuiltinImageSource:
 
 
 ImageSource = FileListSource | DatasetSource | BuiltinImageSource
+
+
+def _gone(spec: str, path: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"dataset {spec!r}: {path} existed when the run started and is gone now; the dataset "
+        "changed or its storage went away during the run. Restore it and run the same command again."
+    )
+
+
+def _column_paths(dataset: Any, column: str) -> list[str | None] | None:
+    """The file paths of an image column that holds paths (a `datasets.Image(decode=False)`
+    column without bytes, or a column of strings), or `None` when it holds encoded images.
+    Read through Arrow, without the images' bytes."""
+    from datasets import Image
+
+    if len(dataset) == 0:
+        return None
+    if not isinstance(dataset.features[column], Image):
+        first = dataset[0][column]
+        return list(dataset[column]) if isinstance(first, str) else None
+    first = dataset[0][column]
+    if first is None or first.get("bytes"):
+        return None
+    values = dataset.with_format("arrow")[:][column].combine_chunks()
+    return values.field("path").to_pylist()
 
 
 def _file_size(path: str) -> int:

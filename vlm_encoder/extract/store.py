@@ -4,6 +4,7 @@
     len(store), store.row_ids[:5], store.keys          # rows, dataset row ids, feature names
     store.get(17)                                        # every feature of dataset row 17
     store[-2, "cls"][100:200]                            # (100, D) CLS tokens of layer -2, by position
+    store[-2, "cls"][mask]                               # the rows where a boolean mask (n,) is True
     store.dataset(-2, "patch", labels=labels)            # a torch Dataset for training a projector
     store.to_hf_dataset(layers=[-1], kinds=["cls"]).to_parquet("feats.parquet")
 """
@@ -23,14 +24,52 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from .config import IMAGE_KINDS, LAYER_KINDS
-from .shards import FAILURES_NAME, ROW_IDS, file_sha256, read_manifest, shard_path
+from .shards import FAILURES_NAME, ROW_IDS, ShardLayout, file_sha256, read_manifest, read_sidecar, shard_path
+
+VERIFY_MODES = ("none", "read")
+_SHARD_FIELDS = ("shard", "file", "sha256", "bytes", "row_start", "row_stop", "rows_written", "rows_failed")
+
+
+class ShardReadError(OSError):
+    """A shard file that is missing, truncated, corrupt or changed since it was written (the
+    message names the file)."""
+
+
+def _positions(index: Any, n: int) -> Any:
+    """`index` as an int, a slice or a list of positions: a boolean mask (numpy, torch or a
+    list of bools, length `n`) becomes the positions of its True entries; tensors become
+    numpy. Anything else (floats, a mask of another length) is refused."""
+    if isinstance(index, torch.Tensor):
+        index = index.detach().cpu().numpy()
+    if isinstance(index, (int, np.integer)) and not isinstance(index, (bool, np.bool_)):
+        return int(index)
+    if isinstance(index, slice):
+        return index
+    if isinstance(index, (bool, np.bool_)):
+        raise TypeError("a single bool is not a row index; index with a boolean mask of one entry per row")
+    array = np.asarray(index)
+    if array.dtype == object or array.ndim != 1:
+        if array.size == 0:
+            return []
+        raise TypeError(f"index a column with an int, a slice, positions or a boolean mask (n,), not {type(index).__name__}"
+                        f" of shape {array.shape}")
+    if array.dtype == np.bool_:
+        if len(array) != n:
+            raise IndexError(f"boolean mask of length {len(array)} for a column of {n} rows")
+        return np.flatnonzero(array).tolist()
+    if array.size == 0:
+        return []
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"positions must be integers or a boolean mask, not {array.dtype}")
+    return array.tolist()
 
 
 class FeatureColumn:
     """One feature (`layer{b}.cls`, `pooled`, ...) over the store's rows, read on indexing.
 
     Index by position (`0 .. len(store)-1`, rows in dataset-row-id order): an int gives one
-    row's tensor, a slice or a sequence of positions a stacked tensor. The patches of a
+    row's tensor, a slice, a sequence of positions or a boolean mask of `len(store)` entries
+    (numpy, torch or a list; its True rows) a stacked tensor. The patches of a
     variable-resolution store (`--resolution native`, `--anyres`) are ragged: an int gives
     that image's `(N_i, D)`, a slice or sequence a list of them.
     """
@@ -53,9 +92,12 @@ class FeatureColumn:
         row = self.store.manifest["features"][self.key]["shape"]
         return (len(self.store), None, *row) if self.ragged else (len(self.store), *row)
 
-    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> torch.Tensor | list[torch.Tensor]:
-        if isinstance(index, (int, np.integer)):
-            position = self.store._position(int(index))
+    def __getitem__(
+        self, index: int | slice | Sequence[int] | Sequence[bool] | np.ndarray | torch.Tensor
+    ) -> torch.Tensor | list[torch.Tensor]:
+        index = _positions(index, len(self.store))
+        if isinstance(index, int):
+            position = self.store._position(index)
             shard, offset = self.store._locate(position)
             if self.ragged:
                 bounds = self.store._offsets(shard)
@@ -84,14 +126,21 @@ class FeatureStore:
 
     Args:
         path: The folder (`manifest.json`, `shard-*.safetensors`).
-        allow_incomplete: Read a store whose run has not finished (only the written shards);
+        allow_incomplete: Read a store whose run has not finished: every shard written so far
+            (found from the shards' sidecars, since the manifest lists them only at the end);
             by default an incomplete store is an error.
+        verify: `"read"`: check each shard's SHA-256 against the manifest the first time it
+            is read (a `ShardReadError` naming the file on a mismatch); `"none"` (default):
+            check only its size. `verify()` checks every shard at once.
 
     Attributes:
         manifest: The parsed `manifest.json` (model, layers, preprocessing, dtype, shards, ...).
     """
 
-    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False, verify: str = "none") -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify={verify!r} is not allowed; choose one of {', '.join(VERIFY_MODES)}")
+        self.verify_mode = verify
         self.path = Path(path)
         manifest = read_manifest(self.path)
         if manifest is None:
@@ -101,6 +150,8 @@ class FeatureStore:
                 f"{self.path} is incomplete ({len(manifest.get('shards', []))} of {manifest['num_shards']} shards): "
                 "run the same extract command again to finish it, or pass allow_incomplete=True"
             )
+        if not manifest.get("complete"):
+            manifest = dict(manifest, shards=self._written_shards(manifest))
         self.manifest = manifest
         self.shards = [s for s in manifest.get("shards", []) if s["rows_written"] > 0]
         self._starts = [0]
@@ -109,6 +160,24 @@ class FeatureStore:
         self._handles: dict[int, Any] = {}
         self._bounds: dict[int, np.ndarray] = {}
         self._row_ids: np.ndarray | None = None
+
+    def _written_shards(self, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+        """The shards of an unfinished run whose sidecar and file exist (a sidecar is written
+        only after its shard file is complete), with the file's size as the sidecar says."""
+        layout = ShardLayout(manifest["num_rows"], manifest["fingerprint"]["shard_size"])
+        shards = []
+        for k in range(layout.num_shards):
+            sidecar = read_sidecar(self.path, k)
+            rows = layout.rows(k)
+            if sidecar is None or (sidecar.get("row_start"), sidecar.get("row_stop")) != (rows.start, rows.stop):
+                continue
+            try:
+                if shard_path(self.path, k).stat().st_size != sidecar.get("bytes"):
+                    continue
+            except OSError:
+                continue
+            shards.append(dict({f: sidecar[f] for f in _SHARD_FIELDS}, failures=sidecar.get("failures", [])))
+        return shards
 
     # ---- what the store holds --------------------------------------------------------
     def __len__(self) -> int:
@@ -148,6 +217,8 @@ class FeatureStore:
     @property
     def failures(self) -> list[dict[str, Any]]:
         """Rows that failed: `{"row", "name", "reason", "shard"}`."""
+        if not self.manifest.get("complete"):  # failures.jsonl is written at the end: the sidecars' lists
+            return [dict(f, shard=s["shard"]) for s in self.manifest["shards"] for f in s.get("failures", [])]
         path = self.path / FAILURES_NAME
         if not path.exists():
             return []
@@ -262,8 +333,16 @@ class FeatureStore:
         return Path(path)
 
     def verify(self) -> list[str]:
-        """Recompute every shard's SHA-256; the files that do not match the manifest (empty when intact)."""
-        return [s["file"] for s in self.manifest["shards"] if file_sha256(self.path / s["file"]) != s["sha256"]]
+        """Recompute every shard's SHA-256; the files that are missing or do not match the
+        manifest (empty when intact)."""
+        bad = []
+        for s in self.manifest["shards"]:
+            try:
+                if file_sha256(self.path / s["file"]) != s["sha256"]:
+                    bad.append(s["file"])
+            except OSError:
+                bad.append(s["file"])
+        return bad
 
     # ---- reading ---------------------------------------------------------------------
     def _position(self, index: int) -> int:
@@ -278,8 +357,23 @@ class FeatureStore:
 
     def _handle(self, shard: int) -> Any:
         if shard not in self._handles:
-            path = shard_path(self.path, self.shards[shard]["shard"])
-            self._handles[shard] = safe_open(str(path), framework="pt")  # memory-mapped
+            info = self.shards[shard]
+            path = shard_path(self.path, info["shard"])
+            redo = "run the same extract command again to redo it"
+            try:
+                size = path.stat().st_size
+            except OSError as err:
+                raise ShardReadError(f"{path}: shard listed in the manifest cannot be read ({err.strerror}); {redo}") \
+                    from None
+            if size != info["bytes"]:
+                raise ShardReadError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or "
+                                     f"replaced); {redo}")
+            if self.verify_mode == "read" and file_sha256(path) != info["sha256"]:
+                raise ShardReadError(f"{path}: SHA-256 does not match the manifest (the file changed); {redo}")
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")  # memory-mapped
+            except Exception as err:  # safetensors raises its own error types, naming no file
+                raise ShardReadError(f"{path}: not a readable safetensors shard ({err}); {redo}") from None
         return self._handles[shard]
 
     def _offsets(self, shard: int) -> np.ndarray:
@@ -290,7 +384,12 @@ class FeatureStore:
         return self._bounds[shard]
 
     def _read(self, shard: int, key: str, start: int, stop: int) -> torch.Tensor:
-        return self._handle(shard).get_slice(key)[start:stop]
+        handle = self._handle(shard)
+        try:
+            return handle.get_slice(key)[start:stop]
+        except Exception as err:  # a file changed under the memory map
+            path = shard_path(self.path, self.shards[shard]["shard"])
+            raise ShardReadError(f"{path}: cannot read {key!r} ({err}); run the same extract command again") from None
 
     def _empty(self, key: str) -> torch.Tensor:
         info = self.manifest["features"][key]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..contrastive import ContrastiveModel
 from ..determinism import batch_invariance
+from ..locks import hold_directory
 from . import checkpoint as ckpt
 from .batches import PairBatch, PairBatches, batch_loader
 from .config import TrainConfig
@@ -143,6 +144,13 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to `total_steps` (resuming first when the run directory holds a checkpoint),
         evaluate, export the towers, write the plots."""
+        # One run per output_dir (vlm_encoder.locks): a second one is refused, naming this one.
+        with hold_directory(self.run_dir, self.accelerator, what="training run",
+                            hint="wait for it to finish, or choose another output_dir"):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
+        """`fit`, holding the lock of the run directory."""
         acc, c, parts = self.accelerator, self.config, self.parts
         start = time.perf_counter()
         resumed, loader = self._start()

@@ -1,0 +1,176 @@
+"""One run per output directory: an exclusive lock held for the whole run.
+
+    with hold_directory(out, state, wait=False):   # state: accelerate's PartialState / Accelerator
+        ...                                        # only this run writes `out`
+
+The lock is `fcntl.flock` on `DIR/.lock`, a file kept open for the run. The kernel releases it
+when the holder's process ends, however it ends (SIGKILL, OOM killer), so taking over the lock
+of a dead run is the same race-free system call as taking a free one: there is no stale-lock
+heuristic, no pid check, no deletion. The file is never deleted (deleting a lock file lets two
+runs lock two different inodes). Inside, the holder writes its pid, host, start time and
+command, for the message that refuses a second run.
+
+Processes that `fork` (DataLoader workers) close their copy of the descriptor, so an orphaned
+worker of a killed run never keeps its lock. Under `accelerate launch` / `torchrun` the main
+process takes the lock for the whole launch; the others learn the outcome from it, so a refused
+launch fails on every process at once, none waiting on the others.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = ".lock"
+_HELD: set[int] = set()  # descriptors this process holds a lock through
+
+
+def _close_in_child() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+class DirectoryInUseError(OSError):
+    """Another run holds the directory's lock (the message names it)."""
+
+
+class DirectoryLock:
+    """The exclusive lock of one directory (see the module docstring).
+
+    Args:
+        directory: The output directory (created when missing).
+        what: What the run is, for messages (`extraction`, `training run`).
+        hint: What to do instead, appended to the refusal.
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str = "run", hint: str = "") -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.what = what
+        self.hint = hint
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, wait: bool = False, timeout: float | None = None, poll_s: float = 0.2) -> DirectoryLock:
+        """Take the lock, or raise `DirectoryInUseError` naming the holder.
+
+        Args:
+            wait: Wait for the holder to finish instead of raising (a message says so, once).
+            timeout: With `wait`, give up after this many seconds (default: wait forever).
+            poll_s: With `wait`, seconds between attempts.
+        """
+        if self._fd is not None:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        announced = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    message = self._refusal(fd)
+                    if not wait or (deadline is not None and time.monotonic() >= deadline):
+                        raise DirectoryInUseError(f"{message}; {self.hint}" if self.hint else message) from None
+                    if not announced:
+                        print(f"{message}; waiting for it to finish", file=sys.stderr, flush=True)
+                        announced = True
+                    time.sleep(poll_s)
+        except BaseException:
+            os.close(fd)
+            raise
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
+                  "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join(sys.argv)[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+        _HELD.add(fd)
+        return self
+
+    def release(self) -> None:
+        """Release the lock (the file stays; its holder record is cleared)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        _HELD.discard(fd)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _refusal(self, fd: int) -> str:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        who = (f"{holder.get('what', 'a run')} pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+               f"since {holder.get('started', '?')} ({holder.get('command', '')})") if holder else "another process"
+        return f"{self.directory} is in use by {who}: one run per directory"
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            self.release()
+
+
+class hold_directory:  # noqa: N801 (used as a function / context manager)
+    """Lock `directory` for a (possibly multi-process) run: the main process takes the lock, and
+    every process raises `DirectoryInUseError` when it is refused.
+
+    Args:
+        directory: The output directory.
+        state: `accelerate.PartialState` or `Accelerator` of the run (`None`: one process).
+        what: What the run is, for messages.
+        hint: What to do instead, appended to the refusal.
+        wait: Wait for the holder to finish instead of raising.
+    """
+
+    def __init__(self, directory: str | os.PathLike, state: Any = None, what: str = "run", hint: str = "",
+                 wait: bool = False) -> None:
+        self.lock = DirectoryLock(directory, what, hint)
+        self.state = state
+        self.wait = wait
+
+    def __enter__(self) -> DirectoryLock:
+        main = self.state is None or self.state.is_main_process
+        error = ""
+        if main:
+            try:
+                self.lock.acquire(wait=self.wait)
+            except DirectoryInUseError as err:
+                error = str(err)
+        if self.state is not None and self.state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error], from_process=0)[0]
+        if error:
+            raise DirectoryInUseError(error if main else f"{error} (refused by the main process)")
+        return self.lock
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
