@@ -459,4 +459,25 @@ def label_indices(
     wrong = sorted({type(v).__name__ for v in values if isinstance(v, bool) or not isinstance(v, int)})
     if wrong:
         raise ValueError(f"{where}: labels must all be ints or all be strings, got {', '.join(wrong)}")
-    return [int(v) for v in values], class_names
+    labels = [int(v) for v in values]
+    check_class_names(labels, class_names, where)
+    return labels, class_names
+
+
+def check_class_names(labels: list[int] | None, class_names: tuple[str, ...] | None, where: str) -> None:
+    """Refuse class names that do not name every label: a label outside `range(len(class_names))`
+    could never be predicted, and zero-shot accuracy over the names would be measured over fewer
+    classes than the data has.
+
+    Raises:
+        ValueError: Naming the labels without a name and the number of names.
+    """
+    if labels is None or class_names is None:
+        return
+    outside = sorted({label for label in labels if not 0 <= label < len(class_names)})
+    if outside:
+        raise ValueError(
+            f"{where}: {len(class_names)} class_names {list(class_names)[:10]} do not name labels "
+            f"{outside[:10]}{' ...' if len(outside) > 10 else ''} (labels are indices into class_names); "
+            "give one name per class"
+        )

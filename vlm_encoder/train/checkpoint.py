@@ -15,7 +15,7 @@ It is written into `.step_XXXXXXXX.tmp/` and renamed into place, so a directory 
 `step_*` is complete; a crash leaves only a hidden temporary directory, which is ignored
 (and removed by the next save). Replacing an existing `step_*` (a re-run of the same step)
 first renames the old one aside (`.step_XXXXXXXX.old/`), so a crash never leaves a
-half-deleted `step_*`.
+half-deleted `step_*`; pruning beyond `keep` renames each old `step_*` away before deleting it.
 On resume, a file the manifest lists that is missing, of another size or another hash is an
 error naming it. A checkpoint without RNG or sampler state is refused unless the caller
 accepts a resume that is not exact (`allow_partial`).
@@ -89,6 +89,15 @@ def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def prune_checkpoint(path: Path) -> None:
+    """Delete a checkpoint: renamed away first (`.step_*.old`, a temporary the next save removes),
+    so a deletion killed midway never leaves a half-deleted `step_*` that fails verification."""
+    aside = path.with_name(f".{path.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
@@ -219,8 +228,8 @@ def save_checkpoint(
         _fsync_dir(directory)
         shutil.rmtree(old, ignore_errors=True)
         if keep is not None:
-            for old in list_checkpoints(directory)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            for pruned in list_checkpoints(directory)[:-keep]:
+                prune_checkpoint(pruned)
     barrier()
     return final
 

@@ -22,6 +22,19 @@ MIXED_PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
 DIGITS_TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "the number {}.")
 
+# What a resumed run may change from the config its checkpoint was saved with: the length of the
+# run, the schedule and the optimizer's hyperparameters (they take effect from the resumed step),
+# evaluation, logging and checkpointing, and how the run is executed. Any other difference (the
+# data, the model, the batch, the seed, the precision, ...) would not continue the same run, and
+# is refused before anything is written.
+RESUMABLE_FIELDS: frozenset[str] = frozenset({
+    "epochs", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "eps", "grad_clip",
+    "eval_data", "eval_split", "class_names", "templates", "eval_every", "eval_batch_size",
+    "log_every", "progress", "checkpoint_every", "keep_checkpoints", "output_dir",
+    "resume", "allow_partial_resume", "resume_fallback",
+    "accum_steps", "grad_checkpointing", "compile", "cpu", "num_workers",
+})
+
 
 @dataclass(frozen=True)
 class TrainConfig(ConfigMixin):

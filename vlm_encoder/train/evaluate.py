@@ -1,6 +1,10 @@
 """Evaluation of a contrastive model: zero-shot classification (class names x prompt templates)
 and image-to-text / text-to-image retrieval recall at 1, 5 and 10.
 
+Ties count against the model: a candidate scoring exactly as high as the right one ranks above
+it. Identical captions are embedded once (per process), so repeated captions (a class name as
+caption, as in digits) tie exactly: another image's identical caption is not a hit for this image.
+
 Under several processes each rank embeds a contiguous shard of the images (shards differ by
 at most one image; no padding, so no image is counted twice and no rank waits on a batch
 another lacks), then the embeddings are gathered and every rank scores the whole set.
@@ -18,6 +22,7 @@ from ..contrastive import ContrastiveModel
 from ..contrastive.distributed import gather_features, world
 from ..determinism import batch_invariance
 from ..processing import ImageProcessor
+from ..specs.data import check_class_names
 from .batches import ImageReader
 from .sources import PairSource
 
@@ -67,7 +72,8 @@ def embed_source(
     rank, world_size = world()
     reader = ImageReader(source, processor)
     mine = list(shard(len(source), rank, world_size))
-    images, index, texts, owners, skipped = [], [], [], [], 0
+    images, index, owners, skipped = [], [], [], 0
+    unique, row_of_caption, texts = [], {}, []  # each distinct caption embedded once; rows per caption
     bar = tqdm(total=len(mine), desc="eval", unit="img", disable=not progress or rank != 0, dynamic_ncols=True,
                leave=False)
     for start in range(0, len(mine), batch_size):
@@ -77,9 +83,13 @@ def embed_source(
         if not kept:
             continue
         captions = [(i, c) for i in kept for c in source.captions(i)]
-        tokens = tokenizer([c for _, c in captions])
+        new = list(dict.fromkeys(c for _, c in captions if c not in row_of_caption))
+        if new:
+            tokens = tokenizer(new)
+            unique.append(model.encode_text(tokens.input_ids.to(device), tokens.attention_mask.to(device)).float())
+            row_of_caption.update({c: len(row_of_caption) + k for k, c in enumerate(new)})
         images.append(model.encode_image(pixels.to(device)).float())
-        texts.append(model.encode_text(tokens.input_ids.to(device), tokens.attention_mask.to(device)).float())
+        texts.extend(row_of_caption[c] for _, c in captions)
         index.append(torch.tensor(kept, device=device))
         owners.append(torch.tensor([i for i, _ in captions], device=device))
     bar.close()
@@ -87,7 +97,7 @@ def embed_source(
     cat = lambda parts, shape, dtype: torch.cat(parts) if parts else torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
     image_embeds = _gather(cat(images, (0, width), torch.float32))
     image_index = _gather(cat(index, (0,), torch.long))
-    text_embeds = _gather(cat(texts, (0, width), torch.float32))
+    text_embeds = _gather(cat(unique, (0, width), torch.float32)[torch.tensor(texts, dtype=torch.long, device=device)])
     text_owner_index = _gather(cat(owners, (0,), torch.long))
     skipped = int(_gather(torch.tensor([skipped], device=device)).sum())
     # Rows are in rank order = dataset order (contiguous shards); map owners to rows.
@@ -119,7 +129,9 @@ def retrieval_recall(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_owner: torch.Tensor, ks: Sequence[int] = RECALL_AT
 ) -> dict[str, float]:
     """Recall at k of image-to-text (an image is found if any of its captions ranks in the top
-    k) and text-to-image (a caption finds its image in the top k).
+    k) and text-to-image (a caption finds its image in the top k). Ties count against the
+    model: another candidate scoring exactly as high as the right one ranks above it (a
+    constant model scores 0, not 1).
 
     Args:
         image_embeds: `(N, E)` normalised.
@@ -131,11 +143,13 @@ def retrieval_recall(
     n_images, n_texts = sims.shape
     # text -> image: rank of the true image among all images.
     true_t2i = sims[text_owner, torch.arange(n_texts)]  # (M,)
-    t2i_rank = (sims > true_t2i.unsqueeze(0)).sum(dim=0)  # images scoring above the true one
+    other_image = torch.ones_like(sims, dtype=torch.bool)
+    other_image[text_owner, torch.arange(n_texts)] = False
+    t2i_rank = ((sims >= true_t2i.unsqueeze(0)) & other_image).sum(dim=0)  # other images scoring as high or higher
     # image -> text: best rank among the image's own captions.
     own = text_owner.unsqueeze(0) == torch.arange(n_images, device=sims.device).unsqueeze(1)  # (N, M)
     best_own = sims.masked_fill(~own, float("-inf")).max(dim=1).values  # (N,)
-    i2t_rank = (sims.masked_fill(own, float("-inf")) > best_own.unsqueeze(1)).sum(dim=1)
+    i2t_rank = ((sims >= best_own.unsqueeze(1)) & ~own).sum(dim=1)  # others' captions as high or higher
     for k in ks:
         metrics[f"i2t_R@{k}"] = (i2t_rank < k).float().mean().item()
         metrics[f"t2i_R@{k}"] = (t2i_rank < k).float().mean().item()
@@ -157,8 +171,11 @@ def evaluate(
     """Zero-shot accuracy (when the source has labels and class names) and retrieval recall
     (`progress`: a bar over the images on rank 0).
 
+    Raises:
+        ValueError: Labels that `class_names` do not name (`specs.data.check_class_names`).
+
     Returns:
-        `zero_shot_top1`, `zero_shot_top5` (if labelled), `i2t_R@k`, `t2i_R@k` for k in 1, 5,
+        `zero_shot_top1`, `zero_shot_top5` (if labelled; top-5 with more than 5 classes), `i2t_R@k`, `t2i_R@k` for k in 1, 5,
         10, and `num_images`, `num_captions`, `skipped_images`.
     """
     was_training = model.training
@@ -168,11 +185,13 @@ def evaluate(
         metrics: dict[str, float] = {}
         labels, names = getattr(source, "labels", None), getattr(source, "class_names", None)
         if labels is not None and names and templates:
+            check_class_names(list(labels), tuple(names), getattr(source, "name", "the evaluation source"))
             logits = zero_shot_logits(model, embeds.image_embeds, names, templates, tokenizer)
             target = torch.tensor(labels, device=logits.device)[embeds.image_index]
             top = logits.topk(min(5, len(names)), dim=1).indices
             metrics["zero_shot_top1"] = (top[:, 0] == target).float().mean().item()
-            metrics["zero_shot_top5"] = (top == target.unsqueeze(1)).any(dim=1).float().mean().item()
+            if len(names) > 5:  # with 5 classes or fewer a top-5 is every class: always 1
+                metrics["zero_shot_top5"] = (top == target.unsqueeze(1)).any(dim=1).float().mean().item()
         metrics.update(retrieval_recall(embeds.image_embeds, embeds.text_embeds, embeds.text_owner))
         metrics["num_images"] = int(embeds.image_embeds.shape[0])
         metrics["num_captions"] = int(embeds.text_embeds.shape[0])

@@ -17,6 +17,7 @@ Run directory:
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.accelerator.is_main_process,
                               tensorboard_dir=self.run_dir / "tensorboard")
-        self.checkpoints = RunCheckpoints(self.parts, self.checkpoint_dir, self.log)
+        self.checkpoints = RunCheckpoints(self.parts, self.checkpoint_dir)
         self.progress = Progress()
         self.feature_cache: ImageFeatureCache | None = None
 
@@ -143,7 +144,12 @@ class Trainer:
     @batch_invariance("off")  # training needs no bitwise batch invariance: batched CPU kernels
     def fit(self) -> TrainResult:
         """Train to `total_steps` (resuming first when the run directory holds a checkpoint),
-        evaluate, export the towers, write the plots."""
+        evaluate, export the towers, write the plots.
+
+        Raises:
+            ValueError: A config change a resume refuses; or every step was skipped (no
+                readable image, non-finite losses): nothing is exported.
+            OSError: `checkpoints/` is not a writable directory (before the first step)."""
         # One run per output_dir (vlm_encoder.locks): a second one is refused, naming this one.
         with hold_directory(self.run_dir, self.accelerator, what="training run",
                             hint="wait for it to finish, or choose another output_dir"):
@@ -186,6 +192,14 @@ class Trainer:
             if c.eval_every and step % c.eval_every == 0 and step < parts.total_steps:
                 self.evaluate()
         bar.close()
+        if progress.step and len(progress.skipped_steps) >= progress.step:
+            self.log.close()
+            reasons = sorted({r["reason"] for r in self.log.records if r["kind"] == "skipped_step"})
+            raise ValueError(
+                f"every one of the run's {progress.step} steps was skipped ({'; '.join(reasons) or 'see metrics.jsonl'}, "
+                f"{progress.skipped_images} unreadable images): the model is untrained, so nothing was exported; "
+                f"check the data (the skipped_step / skipped_image records in {self.log.path})"
+            )
         if saved_at != progress.step:
             self.checkpoints.save(progress)
         metrics = self.evaluate()
@@ -202,14 +216,10 @@ class Trainer:
         cache, and open the loader at the next batch with the checkpoint's RNG state."""
         acc, c, parts = self.accelerator, self.config, self.parts
         candidates = self.checkpoints.candidates()  # refuses resume=never before anything is written
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            c.save(self.run_dir / "config.yaml")
-        resumed = self.checkpoints.resume(candidates)
+        resumed = self.checkpoints.resume(candidates)  # refuses a changed config before anything is written
         self.progress = resumed.progress
-        if resumed.path is not None and acc.is_main_process:
-            print(f"resuming from {resumed.path} at step {self.progress.step} of {parts.total_steps}",
-                  file=sys.stderr, flush=True)
+        if acc.is_main_process:
+            self._open_run_dir(resumed)
         check_finite_parameters(parts, resumed.path)
         if parts.use_feature_cache:
             self.feature_cache = cache_image_features(parts, self.log, self.progress.step)
@@ -220,6 +230,25 @@ class Trainer:
         if resumed.rng is not None:  # after the loader exists: it is the RNG state the checkpoint saw
             ckpt.restore_rng(resumed.rng)
         return resumed, loader
+
+    def _open_run_dir(self, resumed: Resumed) -> None:
+        """The main process's writes before the first step: `checkpoints/` checked writable (not
+        found out at the first save, after training), `config.yaml` as this run runs, and the
+        metrics log cut back to the resumed step (a run started over keeps no record of the
+        interrupted one; a torn last line goes too), then what the resume did is logged."""
+        c, step = self.config, resumed.progress.step
+        check_writable(self.checkpoint_dir)
+        c.save(self.run_dir / "config.yaml")
+        self.log.cut_after(step if resumed.path is not None else None)
+        for name, reason in resumed.skipped:
+            self.log.write("resume_fallback", step, checkpoint=name, reason=reason)
+        if resumed.path is None:
+            return
+        changed = {name: {"old": old, "new": new} for name, (old, new) in resumed.changes.items()}
+        self.log.write("resume", step, checkpoint=resumed.path.name, changed=changed)
+        said = "".join(f"; {name} {old!r} -> {new!r}" for name, (old, new) in resumed.changes.items())
+        print(f"resuming from {resumed.path} at step {step} of {self.parts.total_steps}{said}",
+              file=sys.stderr, flush=True)
 
     def evaluate(self) -> dict[str, float]:
         """Zero-shot and retrieval metrics on the evaluation source, logged (empty without one)."""
@@ -240,6 +269,21 @@ class Trainer:
             self.model.text.save_pretrained(out / "text")
         self.accelerator.wait_for_everyone()
         return out
+
+
+def check_writable(directory: Path) -> None:
+    """Create `directory` if needed and write (then remove) a file in it.
+
+    Raises:
+        OSError: It is a file, or cannot be created or written; the message names it.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        what = "is a file, not a directory" if directory.is_file() else f"is not writable ({err.strerror or err})"
+        raise OSError(f"{directory} {what}: checkpoints could not be saved; fix it or choose another output_dir") from None
 
 
 def train(config: TrainConfig, **kwargs: Any) -> TrainResult:

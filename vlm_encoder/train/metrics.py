@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..pretrained import write_atomic
+
 
 class MetricsLog:
     """Append-only metrics of a run.
@@ -53,14 +55,41 @@ class MetricsLog:
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
         return record
 
+    def cut_after(self, step: int | None) -> None:
+        """Keep only the records of steps up to `step` (`None`: none), atomically: a resumed run
+        replays the steps after its checkpoint, a run started over replays them all, so the
+        records of the interrupted run's later steps (and a torn last line) go."""
+        if not self.enabled:
+            return
+        kept = [] if step is None else [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        if kept or self.path.exists():
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self.records = [r for r in self.records if step is not None and r.get("step", 0) <= step]
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a `metrics.jsonl`."""
+    """All records of a `metrics.jsonl`. A torn last line (a write cut short by a full disk or a
+    power cut) is left out; any other line that is not a JSON object is an error naming the file
+    and the line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break  # the torn last line
+            raise ValueError(f"{path} line {number} is not a JSON record ({err}): {line[:80]!r}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {number} is not a JSON object: {line[:80]!r}")
+        records.append(record)
+    return records

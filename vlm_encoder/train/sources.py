@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..processing import ImageLoadError, load_image
-from ..specs.data import label_indices, load_split, parse_data_spec
+from ..specs.data import check_class_names, label_indices, load_split, parse_data_spec
 
 
 class PairSource(Protocol):
@@ -160,6 +160,7 @@ def open_pair_source(
     if data.kind == "builtin":
         source = loaded.builtin
         if class_names is not None:
+            check_class_names(source.labels, tuple(class_names), f"{spec}[{split}]")
             source.class_names = tuple(class_names)
         return source
     return HFSource(loaded.dataset, f"{spec}[{loaded.split}]", image_column, text_column, label_column,
