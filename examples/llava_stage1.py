@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, pre_tokenizers
+from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from projectors import Projector, build_projector
@@ -150,7 +151,7 @@ def pretrain_lm(lm: LlamaForCausalLM, tokenizer, cfg: Stage1Config, context_leng
     optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr)
     embed = lm.get_input_embeddings()
     lm.train()
-    for _ in range(cfg.lm_steps):
+    for _ in tqdm(range(cfg.lm_steps), desc="LM pretraining", dynamic_ncols=True):
         _, captions = sample_batch(cfg.batch_size, rng, draw=False)
         ids, labels = encode_batch(tokenizer, captions, [tokenizer.pad_token_id] * context_length)
         labels[:, 1 : 1 + context_length] = -100
@@ -181,13 +182,13 @@ def train_projector(vlm: VisionLanguageModel, tokenizer, cfg: Stage1Config, rng:
     assert all(p is q for p, q in zip(trainable, vlm.projector.parameters())), "only the projector trains"
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
     vlm.train()
-    for step in range(1, cfg.projector_steps + 1):
+    for step in tqdm(range(1, cfg.projector_steps + 1), desc="projector", dynamic_ncols=True):
         loss = caption_loss(vlm, tokenizer, sample_batch(cfg.batch_size, rng), prefix)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % max(1, cfg.projector_steps // 5) == 0:
-            print(f"  step {step:4d}  caption loss {loss.item():.3f}")
+            tqdm.write(f"  step {step:4d}  caption loss {loss.item():.3f}")
     vlm.eval()
     with torch.no_grad():
         after = caption_loss(vlm, tokenizer, held_out, prefix).item()

@@ -22,15 +22,16 @@ from vlm_encoder.train import TrainConfig, train
 CONFIG = Path(__file__).resolve().parent / "configs" / "digits.yaml"
 
 
-def run_digits_demo(out_dir: str | Path, overrides: list[str] | None = None) -> dict:
-    """Train on `builtin:digits` into `out_dir` (a fresh run; an existing one is resumed).
+def run_digits_demo(out_dir: str | Path, overrides: list[str] | None = None, progress: bool = True) -> dict:
+    """Train on `builtin:digits` into `out_dir` (a fresh run; an existing one is resumed), with a
+    progress bar unless `progress` is false, on the caller's torch threads.
 
     Returns:
         `zero_shot_top1` (held-out accuracy), the other evaluation metrics, `seconds`, `steps`,
         `plots` (PNG paths) and `run_dir`.
     """
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    config = TrainConfig.from_yaml(CONFIG).with_overrides([f"output_dir={out_dir}", "progress=false", *(overrides or [])])
+    settings = [f"output_dir={out_dir}", f"progress={str(progress).lower()}", *(overrides or [])]
+    config = TrainConfig.from_yaml(CONFIG).with_overrides(settings)
     start = time.perf_counter()
     result = train(config)
     plots = sorted(str(p) for p in (Path(out_dir) / "plots").glob("*.png"))
@@ -41,8 +42,10 @@ def run_digits_demo(out_dir: str | Path, overrides: list[str] | None = None) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/digits", help="run directory")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (one is fastest on shared cores)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     metrics = run_digits_demo(args.out, args.overrides)
     print(json.dumps({k: metrics[k] for k in ("zero_shot_top1", "zero_shot_top5", "seconds", "steps", "plots")}, indent=2))
     print(f"zero-shot top-1 on the held-out digits: {metrics['zero_shot_top1']:.1%} in {metrics['seconds']:.0f} s")

@@ -41,3 +41,14 @@ def test_make_demo_command(tmp_path):
                             env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert list(tmp_path.glob("pca_layer*.png"))
+    results = (tmp_path / "results.md").read_text()
+    assert "zero-shot top-1 on the 360 held-out digits" in results and "exact captions" in results
+
+
+def test_results_file_names_the_numbers_date_and_machine(tmp_path):
+    demo = _load_demo()
+    rows = [{"section": "digits", "summary": "97.5% zero-shot top-1", "steps": 660, "seconds": 84.4}]
+    text = demo.write_results(tmp_path / "results.md", rows, 151.0, train_threads=1, load=3.2).read_text()
+    assert "| digits | 97.5% zero-shot top-1 | 660 | 84 |" in text
+    assert "load average 3.2 at the start" in text and "1 thread(s) for the trainings" in text
+    assert "cores" in text and "took 151 s" in text and " UTC" in text
