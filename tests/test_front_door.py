@@ -332,3 +332,13 @@ def test_train_refuses_caption_less_data_in_one_line(form, data_root, tmp_path, 
     code, _, err = run(["train", f"data={spec_of(data_root, form)}", "max_steps=1", f"output_dir={tmp_path}"],
                        capsys)
     assert code == 2 and err.count("\n") == 1 and "caption" in err, err
+
+
+def test_a_worker_process_error_is_one_line_naming_the_error():
+    from vlm_encoder.cli import one_line
+
+    worker = OSError("Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                     '  File "x.py", line 1, in f\n    read()\n' + "x" * 900 + "\nOSError: [Errno 5] Input/output error\n")
+    text = one_line(worker)
+    assert "\n" not in text and text.endswith("OSError: [Errno 5] Input/output error")
+    assert text.startswith("Caught OSError in DataLoader worker process 0")

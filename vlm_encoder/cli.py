@@ -46,8 +46,14 @@ def _expected_failures() -> tuple[type[BaseException], ...]:
 
 
 def one_line(err: BaseException) -> str:
-    """The message of `err` on one line (the libraries underneath write several)."""
-    text = " ".join(str(err).split()) or type(err).__name__
+    """The message of `err` on one line (the libraries underneath write several). An error
+    re-raised from a worker process carries the worker's traceback: keep its first sentence
+    and the traceback's last line, the error itself."""
+    text = str(err)
+    if "Traceback (most recent call last)" in text:
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        text = f"{text.split('.', 1)[0]}: {last}"
+    text = " ".join(text.split()) or type(err).__name__
     return text if len(text) <= 600 else text[:597] + "..."
 
 
