@@ -59,7 +59,7 @@ def test_extraction_store(tmp_path, umask):
         Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
     config = ExtractConfig(
         model="preset:vit_tiny_patch16_224", dataset=str(images), out=tmp_path / "out", shard_size=2, batch_size=2,
-        overrides=(("depth", 1), ("width", 32), ("num_heads", 2), ("image_size", 32), ("patch_size", 8)),
+        overrides={"depth": 1, "width": 32, "num_heads": 2, "image_size": 32, "patch_size": 8},
         layers=(-1,), select=("cls",), num_workers=0, progress=False,
     )
     assert run_extraction(config).complete
