@@ -69,7 +69,6 @@ HF_MODEL_TYPES: tuple[str, ...] = (
 LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision")
 # Families whose processor resizes each image under a patch budget instead of to one size.
 NAFLEX_MODEL_TYPES: tuple[str, ...] = ("siglip2", "siglip2_vision_model")
-NAFLEX_DEFAULT_MAX_PATCHES = 256  # transformers' Siglip2ImageProcessor.max_num_patches
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (VisionEncoder.model_type, *HF_MODEL_TYPES, *LLAVA_MODEL_TYPES)
 
 # Where a LLaVA checkpoint keeps its vision tower (transformers >= 4.52 in memory / on disk),
@@ -261,9 +260,9 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
     else:
         raise _unsupported(model_type, str(config_path))
     if model_type in NAFLEX_MODEL_TYPES:
-        # No fixed-size processor: use vlm_encoder.packing.resize_to_budget(policy="naflex").
-        encoder.image_processor = None
-        info["max_num_patches"] = _naflex_max_patches(files)
+        # Siglip2ImageProcessor: each image at its own NaFlex size (encode with packing.encode_packed).
+        encoder.image_processor = _image_processor(files) or _naflex_processor(encoder.config.patch_size)
+        info["max_num_patches"] = encoder.image_processor.config.max_patches
     elif model_type != VisionEncoder.model_type:  # our own format read its processor_config.json
         encoder.image_processor = _image_processor(files)
     encoder.source_info = info
@@ -338,13 +337,12 @@ def check_llava_keys(names: Iterable[str], source: str) -> None:
         raise WeightsError(f"{source}: LLaVA checkpoint has keys outside the vision tower, LM and projector: {unknown[:20]}")
 
 
-def _naflex_max_patches(files: SourceFiles) -> int | None:
-    """The NaFlex processor's patch budget (`max_num_patches`), or `None` without a
-    `preprocessor_config.json`."""
-    path = files.get(PREPROCESSOR_FILE, required=False)
-    if path is None:
-        return None
-    return int(read_config_file(path).get("max_num_patches", NAFLEX_DEFAULT_MAX_PATCHES))
+def _naflex_processor(patch_size: int) -> Any:
+    """transformers' default `Siglip2ImageProcessor` for a tower without a
+    `preprocessor_config.json` (bilinear, mean/std 0.5, 256 patches of the tower's size)."""
+    from .processing import ImageProcessor
+
+    return ImageProcessor.from_hf_config({"image_processor_type": "Siglip2ImageProcessor", "patch_size": patch_size})
 
 
 def _image_processor(files: SourceFiles) -> Any:

@@ -33,7 +33,8 @@ def _split_in_proj(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tens
             f"{FAMILY}: head.attention.in_proj_weight {tuple(weight.shape)} / in_proj_bias {tuple(bias.shape)} "
             f"are not the packed (3D, D) / (3D,) projection"
         )
-    return weight[:D].contiguous(), bias[:D].contiguous(), weight[D:].contiguous(), bias[D:].contiguous()
+    # Copies, not views: a view of the packed tensor would make save_pretrained (safetensors) refuse it.
+    return weight[:D].clone(), bias[:D].clone(), weight[D:].clone(), bias[D:].clone()
 
 
 TABLE = KeyTable(

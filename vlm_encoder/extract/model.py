@@ -33,19 +33,23 @@ def build_encoder(config: ExtractConfig) -> VisionEncoder:
     return loaded.vision.float().eval()
 
 
-def build_processor(encoder: VisionEncoder, image_size: tuple[int, int] | None) -> ImageProcessor:
+def build_processor(encoder: VisionEncoder, image_size: tuple[int, int] | None, mode: str = "fixed") -> ImageProcessor:
     """The encoder's own processor (or `ImageProcessor.default_for` its config), resized to
-    `image_size` when given: the resize target and the crop (if any) become `image_size`."""
+    `image_size` when given: the resize target and the crop (if any) become `image_size` (a
+    NaFlex processor squashes to it). `fixed` mode needs one output size."""
     processor = encoder.image_processor
-    if image_size is not None:
+    naflex = processor.config.resize_mode == "naflex"
+    if image_size is not None and naflex:
+        processor = processor.at_size(image_size)
+    elif image_size is not None:
         changes: dict[str, Any] = {"size": image_size}
         if processor.config.crop_size is not None:
             changes["crop_size"] = image_size
         processor = ImageProcessor(processor.config.replace(**changes))
-    if processor.config.output_size is None:
+    if processor.config.output_size is None and mode == "fixed":
         raise ValueError(
             f"the processor's output size depends on the image ({processor.config}); batches need one size: "
-            "pass --image-size"
+            "pass --image-size" + (" or --resolution native (its own NaFlex sizes)" if naflex else "")
         )
     return processor
 

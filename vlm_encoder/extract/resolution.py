@@ -5,7 +5,9 @@ concatenated `(sum N_i, D)` tensor, with `num_patches` `(n,)` (the rows of each 
 `grid` `(n, 2)` (its patch grid `(h, w)`); the other kinds keep one row per image.
 
 * `native`: each image keeps its aspect ratio, sides multiples of the patch stride, shrunk
-  only to fit `max_patches` (`packing.navit_size`); it is encoded **alone**
+  only to fit `max_patches` (`packing.navit_size`), or, for a tower with a NaFlex processor
+  (SigLIP2), resized by its rule to fill its budget (`packing.naflex_size`, as
+  `Siglip2ImageProcessor`, with its filter and mean/std); it is encoded **alone**
   (`encode_packed([image])`), so the result never depends on which images share a batch
   and a resumed run is bitwise equal on the CPU. `N_i = h * w`.
 * `anyres`: LLaVA-NeXT tiling over `pinpoints` (base image first, unpad): the patches are
@@ -67,17 +69,19 @@ def anyres_config(encoder: VisionEncoder, pinpoints: Pinpoints) -> AnyresConfig:
 class ImagePreparer:
     """Decoded image -> what the encoder takes; runs in the DataLoader workers (picklable).
 
-    `fixed`: pixels `(3, H, W)`. `native`: pixels `(3, H_i, W_i)` at the image's own size.
-    `anyres`: `(tiles (T, 3, S, S), (height, width))`.
+    `fixed`: pixels `(3, H, W)`. `native`: pixels `(3, H_i, W_i)` at the image's own size
+    (`packing.target_size` under `policy`: `navit`, or `naflex` for a SigLIP2 tower, see
+    `packing.native_sizing`). `anyres`: `(tiles (T, 3, S, S), (height, width))`.
     """
 
     def __init__(self, processor: ImageProcessor, mode: str, stride: int, max_patches: int | None,
-                 anyres: AnyresConfig | None) -> None:
+                 anyres: AnyresConfig | None, policy: str = "navit") -> None:
         self.processor = processor
         self.mode = mode
         self.stride = stride
         self.max_patches = max_patches
         self.anyres = anyres
+        self.policy = policy
 
     def __call__(self, image: Any) -> Any:
         if self.mode == "fixed":
@@ -85,14 +89,13 @@ class ImagePreparer:
         if self.mode == "anyres":
             tiles = tile_with(image, self.anyres, self.processor)
             return tiles.pixel_values, tuple(tiles.image_size)
-        from ..packing import navit_size
+        from ..packing import target_size
         from ..processing.convert import to_rgb
 
         cfg = self.processor.config
         height, width = to_rgb(image, cfg.background, cfg.exif_transpose).shape[:2]  # as the processor reads it
-        size = navit_size(height, width, self.stride, self.max_patches)
-        native = ImageProcessor(cfg.replace(resize_mode="exact", size=size, crop_size=None))
-        return native(image)[0]
+        size = target_size(height, width, self.stride, self.max_patches, self.policy)
+        return self.processor.at_size(size)(image)[0]
 
 
 class VariablePlan:

@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..encoder import VisionEncoder
+from ..packing.sizing import native_sizing
 from ..locks import hold_directory
 from ..processing import ImageLoadError, ImageProcessor, load_image
 from .config import IMAGE_KINDS, ExtractConfig
@@ -302,13 +303,13 @@ def _extract(config: ExtractConfig, state: Any, started: float) -> ExtractSummar
     out = config.out
 
     encoder = build_encoder(config)
-    processor = build_processor(encoder, config.image_size)
+    processor = build_processor(encoder, config.image_size, config.mode)
     plan = FeaturePlan(encoder, config.layers, config.select, config.norm)
     prepare, tiling = None, None
     if config.mode != "fixed":
         tiling = anyres_config(encoder, config.anyres) if config.mode == "anyres" else None
-        budget = config.max_patches or encoder.config.grid_size[0] * encoder.config.grid_size[1]
-        prepare = ImagePreparer(processor, config.mode, encoder.config.input_stride, budget, tiling)
+        policy, budget = native_sizing(encoder, config.max_patches)  # SigLIP2: its NaFlex processor's rule
+        prepare = ImagePreparer(processor, config.mode, encoder.config.input_stride, budget, tiling, policy)
         plan = VariablePlan(plan, config.mode, tiling, encoder.config.input_stride)
     source = open_image_source(config.dataset, split=config.split, image_column=config.image_column)
     layout = ShardLayout(len(source), config.shard_size)
@@ -326,12 +327,12 @@ def _extract(config: ExtractConfig, state: Any, started: float) -> ExtractSummar
     }
     if config.mode != "fixed":  # absent for fixed stores, so their fingerprint is unchanged
         fingerprint["resolution"] = (
-            {"mode": "native", "max_patches": prepare.max_patches, "sizing": "navit"} if config.mode == "native"
+            {"mode": "native", "max_patches": prepare.max_patches, "sizing": prepare.policy} if config.mode == "native"
             else {"mode": "anyres", "policy": "llava_next", "pinpoints": [list(p) for p in config.anyres],
                   "tile_size": tiling.tile_size}
         )
     encoder = encoder.to(device=device, dtype=config.torch_dtype)
-    height, width = processor.config.output_size
+    height, width = processor.config.output_size or encoder.config.image_size  # a NaFlex processor sizes per image
     if prepare is None:
         probe = plan(encoder, torch.zeros(1, 3, height, width, device=device, dtype=config.torch_dtype))
     else:

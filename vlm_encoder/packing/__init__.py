@@ -10,7 +10,15 @@ block-diagonal mask; `encode` runs the encoder over the packs and splits the out
 
 from .encode import embed_images, encode_packed
 from .pack import PackedBatch, Segment, block_diagonal_mask, cu_seqlens, pack_sequences, plan_packs, segment_ids
-from .sizing import SIZING_POLICIES, SizingPolicy, naflex_size, navit_size, resize_to_budget, target_size
+from .sizing import (
+    SIZING_POLICIES,
+    SizingPolicy,
+    naflex_size,
+    native_sizing,
+    navit_size,
+    resize_to_budget,
+    target_size,
+)
 
 __all__ = [
     "PackedBatch",
@@ -22,6 +30,7 @@ __all__ = [
     "embed_images",
     "encode_packed",
     "naflex_size",
+    "native_sizing",
     "navit_size",
     "pack_sequences",
     "plan_packs",

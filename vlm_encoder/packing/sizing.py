@@ -104,6 +104,20 @@ def target_size(
     raise ValueError(f"policy={policy!r} is not supported; allowed: {', '.join(SIZING_POLICIES)}")
 
 
+def native_sizing(encoder, max_patches: int | None = None) -> tuple[SizingPolicy, int]:
+    """How `encoder` takes images at native resolution: `(policy, patch budget)`.
+
+    A tower whose processor is a NaFlex one (SigLIP2's `Siglip2ImageProcessor`,
+    `resize_mode='naflex'`) follows it: `naflex` under its `max_patches`. Any other follows
+    `navit` under the patches of its native size. `max_patches` replaces the budget.
+    """
+    processor = encoder.get_image_processor()
+    if processor is not None and processor.config.resize_mode == "naflex":
+        return "naflex", max_patches or processor.config.max_patches
+    h, w = encoder.config.grid_size
+    return "navit", max_patches or h * w
+
+
 def resize_to_budget(
     images: list[torch.Tensor], patch_size: int, max_tokens: int, policy: SizingPolicy = "navit"
 ) -> list[torch.Tensor]:

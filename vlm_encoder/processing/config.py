@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from ..specs.options import ConfigMixin, at_least, check_fields
 from ..validation import repeat_number
 
-ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "none"]
+ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "naflex", "none"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 ResizeBackend = Literal["pil", "torchvision"]
 CropRounding = Literal["round", "floor"]
@@ -43,6 +43,10 @@ class ProcessorConfig(ConfigMixin):
             `exact`: squash to `size`, ignoring the aspect ratio (SigLIP, ViT).
             `longest_edge`: keep the aspect ratio and fit inside `size`: both sides become
             `round(side / r)` with `r = max(h / th, w / tw)`; pair it with `crop_size` to pad.
+            `naflex`: SigLIP2's NaFlex rule (`Siglip2ImageProcessor`): keep the aspect ratio,
+            sides multiples of `patch_size`, the largest scale (enlarging or shrinking) whose
+            grid has at most `max_patches` patches (`packing.naflex_size`); `size` is unused
+            and every image gets its own size (encode them with `packing.encode_packed`).
             `none`: no resize.
         size: Resize target `(h, w)` (an int means square).
         crop_size: Center crop `(h, w)` (an int means square), or `None` for no crop. An image smaller than the
@@ -63,6 +67,8 @@ class ProcessorConfig(ConfigMixin):
         pad_fill: RGB colour (0-255) of the padding added by the crop step (black, as
             torchvision and open_clip; timm's `border` mode uses the mean colour).
         exif_transpose: Apply a PIL image's EXIF orientation before anything else.
+        patch_size: The patch side of the `naflex` resize (`None` for the other modes).
+        max_patches: The patch budget of the `naflex` resize (`None` for the other modes).
     """
 
     resize_mode: ResizeMode = "exact"
@@ -77,6 +83,8 @@ class ProcessorConfig(ConfigMixin):
     background: tuple[int, int, int] = at_least(0, (255, 255, 255))
     pad_fill: tuple[int, int, int] = at_least(0, (0, 0, 0))
     exif_transpose: bool = True
+    patch_size: int | None = at_least(1, None)
+    max_patches: int | None = at_least(1, None)
 
     def __post_init__(self) -> None:
         for name, times in (("size", 2), ("crop_size", 2), ("mean", 3), ("std", 3), ("background", 3), ("pad_fill", 3)):
@@ -92,6 +100,13 @@ class ProcessorConfig(ConfigMixin):
             raise ValueError(f"mean must be finite numbers (R, G, B), got {self.mean}")
         if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
             raise ValueError(f"std must be positive finite numbers (R, G, B), got {self.std}")
+        naflex = self.resize_mode == "naflex"
+        if naflex and (self.patch_size is None or self.max_patches is None):
+            raise ValueError("resize_mode='naflex' needs patch_size and max_patches (the patch budget)")
+        if not naflex and (self.patch_size is not None or self.max_patches is not None):
+            raise ValueError(f"patch_size and max_patches apply to resize_mode='naflex' only, not {self.resize_mode!r}")
+        if naflex and self.crop_size is not None:
+            raise ValueError("resize_mode='naflex' sizes each image to its patch grid: it takes no crop_size")
         for name in ("background", "pad_fill"):
             if max(getattr(self, name)) > 255:
                 raise ValueError(f"{name} must be an RGB colour of ints in [0, 255], got {getattr(self, name)}")

@@ -1,6 +1,7 @@
 """HF `preprocessor_config.json` -> `ProcessorConfig`, for the image processors of the encoders
-this package loads: `CLIPImageProcessor`, `SiglipImageProcessor`, `ViTImageProcessor` and
-`BitImageProcessor` (DINOv2), in their default (torchvision), `...Fast` and `...Pil` forms.
+this package loads: `CLIPImageProcessor`, `SiglipImageProcessor`, `Siglip2ImageProcessor`
+(NaFlex: `resize_mode='naflex'`), `ViTImageProcessor` and `BitImageProcessor` (DINOv2), in their
+default (torchvision), `...Fast` and `...Pil` forms.
 
 Strict: an unknown processor class, an unsupported size form or a field that would change the
 output in a way this package does not reproduce (e.g. `do_pad`) is an error.
@@ -33,6 +34,17 @@ HF_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "image_std": HALF_STD,
         "default_to_square": False,
     },
+    # NaFlex: no fixed size; each image resized under a patch budget
+    # (`get_image_size_for_max_num_patches`), bilinear.
+    "Siglip2ImageProcessor": {
+        "patch_size": 16,
+        "max_num_patches": 256,
+        "do_center_crop": False,
+        "resample": 2,
+        "image_mean": HALF_MEAN,
+        "image_std": HALF_STD,
+        "default_to_square": False,
+    },
     "ViTImageProcessor": {
         "size": {"height": 224, "width": 224},
         "do_center_crop": False,
@@ -50,6 +62,7 @@ PIL_CODES: dict[int, str] = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicu
 _USED_KEYS = {
     "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
     "do_normalize", "image_mean", "image_std", "default_to_square", "use_square_size", "do_pad",
+    "patch_size", "max_num_patches",
 }
 # Metadata or options that do not change the pixels of an RGB image.
 _IGNORED_KEYS = {
@@ -137,9 +150,18 @@ def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -
         edge = merged["size"]["shortest_edge"] if isinstance(merged["size"], dict) else merged["size"]
         merged["size"] = {"height": edge, "width": edge}
 
-    resize_mode, size = _size(merged["size"], bool(merged["default_to_square"]))
-    if not merged["do_resize"]:
-        resize_mode = "none"
+    sizing: dict[str, Any] = {}  # `size` (the fixed modes) or the NaFlex patch budget
+    if name == "Siglip2ImageProcessor":
+        resize_mode = "naflex" if merged["do_resize"] else "none"
+        if merged["do_resize"]:
+            sizing = {"patch_size": int(merged["patch_size"]), "max_patches": int(merged["max_num_patches"])}
+    elif {"patch_size", "max_num_patches"} & set(data):
+        raise ValueError(f"patch_size / max_num_patches belong to a NaFlex processor (Siglip2ImageProcessor), not {name}")
+    else:
+        resize_mode, size = _size(merged["size"], bool(merged["default_to_square"]))
+        sizing = {"size": size}
+        if not merged["do_resize"]:
+            resize_mode = "none"
     resample = merged["resample"]
     if resample not in PIL_CODES or isinstance(resample, bool):
         raise ValueError(f"HF resample={resample!r} is not supported; allowed PIL codes: {PIL_CODES}")
@@ -151,7 +173,6 @@ def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -
     normalize = bool(merged["do_normalize"])
     return ProcessorConfig(
         resize_mode=resize_mode,
-        size=size,
         crop_size=crop_size,
         crop_rounding="floor",
         interpolation=PIL_CODES[resample],
@@ -161,4 +182,5 @@ def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -
         std=merged["image_std"] if normalize else None,
         background=(255, 255, 255),
         pad_fill=(0, 0, 0),
+        **sizing,
     )

@@ -113,7 +113,8 @@ class ImageProcessor:
 
     @classmethod
     def from_hf_config(cls, data: dict[str, Any], *, backend: ResizeBackend | None = None) -> "ImageProcessor":
-        """From a HF `preprocessor_config.json` dict (CLIP, SigLIP, ViT, BiT/DINOv2 processors).
+        """From a HF `preprocessor_config.json` dict (CLIP, SigLIP, SigLIP2 NaFlex, ViT,
+        BiT/DINOv2 processors).
 
         Args:
             data: The dict.
@@ -146,6 +147,14 @@ class ImageProcessor:
                 mean=OPENAI_CLIP_MEAN,
                 std=OPENAI_CLIP_STD,
             )
+        )
+
+    def at_size(self, size: tuple[int, int]) -> "ImageProcessor":
+        """This processor squashing every image to `size` `(H, W)` (no crop), its other steps
+        (filter, backend, rescale, mean/std) kept: the fixed-size processor of one image of a
+        native-resolution run (`packing.target_size`)."""
+        return ImageProcessor(
+            self.config.replace(resize_mode="exact", size=tuple(size), crop_size=None, patch_size=None, max_patches=None)
         )
 
     # ---- serialization ------------------------------------------------------------------
@@ -197,7 +206,12 @@ class ImageProcessor:
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
         rgb = to_rgb(image, cfg.background, cfg.exif_transpose)  # (H, W, 3)
-        size = resized_size(rgb.shape[0], rgb.shape[1], cfg.resize_mode, cfg.size)
+        if cfg.resize_mode == "naflex":
+            from ..packing.sizing import naflex_size
+
+            size = naflex_size(rgb.shape[0], rgb.shape[1], cfg.patch_size, cfg.max_patches)
+        else:
+            size = resized_size(rgb.shape[0], rgb.shape[1], cfg.resize_mode, cfg.size)
         _check_resize_area(rgb.shape[:2], size, cfg)
         pixels = resize(rgb, size, cfg.interpolation, cfg.backend)  # (3, h, w)
         if cfg.crop_size is not None:
@@ -232,7 +246,9 @@ class ImageProcessor:
         if len(sizes) > 1:
             raise ValueError(
                 f"processed images have different sizes {sorted(sizes)} and cannot be stacked; "
-                "set crop_size or resize_mode='exact' for a fixed output size"
+                + ("a NaFlex processor sizes each image to its own grid: process one image at a time and "
+                   "encode the list with vlm_encoder.packing.encode_packed" if self.config.resize_mode == "naflex"
+                   else "set crop_size or resize_mode='exact' for a fixed output size")
             )
         floating = any(p.is_floating_point() for p in processed)
         stacked = torch.stack([p.float() if floating else p for p in processed])  # (B, 3, H, W)

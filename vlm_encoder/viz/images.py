@@ -28,6 +28,8 @@ def processor_for(encoder, image_size: tuple[int, int] | None = None) -> ImagePr
     to `image_size` after resizing to it, one that squashes squashes to it.
     """
     processor = getattr(encoder, "image_processor", None) or ImageProcessor.default_for(encoder.config)
+    if processor.config.resize_mode == "naflex":  # one size for a batch: squash to it (SigLIP2 at fixed size)
+        return processor.at_size(image_size or encoder.config.image_size)
     if image_size is None:
         return processor
     size = (int(image_size[0]), int(image_size[1]))
@@ -70,14 +72,14 @@ def native_processor(encoder, image: Image.Image | np.ndarray, max_patches: int,
         encoder: The `VisionEncoder`.
         image: The image.
         max_patches: Patch budget (`navit`: shrink only when over it; `naflex`: fill it).
-        policy: `navit` or `naflex` (`vlm_encoder.packing.target_size`).
+        policy: `navit` or `naflex` (`vlm_encoder.packing.target_size`; a SigLIP2 tower's
+            NaFlex processor asks for `naflex`, see `packing.native_sizing`).
     """
     from ..packing import target_size
 
-    base = processor_for(encoder).config
-    height, width = image_size_of(image, base)
-    size = target_size(height, width, encoder.config.input_stride, max_patches, policy)
-    return ImageProcessor(base.replace(resize_mode="exact", size=size, crop_size=None))
+    base = processor_for(encoder)
+    height, width = image_size_of(image, base.config)
+    return base.at_size(target_size(height, width, encoder.config.input_stride, max_patches, policy))
 
 
 def prepare_native_images(

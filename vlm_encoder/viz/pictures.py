@@ -68,8 +68,10 @@ def _prepare(encoder, images, image_size, resolution: Resolution, max_patches: i
         return _Prepared([move(pixels)], crops, [processor_for(encoder, image_size)] * len(images))
     if image_size is not None:
         raise ValueError("image_size and resolution='native' exclude each other: native keeps each image's own shape")
-    budget = max_patches if max_patches is not None else encoder.config.grid_size[0] * encoder.config.grid_size[1]
-    pixels, crops, processors = prepare_native_images(images, encoder, budget)
+    from ..packing import native_sizing
+
+    policy, budget = native_sizing(encoder, max_patches)  # SigLIP2: its NaFlex processor's rule and budget
+    pixels, crops, processors = prepare_native_images(images, encoder, budget, policy)
     return _Prepared([move(p[None]) for p in pixels], crops, processors)
 
 
@@ -154,7 +156,7 @@ def write_pca_picture(
         panel_px: Side of each panel in pixels.
         resolution: `fixed` or `native` (each image at its own aspect ratio).
         max_patches: Patch budget per image at `native` resolution (default the number of
-            patches of the encoder's native size).
+            patches of the encoder's native size, or a NaFlex processor's own budget).
         anyres: LLaVA-NeXT pinpoints `[(H, W), ...]`: show each image's assembled (unpadded)
             anyres feature map instead.
 
