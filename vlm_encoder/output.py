@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
 
 @dataclass
@@ -81,3 +82,47 @@ class EncoderOutput:
             parts.append(self.register_tokens[pos])
         parts.append(self.patch_tokens[pos])
         return torch.cat(parts, dim=1)
+
+
+# Which fields hold tensors (pytree children) and which are static (the pytree context).
+_TENSOR_FIELDS = ("patch_tokens", "cls_tokens", "register_tokens", "pooled", "attentions")
+_STATIC_FIELDS = ("layers", "grid_size", "num_blocks")
+
+
+def _flatten(out: EncoderOutput) -> tuple[list, tuple]:
+    return [getattr(out, f) for f in _TENSOR_FIELDS], tuple(getattr(out, f) for f in _STATIC_FIELDS)
+
+
+def _flatten_with_keys(out: EncoderOutput) -> tuple[list, tuple]:
+    children, context = _flatten(out)
+    return [(pytree.GetAttrKey(f), c) for f, c in zip(_TENSOR_FIELDS, children)], context
+
+
+def _unflatten(children, context: tuple) -> EncoderOutput:
+    return EncoderOutput(**dict(zip(_TENSOR_FIELDS, children)), **dict(zip(_STATIC_FIELDS, context)))
+
+
+def _dumpable(context: tuple) -> str:
+    import json
+
+    return json.dumps([list(context[0]), list(context[1]), context[2]])
+
+
+def _from_dumpable(text: str) -> tuple:
+    import json
+
+    layers, grid, num_blocks = json.loads(text)
+    return tuple(layers), tuple(grid), num_blocks
+
+
+# A pytree node, so that `torch.export.export`, `torch.compile` and `torch.utils._pytree` see
+# the tensors inside (the layer indices, grid and depth are static: a fixed layer set).
+pytree.register_pytree_node(
+    EncoderOutput,
+    _flatten,
+    _unflatten,
+    serialized_type_name="vlm_encoder.output.EncoderOutput",
+    flatten_with_keys_fn=_flatten_with_keys,
+    to_dumpable_context=_dumpable,
+    from_dumpable_context=_from_dumpable,
+)
