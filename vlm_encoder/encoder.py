@@ -70,7 +70,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             nn.Parameter(torch.zeros(1, grid[0] * grid[1], c.width)) if c.pos_embed == "learned" else None
         )
         self.norm_pre = nn.LayerNorm(c.width, eps=c.norm_eps) if c.norm_pre else nn.Identity()
-        rates = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
+        rates = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also when built on meta
         self.blocks = nn.ModuleList(
             Block(
                 c.width,

@@ -39,7 +39,7 @@ from .pretrained import PROCESSOR_NAME, read_image_processor
 from .specs.files import SourceFiles
 from .weights import (
     WeightsError,
-    load_state_dict_strict,
+    build_and_load,
     naming,
     read_safetensors,
     read_state_dict,
@@ -157,10 +157,11 @@ def read_weights(
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """The tensors whose names pass `keep`, with the names of every tensor in the weights.
 
-    Reads `checkpoint` when given, else the first of: sharded safetensors (only the shards
-    holding a kept key are fetched), `model.safetensors`, sharded or single
-    `pytorch_model.bin` (weights only). Names lose their `module.` / `_orig_mod.` prefixes
-    (DDP, torch.compile) before `keep` sees them.
+    Reads `checkpoint` when given, else the first of `model.safetensors`, sharded safetensors
+    (only the shards holding a kept key are fetched), `pytorch_model.bin`, sharded
+    `pytorch_model.bin` (weights only): transformers' order, so a directory holding several
+    gives the weights `from_pretrained` gives. Names lose their `module.` / `_orig_mod.`
+    prefixes (DDP, torch.compile) before `keep` sees them.
 
     Returns:
         `(tensors, all_names, files_read)`.
@@ -169,24 +170,24 @@ def read_weights(
         path = Path(checkpoint)
         tensors, names = _read_file(path, keep)
         return tensors, names, [path.name]
-    index = files.get(SAFETENSORS_INDEX, required=False)
-    if index is None:
-        index = files.get(TORCH_INDEX, required=False)
-    if index is not None:
-        weight_map = read_config_file(index).get("weight_map")
+    # transformers' order (modeling_utils.py `_get_resolved_checkpoint_files`, 5.x): the single
+    # file before the shard index, safetensors before torch pickles.
+    looked = [SAFETENSORS_FILE, SAFETENSORS_INDEX, TORCH_FILE, TORCH_INDEX]
+    for name in looked:
+        path = files.get(name, required=False)
+        if path is None:
+            continue
+        if name in (SAFETENSORS_FILE, TORCH_FILE):
+            tensors, names = _read_file(path, keep)
+            return tensors, names, [name]
+        weight_map = read_config_file(path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise WeightsError(f"{index}: no 'weight_map' in the shard index")
+            raise WeightsError(f"{path}: no 'weight_map' in the shard index")
         shards = sorted({str(shard) for key, shard in weight_map.items() if keep(strip_key(str(key)))})
         tensors: dict[str, torch.Tensor] = {}
         for shard in shards:
             tensors.update(_read_file(files.get(shard), keep)[0])
         return tensors, [strip_key(str(key)) for key in weight_map], shards
-    for name in (SAFETENSORS_FILE, TORCH_FILE):
-        path = files.get(name, required=False)
-        if path is not None:
-            tensors, names = _read_file(path, keep)
-            return tensors, names, [name]
-    looked = [SAFETENSORS_INDEX, SAFETENSORS_FILE, TORCH_INDEX, TORCH_FILE]
     if files.is_hub and files.not_cached:
         raise FileNotFoundError(files.offline_message(looked))
     raise FileNotFoundError(f"{files.source}: no weights found (looked for {', '.join(looked)})")
@@ -307,8 +308,8 @@ def _load_hf_tower(
         config_kwargs = _config_options(model_type, tensors)
         vision_config: VisionConfig = module.config_from_hf(config, **config_kwargs)
         state_dict = module.convert_state_dict(tensors)
-        encoder = VisionEncoder(vision_config)
-        load_state_dict_strict(encoder, state_dict, source=f"{source} ({model_type} converted)")
+        # Built on `meta`: a config.json that does not fit the weights is refused before allocating.
+        encoder = build_and_load(lambda: VisionEncoder(vision_config), state_dict, source=f"{source} ({model_type} converted)")
     return encoder, weights
 
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from safetensors.torch import save_model
 
-from .weights import WeightsError, load_state_dict_strict, read_state_dict
+from .weights import WeightsError, build_and_load, read_state_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -232,11 +232,11 @@ class PretrainedMixin:
         """
         needed = (CONFIG_NAME,) if checkpoint is not None else (CONFIG_NAME, WEIGHTS_NAME)
         directory = resolve_pretrained_dir(source, needed, revision=revision, optional=(PROCESSOR_NAME,))
-        model = cls.from_config(cls.read_config(directory))
+        config = cls.read_config(directory)
         weights = Path(checkpoint) if checkpoint is not None else directory / WEIGHTS_NAME
-        state = read_state_dict(weights)
-        if state or model.state_dict():  # a module without parameters saves an empty file
-            load_state_dict_strict(model, state, source=str(weights))
+        # Built on `meta` and checked before anything is allocated: a config.json that does
+        # not fit its weights is refused naming the file, and the weights are held once.
+        model = build_and_load(lambda: cls.from_config(config), read_state_dict(weights), source=str(weights))
         model.set_image_processor(read_image_processor(directory))
         model.to(device=device, dtype=dtype)
         return model.eval()

@@ -11,6 +11,7 @@ exhaust memory. Both are module constants; raise them for a trusted file that ne
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pickle
 import pickletools
@@ -288,11 +289,16 @@ def _listing(keys: list[str], limit: int = 20) -> str:
 
 
 def load_state_dict_strict(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict", assign: bool = False
 ) -> None:
     """Load `state_dict` into `module`, requiring exactly the module's keys and shapes.
 
-    `module.` / `_orig_mod.` prefixes are removed first.
+    `module.` / `_orig_mod.` prefixes are removed first. Everything is checked against
+    `module.state_dict()` before anything is loaded, so `module` may be on the `meta` device.
+
+    Args:
+        assign: Make the tensors the module's own (`load_state_dict(assign=True)`: no copy,
+            e.g. into a module built on `meta`), cast to the module's dtypes and contiguous.
 
     Raises:
         WeightsError: Listing missing keys, unexpected keys, values that are not tensors,
@@ -329,4 +335,46 @@ def load_state_dict_strict(
     )
     if bad_dtype:
         raise WeightsError(f"{source}: tensors whose dtype cannot be cast to the model's: {_listing(bad_dtype)}")
-    module.load_state_dict(state_dict, strict=True)
+    if assign:
+        state_dict = _owned(state_dict, expected)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def _owned(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict`'s tensors as a module may own them: its dtypes, contiguous, no two
+    sharing memory (two parameters assigned one tensor would be tied)."""
+    owned: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        value = value.detach().to(expected[key].dtype).contiguous()
+        if value.data_ptr() in seen and value.numel():
+            value = value.clone()
+        seen.add(value.data_ptr())
+        owned[key] = value
+    return owned
+
+
+def build_and_load(
+    build: Callable[[], nn.Module], state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> nn.Module:
+    """`build()` holding `state_dict`, checked before the module is allocated.
+
+    The module is built on the `meta` device (shapes only, no memory) and `state_dict` checked
+    against it as `load_state_dict_strict` does, so a config that does not fit its weights (a
+    width of 16384 beside a small file) is a `WeightsError` naming `source` before anything
+    is allocated. The checked tensors then become the module's (`assign=True`): loading holds
+    one copy of the weights, never a random initialisation beside them. A module with state
+    the dict does not hold (non-persistent buffers computed in `__init__`) is then built
+    again for real and loaded by copy.
+
+    Raises:
+        WeightsError: As `load_state_dict_strict`.
+    """
+    with torch.device("meta"):
+        module = build()
+    if state_dict or module.state_dict():  # a module without parameters saves an empty file
+        load_state_dict_strict(module, state_dict, source, assign=True)
+    if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+        module = build()
+        load_state_dict_strict(module, state_dict, source)
+    return module
