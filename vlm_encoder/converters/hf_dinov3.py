@@ -91,6 +91,7 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
         norm_eps=c.layer_norm_eps,
         layer_scale_init=float(c.layerscale_value),
         pool="cls",
+        patch_remainder="drop",  # HF's patch convolution floors the grid, as every HF family does
     )
 
 
