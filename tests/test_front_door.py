@@ -342,3 +342,26 @@ def test_a_worker_process_error_is_one_line_naming_the_error():
     text = one_line(worker)
     assert "\n" not in text and text.endswith("OSError: [Errno 5] Input/output error")
     assert text.startswith("Caught OSError in DataLoader worker process 0")
+
+
+@pytest.mark.parametrize("form", DATA_FORMS)
+def test_viz_takes_every_data_form(form, data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    image_options = DATA_FORMS[form][2]
+    preset = [a for k, v in TINY.items() for a in ("--override", f"{k}={v}")]
+    png = tmp_path / "pca.png"
+    code, out, err = run(["viz", "pca", "--dataset", spec_of(data_root, form), *_columns(image_options, "flags"),
+                          "--rows", "0,3", "--model", "preset:vit_tiny_patch16_224", *preset, "--out", str(png),
+                          "--panel-size", "32"], capsys)
+    assert code == 0, err
+    with Image.open(png) as image:  # two rows of panels (rows 0 and 3), each image beside its map
+        assert image.size[0] == 64 and image.size[1] >= 2 * 32
+
+
+def test_viz_refuses_both_or_neither_image_source(data_root, tmp_path, capsys):
+    for extra in ([], ["--image", "x.png", "--dataset", str(data_root / "plain")]):
+        code, _, err = run(["viz", "pca", *extra, "--out", str(tmp_path / "x.png")], capsys)
+        assert code == 2 and "--image FILE (repeatable) or --dataset SPEC" in err, err
+    code, _, err = run(["viz", "pca", "--dataset", str(data_root / "plain"), "--rows", "9", "--out",
+                        str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "out of range" in err

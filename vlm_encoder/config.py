@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .layers.norm import NormKind
 from .layers.rope import RopeKind, RopeLayout
 from .specs.options import ConfigMixin, at_least, check_fields
 from .validation import repeat_number
@@ -64,6 +65,13 @@ class VisionConfig(ConfigMixin):
         attn_norm: LayerNorm on the attended tokens before the output projection (EVA02-CLIP's
             sub-LN, timm `scale_attn_inner`).
         mlp_norm: LayerNorm on the MLP's hidden activations before `fc2` (timm `scale_mlp`).
+        qk_norm_scope: `head` (the qk-norm over each head's channels) or `width` (over all
+            heads' channels of a token at once, before the split: InternViT's `use_qk_norm`).
+        norm_type: `layernorm` or `rmsnorm` (AIMv2, InternViT-6B): the blocks' `norm1` /
+            `norm2`, the qk-norm, `patch_norm`, `norm_pre` and the final norm. The sub-LNs
+            (`attn_norm`, `mlp_norm`) and `pooled_norm` stay LayerNorms.
+        patch_norm: Norm on the patch tokens right after the patch embedding, before the
+            positions (AIMv2's `embeddings.rms_norm`).
         norm_pre: LayerNorm on the tokens before the first block (CLIP's `ln_pre`).
         final_norm: LayerNorm after the last block, applied to every token.
         pooled_norm: LayerNorm applied to the pooled vector (timm/MAE `fc_norm`, used with
@@ -118,6 +126,9 @@ class VisionConfig(ConfigMixin):
     qk_norm: bool = False
     attn_norm: bool = False
     mlp_norm: bool = False
+    qk_norm_scope: Literal["head", "width"] = "head"
+    norm_type: NormKind = "layernorm"
+    patch_norm: bool = False
     norm_pre: bool = False
     final_norm: bool = True
     pooled_norm: bool = False

@@ -28,6 +28,7 @@ from .layers import (
     ResNetStem,
     Rope2d,
     RopeTable,
+    build_norm,
     init_linears_and_norms,
     resample_patch_projection,
     resample_pos_embed,
@@ -61,6 +62,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         self.stem = ResNetStem(c.in_channels, c.stem_layers, c.stem_width) if c.stem_layers else None
         patch_in = self.stem.out_channels if self.stem is not None else c.in_channels
         self.patch_embed = PatchEmbed(patch_in, c.width, c.patch_size, bias=c.patch_bias)
+        self.patch_norm = build_norm(c.norm_type, c.width, c.norm_eps) if c.patch_norm else nn.Identity()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.class_token else None
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, c.num_register_tokens, c.width)) if c.num_register_tokens else None
@@ -69,7 +71,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         self.pos_embed = (
             nn.Parameter(torch.zeros(1, grid[0] * grid[1], c.width)) if c.pos_embed == "learned" else None
         )
-        self.norm_pre = nn.LayerNorm(c.width, eps=c.norm_eps) if c.norm_pre else nn.Identity()
+        self.norm_pre = build_norm(c.norm_type, c.width, c.norm_eps) if c.norm_pre else nn.Identity()
         rates = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also when built on meta
         self.blocks = nn.ModuleList(
             Block(
@@ -85,6 +87,8 @@ class VisionEncoder(PretrainedMixin, nn.Module):
                 qk_norm=c.qk_norm,
                 attn_norm=c.attn_norm,
                 mlp_norm=c.mlp_norm,
+                norm_type=c.norm_type,
+                qk_norm_scope=c.qk_norm_scope,
             )
             for rate in rates
         )
@@ -93,7 +97,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             if c.rope != "none"
             else None
         )
-        self.norm = nn.LayerNorm(c.width, eps=c.norm_eps) if c.final_norm else nn.Identity()
+        self.norm = build_norm(c.norm_type, c.width, c.norm_eps) if c.final_norm else nn.Identity()
         self.attn_pool = (
             AttentionPoolHead(c.width, c.map_num_heads or c.num_heads, c.map_mlp_dim or c.mlp_dim, c.act, c.norm_eps)
             if c.pool == "map"
@@ -244,9 +248,11 @@ class VisionEncoder(PretrainedMixin, nn.Module):
 
     def patchify(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image `(B, C, H, W)` through the stem (if any) and the patch embedding: patch tokens
-        `(B, N, D)` without positions, and the grid `(h, w)`."""
+        `(B, N, D)` without positions (after `patch_norm` when the config has one), and the
+        grid `(h, w)`."""
         x = pixel_values if self.stem is None else batch_invariant_call(self.stem, pixel_values)  # (B, C', H', W')
-        return self.patch_embed(x)
+        x, grid = self.patch_embed(x)
+        return self.patch_norm(x), grid
 
     def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image `(B, C, H, W)` to input tokens `(B, T, D)` (CLS, registers, patches) and grid."""

@@ -10,7 +10,9 @@ The family is chosen explicitly, never guessed from the weights:
       `vit`                                   -> `converters.hf_vit`
       `dinov2`, `dinov2_with_registers`       -> `converters.hf_dinov2`
       `dinov3_vit`                            -> `converters.hf_dinov3` (2D RoPE)
-      `llava`, `llava_next`                   -> the tower named by `vision_config.model_type`,
+      `aimv2`, `aimv2_vision_model`           -> `converters.hf_aimv2` (RMSNorm, SwiGLU)
+      `internvl_vision`                       -> `converters.hf_internvit`
+      `llava`, `llava_next`, `internvl`       -> the tower named by `vision_config.model_type`,
                                                  keys under `vision_tower.` / `model.vision_tower.`
   * `open_clip:ARCH` -> `converters.open_clip_vit.load_open_clip(ARCH, checkpoint)`
   * `timm:NAME`      -> `converters.timm_vit.load_timm(NAME, checkpoint)`, or for a model of timm's
@@ -65,8 +67,12 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "dinov2",
     "dinov2_with_registers",
     "dinov3_vit",
+    "aimv2",
+    "aimv2_vision_model",
+    "internvl_vision",
 )
-LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision")
+# Vision-language models whose vision tower is read on its own (an `internvl` gives its InternViT).
+LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "internvl")
 # Families whose processor resizes each image under a patch budget instead of to one size.
 NAFLEX_MODEL_TYPES: tuple[str, ...] = ("siglip2", "siglip2_vision_model")
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (VisionEncoder.model_type, *HF_MODEL_TYPES, *LLAVA_MODEL_TYPES)
@@ -205,7 +211,7 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch
 
 # ---------------------------------------------------------------------------- families
 def _converter(model_type: str) -> ModuleType:
-    from .converters import hf_clip, hf_dinov2, hf_dinov3, hf_siglip, hf_siglip2, hf_vit
+    from .converters import hf_aimv2, hf_clip, hf_dinov2, hf_dinov3, hf_internvit, hf_siglip, hf_siglip2, hf_vit
 
     table = {
         "clip": hf_clip,
@@ -218,6 +224,9 @@ def _converter(model_type: str) -> ModuleType:
         "dinov2": hf_dinov2,
         "dinov2_with_registers": hf_dinov2,
         "dinov3_vit": hf_dinov3,
+        "aimv2": hf_aimv2,
+        "aimv2_vision_model": hf_aimv2,
+        "internvl_vision": hf_internvit,
     }
     return table[model_type]
 
@@ -243,9 +252,11 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         info.update(family=model_type.split("_vision_model")[0], weights=weights)
     elif model_type in LLAVA_MODEL_TYPES:
         vision_config = config.get("vision_config") or {}
-        # HF's LlavaConfig builds a CLIP tower when `vision_config` names no model_type.
-        vision_type = vision_config.get("model_type", "clip_vision_model")
-        if vision_type not in ("clip_vision_model", "siglip_vision_model"):
+        # HF's LlavaConfig builds a CLIP tower when `vision_config` names no model_type
+        # (InternVLConfig an InternViT).
+        default_type = "internvl_vision" if model_type == "internvl" else "clip_vision_model"
+        vision_type = vision_config.get("model_type", default_type)
+        if vision_type not in ("clip_vision_model", "siglip_vision_model", "internvl_vision"):
             raise _unsupported(vision_type, f"{config_path} vision_config")
         module = _converter(vision_type)
         encoder, weights = _load_hf_tower(

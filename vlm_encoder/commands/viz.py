@@ -6,6 +6,7 @@
     vlm-encoder viz similarity --image cat.jpg --point 120 80 --layer -2 --out cat_sim.png
     vlm-encoder viz pca --image wide.jpg --resolution native --max-patches 256 --out wide_pca.png
     vlm-encoder viz pca --image wide.jpg --anyres 336x672,672x336,672x672 --out wide_anyres.png
+    vlm-encoder viz pca --dataset imagefolder:./photos --rows 0,5,9 --out photos_pca.png  # any data spec
 
 Each picture kind is a sub-subcommand sharing the picture options (`add_picture_arguments`)
 and the model options (`add_model_arguments`).
@@ -48,7 +49,7 @@ def _common(args: argparse.Namespace) -> dict:
     return {
         "layer": args.layer,
         "path": args.out,
-        "names": [Path(p).name for p in args.image],
+        "names": args.image_names,
         "image_size": args.image_size,
         "panel_px": args.panel_size,
         "resolution": args.resolution,
@@ -70,12 +71,34 @@ def _anyres(args: argparse.Namespace) -> dict:
     return {"anyres": args.anyres} if args.anyres is not None else {}
 
 
+def _rows(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rows takes comma-separated row numbers, e.g. 0,5,9; got {text!r}") from None
+
+
 def _load(args: argparse.Namespace):
-    from ..viz import load_image
+    from ..processing import load_image
 
     if args.panel_size < 16:
         raise ValueError(f"--panel-size must be at least 16 pixels, got {args.panel_size}")
-    images = [load_image(path) for path in args.image]
+    if bool(args.image) == bool(args.dataset):
+        raise ValueError("give the images as --image FILE (repeatable) or --dataset SPEC (one of the two)")
+    if args.image:
+        images = [load_image(path) for path in args.image]
+        args.image_names = [Path(p).name for p in args.image]
+    else:
+        from ..extract.sources import open_image_source
+
+        source = open_image_source(args.dataset, split=args.split, image_column=args.image_column)
+        rows = args.rows if args.rows is not None else list(range(min(4, len(source))))
+        bad = [r for r in rows if not -len(source) <= r < len(source)]
+        if bad:
+            raise ValueError(f"--rows {bad} out of range: {args.dataset} has {len(source)} images")
+        rows = [r % len(source) for r in rows]
+        images = [load_image(source.read(r)) for r in rows]
+        args.image_names = [source.name(r) for r in rows]
     return images, build_encoder(args)
 
 
@@ -114,7 +137,15 @@ def run_similarity(args: argparse.Namespace) -> int:
 
 def add_picture_arguments(parser: argparse.ArgumentParser, image_help: str, panel_px: int) -> None:
     """The options every picture kind shares: images, layer, output, panel size, resolution."""
-    parser.add_argument("--image", type=Path, action="append", required=True, metavar="FILE", help=image_help)
+    parser.add_argument("--image", type=Path, action="append", default=[], metavar="FILE", help=image_help)
+    parser.add_argument("--dataset", metavar="SPEC",
+                        help="take the images from a data spec instead (any form extract takes: a folder, a list file, "
+                             "imagefolder:DIR, parquet/csv/jsonl/webdataset, a save_to_disk folder, a hub name, "
+                             "builtin:NAME)")
+    parser.add_argument("--split", default=None, help="split of a --dataset (default train)")
+    parser.add_argument("--image-column", default=None, help="image column of a --dataset")
+    parser.add_argument("--rows", type=_rows, default=None, metavar="I,J,...",
+                        help="rows of the --dataset to show (default the first 4)")
     parser.add_argument("--layer", type=int, default=-1, help="block index, negatives count from the end (default -1)")
     parser.add_argument("--out", type=Path, required=True, metavar="PNG", help="output .png")
     parser.add_argument("--panel-size", type=int, default=panel_px, metavar="PX",

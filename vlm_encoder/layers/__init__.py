@@ -5,6 +5,7 @@ from .block import Block, DropPath, LayerScale
 from .init import init_linears_and_norms
 from .map_head import AttentionPoolHead
 from .mlp import Mlp, SwiGLU, build_mlp, get_activation
+from .norm import RMSNorm, build_norm
 from .patch_embed import PatchEmbed, resample_patch_projection
 from .pos_embed import resample_pos_embed, sincos_2d_pos_embed
 from .rope import Rope2d, RopeTable
@@ -19,12 +20,14 @@ __all__ = [
     "LayerScale",
     "Mlp",
     "PatchEmbed",
+    "RMSNorm",
     "ResNetStem",
     "Rope2d",
     "RopeTable",
     "SegmentMask",
     "SwiGLU",
     "build_mlp",
+    "build_norm",
     "get_activation",
     "init_linears_and_norms",
     "resample_patch_projection",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..determinism import batch_invariant_call
+from .norm import NormKind, build_norm
 from .rope import RopeTable
 
 
@@ -55,19 +56,25 @@ class Attention(nn.Module):
         inner_norm: LayerNorm on the attended tokens before `proj` (`norm`; EVA02-CLIP's
             sub-LN, timm `scale_attn_inner`).
         norm_eps: Epsilon of those LayerNorms.
+        qk_norm_type: `layernorm` or `rmsnorm` for `q_norm` / `k_norm`.
+        qk_norm_scope: `head` (each head's `d` channels) or `width` (all `D` channels of a
+            token at once, before the split into heads; InternViT).
     """
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, inner_norm: bool = False,
-        norm_eps: float = 1e-6,
+        norm_eps: float = 1e-6, qk_norm_type: NormKind = "layernorm", qk_norm_scope: str = "head",
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         # Created only when used, so that the state dicts of other towers are unchanged.
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        # qk-norm per head (EVA02, DINOv3) or over all heads at once (InternViT: `qk_norm_scope='width'`).
+        self.qk_norm_scope = qk_norm_scope
+        qk_dim = self.head_dim if qk_norm_scope == "head" else dim
+        self.q_norm = build_norm(qk_norm_type, qk_dim, norm_eps) if qk_norm else None
+        self.k_norm = build_norm(qk_norm_type, qk_dim, norm_eps) if qk_norm else None
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if inner_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
@@ -97,8 +104,11 @@ class Attention(nn.Module):
             raise ValueError("causal=True takes no attn_mask (the causal mask is implied)")
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        elif self.q_norm is not None:  # over the whole width: (B, heads, T, d) -> (B, T, D) and back
+            q = self.q_norm(q.transpose(1, 2).reshape(B, T, D)).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+            k = self.k_norm(k.transpose(1, 2).reshape(B, T, D)).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = rope.rotate(q), rope.rotate(k)
         weights = None

@@ -7,6 +7,7 @@ from torch import nn
 
 from .attention import Attention, SegmentMask
 from .mlp import build_mlp
+from .norm import NormKind, build_norm
 from .rope import RopeTable
 
 
@@ -55,6 +56,8 @@ class Block(nn.Module):
         qk_norm: LayerNorm over each head's queries and keys.
         attn_norm: LayerNorm on the attended tokens before the output projection.
         mlp_norm: LayerNorm on the MLP's hidden activations.
+        norm_type: `layernorm` or `rmsnorm` for `norm1`, `norm2` and the qk-norm.
+        qk_norm_scope: qk-norm per `head` or over the whole `width` (InternViT).
     """
 
     def __init__(
@@ -71,12 +74,17 @@ class Block(nn.Module):
         qk_norm: bool = False,
         attn_norm: bool = False,
         mlp_norm: bool = False,
+        norm_type: NormKind = "layernorm",
+        qk_norm_scope: str = "head",
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, inner_norm=attn_norm, norm_eps=norm_eps)
+        self.norm1 = build_norm(norm_type, dim, norm_eps)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, inner_norm=attn_norm, norm_eps=norm_eps,
+            qk_norm_type=norm_type, qk_norm_scope=qk_norm_scope,
+        )
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = build_norm(norm_type, dim, norm_eps)
         self.mlp = build_mlp(mlp_type, dim, mlp_dim, act, norm_eps if mlp_norm else None)
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
