@@ -1,0 +1,7 @@
+"""Our checkpoints in the formats people deploy: transformers models (`export.hf`), open_clip
+state dicts (`export.open_clip`), and ONNX (`export.onnx`). Each goes through the converters'
+own key tables backwards, and refuses, naming the option, what the format cannot hold."""
+
+from .hf import ExportError, hf_vision_config, save_hf_vision_model, to_hf_vision_model
+
+__all__ = ["ExportError", "hf_vision_config", "save_hf_vision_model", "to_hf_vision_model"]
