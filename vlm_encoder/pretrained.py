@@ -241,6 +241,14 @@ class PretrainedMixin:
         model.to(device=device, dtype=dtype)
         return model.eval()
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload what `save_pretrained` writes, with a model card, to the hub repo `repo_id`
+        (`vlm_encoder.hub.push_to_hub`: `training=`, `metrics=`, `private=`, `token=`, ...);
+        `from_pretrained(repo_id)` reads it back."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def from_config(cls: type[T], config: Any) -> T:
         """A randomly initialised model of `config` (what `from_pretrained` loads weights into)."""

@@ -592,6 +592,13 @@ class VisionLanguageModel(nn.Module):
 
         return save_vlm(self, save_directory, language_model)
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload what `save_pretrained` writes (the language model included), with a model
+        card, to the hub repo `repo_id` (`vlm_encoder.hub.push_to_hub`)."""
+        from ..hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -605,7 +612,7 @@ class VisionLanguageModel(nn.Module):
         """Load a model written by `save_pretrained`.
 
         Args:
-            path: The directory.
+            path: The directory, or a hub repo id (`push_to_hub`'s; read through the hub cache).
             language_model: The LM, for a model saved with `language_model=False` (or to use
                 another one): a module, or a directory read by `AutoModelForCausalLM`
                 (never with remote code). Default: the saved `language_model/`.

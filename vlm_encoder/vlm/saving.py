@@ -87,6 +87,10 @@ def load_vlm(
     from ..weights import WeightsError
 
     directory = Path(path)
+    if not directory.exists() and str(path).count("/") == 1:  # a hub repo id (push_to_hub's)
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(str(path)))
     config_path = directory / VLM_CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no {VLM_CONFIG_NAME} (expected a VisionLanguageModel.save_pretrained directory)")
