@@ -61,6 +61,12 @@ class VisionConfig(ConfigMixin):
         rope_grid_offset: Added to every RoPE position (PE uses 1).
         rope_xy: Head-dim order of the axes `(x, y)` instead of `(y, x)` (timm
             `rope_grid_indexing='xy'`, PE).
+        attn_window: Side in patches of the square windows that blocks not in
+            `full_attention_blocks` attend within (Qwen2.5-VL: `window_size / patch_size`
+            rounded down to whole merge units), tiling the grid from its top-left corner; `None`:
+            every block attends over all tokens. Tokens stay row-major (`layers.WindowMask`).
+        full_attention_blocks: With `attn_window`, the blocks that attend over all tokens
+            (Qwen2.5-VL `fullatt_block_indexes`).
         qk_norm: LayerNorm over each head's queries and keys before RoPE.
         attn_norm: LayerNorm on the attended tokens before the output projection (EVA02-CLIP's
             sub-LN, timm `scale_attn_inner`).
@@ -123,6 +129,8 @@ class VisionConfig(ConfigMixin):
     rope_ref_grid: tuple[int, int] | None = at_least(1, None)
     rope_grid_offset: float = 0.0
     rope_xy: bool = False
+    attn_window: int | None = at_least(1, None)
+    full_attention_blocks: tuple[int, ...] = at_least(0, ())
     qk_norm: bool = False
     attn_norm: bool = False
     mlp_norm: bool = False
@@ -169,6 +177,12 @@ class VisionConfig(ConfigMixin):
             )
         if self.rope_ref_grid is not None and self.rope != "eva":
             raise ValueError(f"rope_ref_grid applies to rope='eva' only, got rope={self.rope!r}")
+        if self.attn_window is not None and self.num_prefix_tokens:
+            raise ValueError("attn_window needs a tower without CLS / register tokens (windows tile the patch grid)")
+        if self.full_attention_blocks and self.attn_window is None:
+            raise ValueError("full_attention_blocks applies with attn_window only (without it every block is full)")
+        if any(i >= self.depth for i in self.full_attention_blocks):
+            raise ValueError(f"full_attention_blocks {self.full_attention_blocks} must be block indices < depth={self.depth}")
         if self.proj_act != "none" and self.embed_dim is None:
             raise ValueError("proj_act needs a projection: set embed_dim")
         if self.drop_path_rate >= 1.0:

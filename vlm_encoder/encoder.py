@@ -5,7 +5,8 @@ Data flow for an image `(B, C, H, W)`:
   `(B, T, D)` -> [LN pre] -> blocks 0..L-1 (pre-norm) -> final LN -> pooled `(B, D)`
   -> [projection `(B, E)`].
 With `config.rope`, every block also rotates the patch tokens' queries and keys by a 2D
-rotary table `(T, head_dim)` computed for the grid (`layers/rope.py`).
+rotary table `(T, head_dim)` computed for the grid (`layers/rope.py`); with `config.attn_window`,
+the blocks not in `config.full_attention_blocks` attend within windows of the grid (Qwen2.5-VL).
 Layer `i` is the output of block `i`; negative indices count from the end. Only the blocks
 up to the deepest requested layer run.
 """
@@ -28,6 +29,7 @@ from .layers import (
     ResNetStem,
     Rope2d,
     RopeTable,
+    WindowMask,
     build_norm,
     init_linears_and_norms,
     resample_patch_projection,
@@ -241,6 +243,13 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             self._pos_cache[key] = sincos_2d_pos_embed(c.width, grid).to(device=param.device, dtype=param.dtype)
         return self._pos_cache[key]
 
+    def block_masks(self, grid: tuple[int, int], device: torch.device) -> list[WindowMask | None]:
+        """Per block, the `WindowMask` of a windowed block (`config.attn_window`) or `None` for
+        attention over all tokens."""
+        c = self.config
+        window = WindowMask.grid(grid, c.attn_window, device) if c.attn_window is not None else None
+        return [None if i in c.full_attention_blocks else window for i in range(self.num_blocks)]
+
     def rope_table(self, grid: tuple[int, int], device: torch.device) -> RopeTable | None:
         """The rotary table `(T, head_dim)` of one image's tokens (prefix rows the identity),
         or `None` without RoPE."""
@@ -308,6 +317,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         self._check_pixels(pixel_values)
         x, grid = self.embed(pixel_values)
         rope = self.rope_table(grid, x.device)
+        masks = self.block_masks(grid, x.device)
         last = max(wanted)
         wanted_set = set(wanted)
         captured: dict[int, torch.Tensor] = {}
@@ -315,9 +325,9 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         for i, block in enumerate(self.blocks[: last + 1]):
             want_weights = output_attentions and i in wanted_set
             if self.grad_checkpointing and self.training and torch.is_grad_enabled() and not want_weights:
-                x, weights = torch.utils.checkpoint.checkpoint(block, x, rope=rope, use_reentrant=False)
+                x, weights = torch.utils.checkpoint.checkpoint(block, x, masks[i], rope=rope, use_reentrant=False)
             else:
-                x, weights = block(x, return_weights=want_weights, rope=rope)
+                x, weights = block(x, masks[i], return_weights=want_weights, rope=rope)
             if i in wanted_set:
                 captured[i] = x
                 if weights is not None:

@@ -1,6 +1,6 @@
 """Building blocks of the encoder, one concept per module. Layers never import models."""
 
-from .attention import Attention, SegmentMask, attention_weights
+from .attention import Attention, SegmentMask, WindowMask, attention_weights
 from .block import Block, DropPath, LayerScale
 from .init import init_linears_and_norms
 from .map_head import AttentionPoolHead
@@ -26,6 +26,7 @@ __all__ = [
     "RopeTable",
     "SegmentMask",
     "SwiGLU",
+    "WindowMask",
     "build_mlp",
     "build_norm",
     "get_activation",

@@ -37,6 +37,41 @@ class SegmentMask:
         return torch.stack(rows)[:, None]
 
 
+@dataclass(frozen=True)
+class WindowMask:
+    """Attention within windows whose tokens need not be contiguous (Qwen2.5-VL's window blocks
+    over a row-major patch grid).
+
+    `Attention` gathers the tokens window by window, runs one fused call per window (as
+    `SegmentMask`) and scatters the result back, so the tokens stay in their own order.
+
+    Attributes:
+        order: `(T,)` token indices, grouped window by window.
+        lengths: Tokens per window, in that order (summing to `T`).
+    """
+
+    order: torch.Tensor
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def grid(cls, grid: tuple[int, int], window: int, device: torch.device | str | None = None) -> WindowMask:
+        """Square windows of `window x window` patches tiling a row-major grid `(h, w)` from its
+        top-left corner (the last row / column of windows may be cut)."""
+        h, w = grid
+        ys, xs = torch.arange(h, device=device) // window, torch.arange(w, device=device) // window
+        ids = (ys[:, None] * -(-w // window) + xs[None, :]).flatten()  # (h*w,) window of each patch
+        order = torch.argsort(ids, stable=True)
+        lengths = tuple(n for n in torch.bincount(ids).tolist() if n)
+        return cls(order, lengths)
+
+    def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The equivalent boolean mask `(1, 1, T, T)`, True where attention is allowed."""
+        order = self.order.to(device)
+        ids = torch.empty_like(order)
+        ids[order] = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), torch.tensor(self.lengths, device=device))
+        return (ids[:, None] == ids[None, :])[None, None]
+
+
 def attention_weights(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probabilities `softmax(q k^T / sqrt(d))` `(B, heads, Tq, Tk)`."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, Tq, Tk)
@@ -87,7 +122,8 @@ class Attention(nn.Module):
         Args:
             x: Tokens `(B, T, D)`.
             attn_mask: Optional boolean mask `(B, 1, T, T)` or `(T, T)`, True where attention
-                is allowed, or a `SegmentMask` for packed sequences (one call per segment).
+                is allowed, a `SegmentMask` for packed sequences (one call per segment) or a
+                `WindowMask` (one call per window of a grid).
             return_weights: Also return the attention probabilities (explicit softmax path;
                 the default path stays on the fused kernel where there is one).
             causal: Each token attends to itself and the tokens before it (a text tower). Passed
@@ -114,7 +150,14 @@ class Attention(nn.Module):
         weights = None
         if causal and return_weights:
             attn_mask, causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), False
-        if isinstance(attn_mask, SegmentMask):
+        if isinstance(attn_mask, WindowMask) and not return_weights:
+            order = attn_mask.order
+            windows = SegmentMask(lengths=(attn_mask.lengths,) * B)
+            grouped = _segment_attention(q[:, :, order], k[:, :, order], v[:, :, order], windows)  # (B, T, D) by window
+            x = torch.empty_like(grouped)
+            x[:, order] = grouped  # back to the tokens' own order
+            return self.proj(self.norm(x)), None
+        if isinstance(attn_mask, (SegmentMask, WindowMask)):
             if not return_weights:
                 return self.proj(self.norm(_segment_attention(q, k, v, attn_mask))), None
             attn_mask = attn_mask.dense(x.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Attention, SegmentMask
+from .attention import Attention, SegmentMask, WindowMask
 from .mlp import build_mlp
 from .norm import NormKind, build_norm
 from .rope import RopeTable
@@ -90,7 +90,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | SegmentMask | None = None, return_weights: bool = False,
+        self, x: torch.Tensor, attn_mask: torch.Tensor | SegmentMask | WindowMask | None = None, return_weights: bool = False,
         causal: bool = False, rope: RopeTable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(B, T, D) -> (B, T, D)`, plus attention weights `(B, heads, T, T)` when asked

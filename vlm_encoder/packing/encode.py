@@ -88,6 +88,8 @@ def encode_packed(
             with more tokens than `max_tokens_per_pack`.
     """
     wanted = encoder.resolve_layers(layers)
+    if encoder.config.attn_window is not None:
+        raise ValueError("encode_packed does not serve windowed attention (attn_window); encode each image with encoder(...)")
     packed = embed_images(encoder, images, max_tokens_per_pack)
     last = max(wanted)
     wanted_set = set(wanted)

@@ -16,6 +16,7 @@ from .llava import convert_hf_llava_projector, load_llava_mm_projector
 from .mlp import MLPOptions
 from .pixel_shuffle import PixelShuffleOptions, load_idefics3_connector, load_internvl_projector
 from .pool import PoolOptions
+from .qwen_merger import QwenMergerOptions, load_qwen2_5_vl_merger
 from .registry import list_projectors, projector_class, projector_table, register_projector
 from .resampler import ResamplerOptions
 
@@ -29,6 +30,7 @@ __all__ = [
     "Projector",
     "ProjectorConfig",
     "ProjectorKind",
+    "QwenMergerOptions",
     "ResamplerOptions",
     "TokenStream",
     "build_mlp",
@@ -38,6 +40,7 @@ __all__ = [
     "load_idefics3_connector",
     "load_internvl_projector",
     "load_llava_mm_projector",
+    "load_qwen2_5_vl_merger",
     "projector_class",
     "projector_table",
     "register_projector",

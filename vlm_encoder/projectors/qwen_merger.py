@@ -1,0 +1,111 @@
+"""`qwen_merger`: Qwen2.5-VL's `PatchMerger`: RMSNorm on each patch token, merge `s x s`
+neighbouring patches into one token, then Linear, GELU, Linear.
+
+The reference (`Qwen2_5_VLPatchMerger`) sees its tokens grouped by merge unit, so a merged
+token is the concatenation of the patches at offsets `(0, 0), (0, 1), (1, 0), (1, 1)`: the
+`offset_major` space-to-depth of row-major tokens (`pixel_shuffle.space_to_depth`), and the
+merged tokens come out row-major over the `(h/s, w/s)` grid, the order of the reference's
+final output. Unlike `pixel_shuffle` the norm is per patch token (width `C`), before the merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..layers.norm import RMSNorm
+from ..specs.options import at_least
+from .config import KindOptions, ProjectorConfig
+from .kind import ProjectorKind, build_mlp
+from .pixel_shuffle import _exact_keys, _load, _merged_width, space_to_depth
+from .registry import register_projector
+
+if TYPE_CHECKING:
+    from .base import Projector
+
+
+@dataclass(frozen=True)
+class QwenMergerOptions(KindOptions):
+    """`qwen_merger`.
+
+    Attributes:
+        scale_factor: Side `s` of the merged patch neighbourhoods (Qwen `spatial_merge_size`).
+        hidden_dim: Hidden width of the MLP (default: the merged width `C * s^2`, as Qwen).
+        norm_eps: Epsilon of the RMSNorm (Qwen: 1e-6).
+    """
+
+    scale_factor: int = at_least(1, 2)
+    hidden_dim: int | None = at_least(1, None)
+    norm_eps: float = 1e-6
+
+
+@register_projector("qwen_merger")
+class QwenMergerProjector(ProjectorKind):
+    """RMSNorm per token, `s x s` merge (`offset_major`), Linear, GELU, Linear."""
+
+    options_class = QwenMergerOptions
+    needs_grid = True
+    reference = "Qwen2.5-VL PatchMerger"
+    tokens = "N / s^2"
+
+    def __init__(self, config: ProjectorConfig) -> None:
+        super().__init__()
+        options: QwenMergerOptions = config.options
+        self.scale_factor = options.scale_factor
+        merged = config.fused_dim * options.scale_factor**2
+        self.norm = RMSNorm(config.fused_dim, eps=options.norm_eps)
+        self.mlp = build_mlp(merged, options.hidden_dim or merged, config.out_dim, 2, config.bias)
+
+    def _check(self, grid: tuple[int, int]) -> None:
+        s = self.scale_factor
+        if grid[0] % s or grid[1] % s:
+            raise ValueError(
+                f"qwen_merger with scale_factor={s} needs a patch grid divisible by {s}, got {grid[0]}x{grid[1]} "
+                f"(Qwen2.5-VL's processor sizes images to multiples of patch_size * {s})"
+            )
+
+    def num_output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
+        assert grid is not None
+        self._check(grid)
+        return num_tokens // self.scale_factor**2
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        assert grid is not None
+        self._check(grid)
+        merged = space_to_depth(self.norm(x), grid, self.scale_factor, "offset_major")  # (B, N/s^2, C*s*s)
+        return self.mlp(merged)  # (B, N/s^2, out_dim)
+
+
+def load_qwen2_5_vl_merger(state_dict: Mapping[str, torch.Tensor], scale_factor: int = 2) -> Projector:
+    """A `qwen_merger` `Projector` from transformers' `Qwen2_5_VLPatchMerger` weights (the
+    vision tower's `merger.state_dict()`: `ln_q.weight`, `mlp.0`, `mlp.2`).
+
+    Args:
+        state_dict: The merger's own keys (no `merger.` prefix).
+        scale_factor: The vision config's `spatial_merge_size`.
+
+    Returns:
+        The projector; `proj(encoder(pixels))` equals the reference tower's `pooler_output`
+        (merged tokens row-major over the `(h/s, w/s)` grid).
+
+    Raises:
+        WeightsError: Other keys, or widths that do not fit `scale_factor`.
+    """
+    from ..weights import WeightsError
+    from .base import build_projector
+
+    source = "Qwen2.5-VL merger"
+    expected = {"ln_q.weight"} | {f"mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    state = _exact_keys(state_dict, expected, source)
+    first, last = state["mlp.0.weight"], state["mlp.2.weight"]
+    in_dim = _merged_width(first.shape[1], scale_factor, source)
+    if state["ln_q.weight"].shape[0] != in_dim:
+        raise WeightsError(f"{source}: ln_q has width {state['ln_q.weight'].shape[0]}, mlp.0 takes {scale_factor}^2 x {in_dim}")
+    projector = build_projector(
+        "qwen_merger", in_dim, int(last.shape[0]), scale_factor=scale_factor, hidden_dim=int(first.shape[0])
+    )
+    names = {"ln_q": "body.norm", "mlp.0": "body.mlp.0", "mlp.2": "body.mlp.2"}
+    return _load(projector, {f"{names[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in state.items()}, source)
