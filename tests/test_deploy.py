@@ -61,3 +61,50 @@ def test_encoder_output_pytree_round_trip():
     back = torch.utils._pytree.tree_unflatten(leaves, spec)
     assert back.layers == (1,) and back.grid_size == (2, 2) and back.num_blocks == 3
     assert back.patches(-2) is out.patch_tokens[0]
+
+
+def _run_onnx(path, pixels):
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"pixel_values": pixels.numpy()})))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(class_token=False, pool="map"), dict(num_register_tokens=2, embed_dim=16, act="quick_gelu")],
+    ids=["cls", "map", "registers_projection"],
+)
+def test_onnx_equals_torch(config, tmp_path):
+    pytest.importorskip("onnx")
+    from vlm_encoder.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(**TINY, **config)).eval()
+    path = export_onnx(encoder, tmp_path / "enc.onnx", (0, -1), norm=True)
+    pixels = torch.randn(3, 3, 32, 32)  # another batch size than the traced one
+    got = _run_onnx(path, pixels)
+    assert list(got) == ["layer_0", "layer_1", "pooled"]
+    with torch.no_grad():
+        want = encoder(pixels, layers=(0, -1), norm=True)
+        for i in (0, 1):
+            assert abs(got[f"layer_{i}"] - want.tokens(i).numpy()).max() <= 1e-4
+        assert abs(got["pooled"] - encoder.project(want.pooled).numpy()).max() <= 1e-4
+
+
+def test_export_onnx_command(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from vlm_encoder.cli import main
+
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(**TINY))
+    encoder.save_pretrained(tmp_path / "enc")
+    out = tmp_path / "enc.onnx"
+    assert main(["export-onnx", str(tmp_path / "enc"), "--layers", "0", "--image-size", "48x32", "--out", str(out)]) == 0
+    assert "layer_0" in capsys.readouterr().out
+    pixels = torch.randn(2, 3, 48, 32)
+    got = _run_onnx(out, pixels)
+    assert list(got) == ["layer_0"]  # no pooled: the last block did not run
+    with torch.no_grad():
+        want = encoder.eval()(pixels, layers=(0,)).tokens(0).numpy()
+    assert got["layer_0"].shape == (2, 1 + 6 * 4, 32) and abs(got["layer_0"] - want).max() <= 1e-4

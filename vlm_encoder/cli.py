@@ -15,7 +15,7 @@ import os
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("info", "viz", "train", "eval", "extract")
+COMMANDS = ("info", "viz", "train", "eval", "extract", "export-onnx")
 DEBUG_VARIABLE = "VLM_ENCODER_DEBUG"
 
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"show the traceback of a failure (also {DEBUG_VARIABLE}=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"vlm_encoder.commands.{name}").register(subparsers)
+        importlib.import_module(f"vlm_encoder.commands.{name.replace('-', '_')}").register(subparsers)
     return parser
 
 
