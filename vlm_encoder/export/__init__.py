@@ -2,6 +2,14 @@
 state dicts (`export.open_clip`), and ONNX (`export.onnx`). Each goes through the converters'
 own key tables backwards, and refuses, naming the option, what the format cannot hold."""
 
+from .contrastive import save_hf_clip_model, to_hf_clip_model
 from .hf import ExportError, hf_vision_config, save_hf_vision_model, to_hf_vision_model
 
-__all__ = ["ExportError", "hf_vision_config", "save_hf_vision_model", "to_hf_vision_model"]
+__all__ = [
+    "ExportError",
+    "hf_vision_config",
+    "save_hf_clip_model",
+    "save_hf_vision_model",
+    "to_hf_clip_model",
+    "to_hf_vision_model",
+]
