@@ -230,3 +230,13 @@ def test_info_command_reports_errors(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert main(["info", str(tmp_path)]) == 2
     assert "not supported" in capsys.readouterr().err
+
+
+def test_a_converted_tower_saves_and_loads_back(clip_dir, tmp_path):
+    """Weights assigned from a converter's slices (CLIP's position rows) are the module's own
+    tensors: safetensors saves them, and the copy loads back equal."""
+    encoder = load_encoder(clip_dir)
+    for name, tensor in encoder.state_dict().items():
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+    encoder.save_pretrained(tmp_path / "copy")
+    _same_weights(encoder, load_encoder(tmp_path / "copy"))

@@ -341,15 +341,19 @@ def load_state_dict_strict(
 
 
 def _owned(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state_dict`'s tensors as a module may own them: its dtypes, contiguous, no two
-    sharing memory (two parameters assigned one tensor would be tied)."""
+    """`state_dict`'s tensors as a module may own them: its dtypes, contiguous, each the whole
+    of its own storage (two parameters assigned one storage would be tied, and a view into a
+    larger tensor, such as a converter's slice, cannot be saved by safetensors)."""
     owned: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in state_dict.items():
-        value = value.detach().to(expected[key].dtype).contiguous()
-        if value.data_ptr() in seen and value.numel():
-            value = value.clone()
-        seen.add(value.data_ptr())
+        value = value.detach().to(expected[key].dtype)
+        storage = value.untyped_storage()
+        whole = (value.is_contiguous() and value.storage_offset() == 0
+                 and storage.nbytes() == value.numel() * value.element_size())
+        if value.numel() and (not whole or storage.data_ptr() in seen):
+            value = value.clone(memory_format=torch.contiguous_format)
+        seen.add(value.untyped_storage().data_ptr())
         owned[key] = value
     return owned
 
