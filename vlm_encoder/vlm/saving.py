@@ -90,7 +90,12 @@ def load_vlm(
     if not directory.exists() and str(path).count("/") == 1:  # a hub repo id (push_to_hub's)
         from huggingface_hub import snapshot_download
 
-        directory = Path(snapshot_download(str(path)))
+        try:
+            directory = Path(snapshot_download(str(path)))
+        except Exception as err:  # offline and not cached, no such repo, no network
+            raise FileNotFoundError(
+                f"{path} is neither a directory nor a hub repo that could be read ({type(err).__name__}: {err})"
+            ) from err
     config_path = directory / VLM_CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no {VLM_CONFIG_NAME} (expected a VisionLanguageModel.save_pretrained directory)")
