@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import WeightsError, load_state_dict_strict, naming, read_state_dict, strip_prefixes
+from ..weights import WeightsError, build_and_load, naming, read_state_dict, strip_prefixes
 from . import timm_vit
 
 # Top-level keys of a CLIP / CustomTextCLIP checkpoint that belong to the text side.
@@ -363,10 +363,10 @@ def vision_from_state_dict(
     vc = _vision_cfg(model_cfg)
     trunk = build_timm_trunk(model_cfg) if vc.timm_model_name else None
     config = _config_from_trunk(model_cfg, trunk) if trunk is not None else config_from_open_clip(model_cfg)
-    encoder = VisionEncoder(config)
     with naming(source):
         weights = convert_state_dict(state_dict, config, timm_trunk=trunk is not None)
-        load_state_dict_strict(encoder, weights, source=f"open_clip {arch} weights ({source})")
+        # Built on `meta` and assigned: loading holds one copy of the weights.
+        encoder = build_and_load(lambda: VisionEncoder(config), weights, source=f"open_clip {arch} weights ({source})")
     encoder.eval()
     encoder.image_processor = ImageProcessor.from_open_clip(preprocess)
     return encoder

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import load_state_dict_strict, naming, read_state_dict, strip_prefixes
+from ..weights import build_and_load, load_state_dict_strict, naming, read_state_dict, strip_prefixes
 from .hf_common import KeyTable, Transform
 from .timm_vit import (
     _POOLS,
@@ -294,8 +294,11 @@ def encoder_from_timm_eva(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     timm's format), in eval mode, without an image processor."""
     config = config_from_timm_eva(model)
     weights = convert_state_dict(model.state_dict() if state_dict is None else state_dict, config)
-    encoder = VisionEncoder(config)
-    load_state_dict_strict(encoder, weights, source="converted timm Eva state dict")
+    if state_dict is None:  # the model's own tensors: copied, so the two never share storage
+        encoder = VisionEncoder(config)
+        load_state_dict_strict(encoder, weights, source="converted timm Eva state dict")
+    else:  # built on `meta` and assigned: loading holds one copy of the weights
+        encoder = build_and_load(lambda: VisionEncoder(config), weights, source="converted timm Eva state dict")
     return encoder.eval()
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import WeightsError, load_state_dict_strict, naming, read_state_dict, strip_prefixes
+from ..weights import WeightsError, build_and_load, load_state_dict_strict, naming, read_state_dict, strip_prefixes
 
 _POOLS = {"token": "cls", "avg": "gap", "map": "map", "": "none"}
 
@@ -388,8 +388,11 @@ def encoder_from_timm_model(model: nn.Module, state_dict: Mapping[str, torch.Ten
     """
     config = config_from_timm(model)
     weights = convert_state_dict(model.state_dict() if state_dict is None else state_dict, config)
-    encoder = VisionEncoder(config)
-    load_state_dict_strict(encoder, weights, source="converted timm state dict")
+    if state_dict is None:  # the model's own tensors: copied, so the two never share storage
+        encoder = VisionEncoder(config)
+        load_state_dict_strict(encoder, weights, source="converted timm state dict")
+    else:  # built on `meta` and assigned: loading holds one copy of the weights
+        encoder = build_and_load(lambda: VisionEncoder(config), weights, source="converted timm state dict")
     return encoder.eval()
 
 
@@ -426,7 +429,8 @@ def load_timm(name: str, checkpoint: str | None = None, **timm_kwargs: Any) -> V
             raise not_cached(f"timm pretrained weights for {name!r}", err, way_out) from err
         state_dict = None
     else:
-        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+        with torch.device("meta"):  # only its architecture is read: no random weights beside the file's
+            model = timm.create_model(name, pretrained=False, **timm_kwargs)
         state_dict = read_state_dict(checkpoint)
     with naming(str(checkpoint) if checkpoint is not None else f"timm {name} pretrained weights"):
         encoder = encoder_from_timm_model(model, state_dict)

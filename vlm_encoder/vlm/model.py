@@ -607,6 +607,7 @@ class VisionLanguageModel(nn.Module):
         language_model: nn.Module | str | os.PathLike | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        device_map: str | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> VisionLanguageModel:
         """Load a model written by `save_pretrained`.
@@ -617,7 +618,11 @@ class VisionLanguageModel(nn.Module):
                 another one): a module, or a directory read by `AutoModelForCausalLM`
                 (never with remote code). Default: the saved `language_model/`.
             dtype: Cast everything to this dtype (default: the LM's dtype).
-            device: Where to put the model.
+            device: Where to put the model (with `device_map`: the towers and the projector).
+            device_map: Placement of a language model read from a directory, passed to
+                transformers' `AutoModelForCausalLM.from_pretrained` (`"auto"` spreads a big LM
+                over the GPUs, then the CPU; needs accelerate). The LM is built on `meta` and
+                loaded in place; the towers and projector go where its input embeddings are.
             **kwargs: Constructor options overriding the saved ones (e.g. `train_language_model=True`).
 
         Returns:
@@ -629,7 +634,7 @@ class VisionLanguageModel(nn.Module):
         """
         from .saving import load_vlm
 
-        return load_vlm(path, language_model, dtype, device, **kwargs)
+        return load_vlm(path, language_model, dtype, device, device_map=device_map, **kwargs)
 
     # --------------------------------------------------------------- loading
     @classmethod

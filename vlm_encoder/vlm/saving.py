@@ -77,6 +77,7 @@ def load_vlm(
     language_model: nn.Module | str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> VisionLanguageModel:
     """`VisionLanguageModel.from_pretrained` (see there)."""
@@ -112,15 +113,19 @@ def load_vlm(
                 "pass it: VisionLanguageModel.from_pretrained(path, language_model=<module or directory>)"
             )
         language_model = directory / config["language_model"]
+    placed = device_map is not None  # the LM is placed by transformers
+    if placed and isinstance(language_model, nn.Module):
+        raise ValueError("device_map places a language model read from a directory; this one is a module already")
     if not isinstance(language_model, nn.Module):
         from transformers import AutoModelForCausalLM
 
         lm_path = Path(language_model)
         if not lm_path.is_dir():
             raise FileNotFoundError(f"language model directory {lm_path} does not exist")
-        language_model = AutoModelForCausalLM.from_pretrained(
-            lm_path, trust_remote_code=False, **({"dtype": dtype} if dtype is not None else {})
-        )
+        options = {"dtype": dtype} if dtype is not None else {}
+        if device_map is not None:  # transformers places it (through accelerate), built on `meta`
+            options["device_map"] = device_map
+        language_model = AutoModelForCausalLM.from_pretrained(lm_path, trust_remote_code=False, **options)
     dtype = dtype or language_model.get_input_embeddings().weight.dtype
     num_encoders = config.get("num_encoders", 1)
     if isinstance(num_encoders, bool) or not isinstance(num_encoders, int) or num_encoders < 1:
@@ -136,7 +141,7 @@ def load_vlm(
     model = VisionLanguageModel(
         towers[0] if num_encoders == 1 else towers,
         projector,
-        language_model.to(dtype=dtype),
+        language_model if placed else language_model.to(dtype=dtype),
         image_token_id=int(config["image_token_id"]),
         feature_layers=tuple(tuple(l) if isinstance(l, list) else l for l in config["feature_layers"]),
         feature_select=config["feature_select"],
@@ -155,4 +160,15 @@ def load_vlm(
             )
         with torch.no_grad():
             model.image_newline.copy_(saved["image_newline"])
-    return model.to(device=device).eval()
+    if not placed:
+        return model.to(device=device).eval()
+    # The LM stays where transformers placed it (accelerate's hooks move activations between its
+    # parts); the towers and the projector go where its input embeddings are, where image
+    # features join the text.
+    target = device or language_model.get_input_embeddings().weight.device
+    for child in model.children():
+        if child is not language_model:
+            child.to(target)
+    if model.image_newline is not None:
+        model.image_newline.data = model.image_newline.data.to(target)
+    return model.eval()
