@@ -258,7 +258,9 @@ class VisionEncoder(PretrainedMixin, nn.Module):
     def patchify(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image `(B, C, H, W)` through the stem (if any) and the patch embedding: patch tokens
         `(B, N, D)` without positions (after `patch_norm` when the config has one), and the
-        grid `(h, w)`."""
+        grid `(h, w)`. Pixels are cast to the encoder's dtype first, as transformers does
+        (float32 pixels into a bfloat16 encoder, and the reverse)."""
+        pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
         x = pixel_values if self.stem is None else batch_invariant_call(self.stem, pixel_values)  # (B, C', H', W')
         x, grid = self.patch_embed(x)
         return self.patch_norm(x), grid

@@ -59,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="larger images are recorded as failures (default PIL's decompression-bomb limit)")
     parser.add_argument("--device", default=None, help="torch device (default: the process's accelerator)")
+    parser.add_argument("--no-fast-cpu", action="store_true",
+                        help="on the CPU, keep torch's default GEMM route instead of oneDNN's prepacked one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--wait-lock", action="store_true",
                         help="if another run is writing --out, wait for it to finish (default: refuse to start)")
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         select=args.select,
         **model_options(args),
         dtype=args.dtype,
+        fast_cpu=not args.no_fast_cpu,
         image_size=args.image_size,
         norm=args.norm,
         resolution=args.resolution,

@@ -30,18 +30,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=parse_size, metavar="N|HxW",
                         help="input size (default: the model's native size); the position table is resampled")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--no-fast-cpu", action="store_true",
+                        help="on the CPU, keep torch's default GEMM route instead of oneDNN's prepacked one")
 
 
 def build_encoder(args: argparse.Namespace):
     """The image tower that `--model`, `--override`, `--checkpoint` and `--seed` describe, in
     eval mode; the console says which model it is, and when its weights are random."""
+    import torch
+
+    from ..cpu_speed import fast_cpu
     from ..specs.models import load_vision
 
     loaded = load_vision(args.model, command="viz", device=args.device, **model_options(args))
     if loaded.info.get("random_weights"):
         print(f"model: {args.model} with RANDOM WEIGHTS (a preset without --checkpoint): the pictures show the "
               "architecture, not learned features; pass --model with a trained model", file=sys.stderr)
-    return loaded.vision.eval()
+    on_cpu = torch.device(args.device).type == "cpu"
+    return fast_cpu(loaded.vision.eval(), enabled=on_cpu and not getattr(args, "no_fast_cpu", False))
 
 
 def _common(args: argparse.Namespace) -> dict:

@@ -44,6 +44,9 @@ class ExtractConfig(ConfigMixin):
         patch_remainder: `error` or `drop` (floor the patch grid) for the image tower, instead
             of the source's own policy (`specs.models.load_model`).
         dtype: `fp32`, `bf16` or `fp16`: the encoder's dtype and the stored features'.
+        fast_cpu: On the CPU, run the linears through oneDNN's prepacked GEMM
+            (`vlm_encoder.cpu_speed.fast_cpu`: float32-exact to ~1e-6, batch-invariant); `False`
+            keeps torch's default route.
         image_size: `(H, W)` to resize to instead of the processor's size.
         resolution: `fixed` (every image at one size) or `native` (each image at its own
             aspect ratio, at most `max_patches` patches, encoded alone; see `resolution.py`).
@@ -74,6 +77,7 @@ class ExtractConfig(ConfigMixin):
     seed: int = at_least(0, 0)
     patch_remainder: Literal["error", "drop"] | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fast_cpu: bool = True
     image_size: tuple[int, int] | None = at_least(1, None)
     norm: bool = False
     resolution: Literal["fixed", "native"] = "fixed"

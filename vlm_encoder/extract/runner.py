@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..cpu_speed import fast_cpu
 from ..encoder import VisionEncoder
 from ..packing.sizing import native_sizing
 from ..locks import hold_directory
@@ -331,7 +332,9 @@ def _extract(config: ExtractConfig, state: Any, started: float) -> ExtractSummar
             else {"mode": "anyres", "policy": "llava_next", "pinpoints": [list(p) for p in config.anyres],
                   "tile_size": tiling.tile_size}
         )
-    encoder = encoder.to(device=device, dtype=config.torch_dtype)
+    if config.fast_cpu and device.type == "cpu":  # other rounding than the plain route: a store keeps one
+        fingerprint["cpu_gemm"] = "onednn_packed"
+    encoder = fast_cpu(encoder.to(device=device, dtype=config.torch_dtype), enabled=config.fast_cpu and device.type == "cpu")
     height, width = processor.config.output_size or encoder.config.image_size  # a NaFlex processor sizes per image
     if prepare is None:
         probe = plan(encoder, torch.zeros(1, 3, height, width, device=device, dtype=config.torch_dtype))

@@ -1,0 +1,135 @@
+"""The fast CPU path (`vlm_encoder.cpu_speed.fast_cpu`) and the encoder's pixel-dtype cast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vlm_encoder import VisionConfig, VisionEncoder, batch_invariance
+from vlm_encoder.cpu_speed import PackedLinear, fast_cpu, fast_cpu_available
+
+pytestmark = pytest.mark.skipif(not fast_cpu_available(), reason="torch built without oneDNN")
+
+TINY = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=4)
+VARIANTS = {
+    "cls": {},
+    "map": dict(pool="map"),
+    "swiglu": dict(mlp_type="swiglu", mlp_dim=40),
+    "pooler": dict(embed_dim=32, proj_bias=True, proj_act="tanh"),
+    "no_bias": dict(qkv_bias=False),
+}
+
+
+def tiny(**overrides) -> VisionEncoder:
+    torch.manual_seed(0)
+    return VisionEncoder(VisionConfig(**{**TINY, **overrides})).eval()
+
+
+def global_state() -> dict:
+    mkldnn = torch.backends.mkldnn
+    return dict(
+        enabled=mkldnn.enabled,
+        deterministic=mkldnn.deterministic,
+        threads=torch.get_num_threads(),
+        matmul=getattr(getattr(mkldnn, "matmul", None), "fp32_precision", None),
+        float32_matmul=torch.get_float32_matmul_precision(),
+        deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+        grad=torch.is_grad_enabled(),
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fast_path_equals_the_plain_path(variant):
+    encoder = tiny(**VARIANTS[variant])
+    fast = fast_cpu(encoder)
+    px = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        plain, ours = encoder(px, layers="all"), fast(px, layers="all")
+    for i in range(encoder.num_blocks):
+        assert (plain.patches(i) - ours.patches(i)).abs().max() <= 1e-5
+    if plain.pooled is not None:
+        assert (plain.pooled - ours.pooled).abs().max() <= 1e-5
+    assert any(isinstance(m, PackedLinear) for m in fast.modules())
+
+
+def test_fast_path_is_batch_invariant_without_per_image_fallback():
+    # ViT-ish shape (50 tokens, width 96): the batched call itself gives each image its bits alone.
+    encoder = tiny(image_size=56, patch_size=8, width=96, num_heads=4, embed_dim=32)
+    fast = fast_cpu(encoder)
+    px = torch.randn(5, 3, 56, 56)
+    with torch.inference_mode(), batch_invariance("off"):
+        batch = fast(px, layers=(0, -1))
+        for i in range(5):
+            alone = fast(px[i : i + 1], layers=(0, -1))
+            assert torch.equal(batch.patches(-1)[i], alone.patches(-1)[0])
+            assert torch.equal(batch.pooled[i], alone.pooled[0])
+    with torch.inference_mode():  # and with the default probe-and-fallback switch
+        batch = fast(px)
+        assert all(torch.equal(batch.pooled[i], fast(px[i : i + 1]).pooled[0]) for i in range(5))
+
+
+def test_torch_global_state_and_the_original_module_are_left_alone():
+    encoder = tiny()
+    before = global_state()
+    fast = fast_cpu(encoder)
+    with torch.inference_mode():
+        fast(torch.randn(2, 3, 32, 32))
+    assert global_state() == before
+    assert not any(isinstance(m, PackedLinear) for m in encoder.modules())
+    theirs, ours = encoder.state_dict(), fast.state_dict()
+    assert list(theirs) == list(ours)
+    assert all(theirs[k].data_ptr() == ours[k].data_ptr() for k in theirs)  # shared, not copied
+
+
+def test_changed_weights_are_repacked():
+    encoder = tiny()
+    fast = fast_cpu(encoder)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        fast(px)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.mul_(0.5)
+    with torch.inference_mode():
+        assert (fast(px).patches(-1) - encoder(px).patches(-1)).abs().max() <= 1e-5
+
+
+def test_gradients_take_the_plain_path_and_match():
+    encoder = tiny()
+    fast = fast_cpu(encoder)
+    px = torch.randn(2, 3, 32, 32)
+    fast(px).patches(-1).square().sum().backward()
+    fast_grads = [None if p.grad is None else p.grad.clone() for p in encoder.parameters()]
+    encoder.zero_grad(set_to_none=True)
+    encoder(px).patches(-1).square().sum().backward()
+    for a, p in zip(fast_grads, encoder.parameters()):
+        assert (a is None) == (p.grad is None) and (a is None or torch.allclose(a, p.grad, atol=1e-6))
+
+
+def test_bf16_weights_take_onednn_bf16_and_stay_close():
+    encoder = tiny().to(torch.bfloat16)
+    fast = fast_cpu(encoder)
+    px = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        plain, ours = encoder(px).patches(-1).float(), fast(px).patches(-1).float()
+    assert ours.dtype == torch.float32 and (plain - ours).abs().max() <= 0.05 * plain.abs().max()
+
+
+def test_disabled_returns_the_module_and_tied_modules_stay_tied():
+    encoder = tiny()
+    assert fast_cpu(encoder, enabled=False) is encoder
+    shared = nn.Linear(4, 4)
+    fast = fast_cpu(nn.Sequential(shared, shared))
+    assert fast[0] is fast[1] and isinstance(fast[0], PackedLinear)
+
+
+@pytest.mark.parametrize("model_dtype,pixel_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_pixels_are_cast_to_the_encoders_dtype(model_dtype, pixel_dtype):
+    encoder = tiny().to(model_dtype)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = encoder(px.to(pixel_dtype), layers=(-1,))
+        same = encoder(px.to(pixel_dtype).to(model_dtype), layers=(-1,))
+    assert out.patches(-1).dtype == model_dtype
+    assert torch.equal(out.patches(-1), same.patches(-1))
