@@ -3,6 +3,7 @@
 A checkpoint is a directory `checkpoints/step_XXXXXXXX/` holding
 
     model.safetensors     every parameter and buffer of the model
+    ema.safetensors       the moving average of the weights (runs with `ema_decay` only)
     optimizer.pt          AdamW state
     scheduler.pt          learning-rate schedule state
     scaler.pt             fp16 gradient scaler state (fp16 runs only)
@@ -41,6 +42,7 @@ from ..pretrained import apply_umask
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
@@ -159,6 +161,7 @@ class CheckpointParts:
     trainer_state: dict[str, Any]
     sampler: dict[str, Any] | None
     rng: dict[str, Any] | None
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def save_checkpoint(
@@ -171,6 +174,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     sampler_state: dict[str, Any],
     scaler_state: dict[str, Any] | None = None,
+    ema_state: dict[str, torch.Tensor] | None = None,
     rank: int = 0,
     is_main: bool = True,
     barrier=lambda: None,
@@ -184,6 +188,7 @@ def save_checkpoint(
         step: Optimizer steps done.
         model_state: The unwrapped model's state dict.
         optimizer_state / scheduler_state / scaler_state: Their `state_dict()`s.
+        ema_state: The `AveragedModel`'s state dict (weights and `n_averaged`), if any.
         trainer_state: JSON-able counters (step, epoch, ...).
         sampler_state: `EpochSampler`-style position of the next batch (JSON-able).
         rank / is_main / barrier: This process and a synchronisation across processes.
@@ -204,6 +209,8 @@ def save_checkpoint(
     if is_main:
         model_cpu = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
         save_file(model_cpu, str(tmp / MODEL_FILE))
+        if ema_state is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, str(tmp / EMA_FILE))
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(scheduler_state, tmp / SCHEDULER_FILE)
         if scaler_state is not None:
@@ -309,6 +316,10 @@ def load_checkpoint(path: str | os.PathLike, *, rank: int = 0, allow_partial: bo
     optimizer = _torch_load(path / OPTIMIZER_FILE)
     scheduler = _torch_load(path / SCHEDULER_FILE)
     scaler = _torch_load(path / SCALER_FILE) if SCALER_FILE in files else None
+    try:
+        ema = load_file(str(path / EMA_FILE)) if EMA_FILE in files else None
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint part {path / EMA_FILE} cannot be read ({err})") from None
     trainer_state = json.loads((path / STATE_FILE).read_text())
 
     missing = [name for name in (SAMPLER_FILE, rng_file(rank)) if not (path / name).is_file()]
@@ -323,4 +334,4 @@ def load_checkpoint(path: str | os.PathLike, *, rank: int = 0, allow_partial: bo
         warnings.warn(f"resuming from {path} without {parts}: the run will not match an uninterrupted one", stacklevel=2)
     sampler = json.loads((path / SAMPLER_FILE).read_text()) if SAMPLER_FILE not in missing else None
     rng = _torch_load(path / rng_file(rank)) if rng_file(rank) not in missing else None
-    return CheckpointParts(path, model, optimizer, scheduler, scaler, trainer_state, sampler, rng)
+    return CheckpointParts(path, model, optimizer, scheduler, scaler, trainer_state, sampler, rng, ema)

@@ -115,6 +115,10 @@ class TrainConfig(ConfigMixin):
         eval_batch_size: Batch of the evaluation forward passes.
         log_every: Log the training loss every N steps.
         progress: Show a progress bar.
+        ema_decay: Keep an exponential moving average of the weights with this decay
+            (`torch.optim.swa_utils.AveragedModel`, updated after every applied step, e.g.
+            `0.999`); evaluation and the export use the averaged weights, and checkpoints hold
+            it (`ema.safetensors`) so a resumed run stays exact. `None`: no average.
     """
 
     data: str = "builtin:digits"
@@ -167,6 +171,7 @@ class TrainConfig(ConfigMixin):
     eval_batch_size: int = at_least(1, 256)
     log_every: int = at_least(1, 10)
     progress: bool = True
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -178,6 +183,8 @@ class TrainConfig(ConfigMixin):
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eps"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (or None for no average), got {self.ema_decay!r}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}")
         if not all(0 <= b < 1 for b in self.betas):

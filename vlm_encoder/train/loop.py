@@ -130,6 +130,8 @@ class Trainer:
             reason = "no readable image in the batch of this or another process"
         else:
             out, reason = optimizer_step(self.parts, inputs), "non-finite loss or gradient"
+            if not out.skipped and self.parts.ema is not None:
+                self.parts.ema.update_parameters(self.model)
         self.progress.step += 1
         if out.skipped:
             step = self.progress.step
@@ -255,18 +257,25 @@ class Trainer:
         p = self.parts
         if p.eval_source is None:
             return {}
-        metrics = evaluate(p.model, p.eval_source, p.processor, p.tokenizer, templates=self.config.templates,
+        metrics = evaluate(self.final_model, p.eval_source, p.processor, p.tokenizer, templates=self.config.templates,
                            batch_size=self.config.eval_batch_size, device=p.device, progress=self.config.progress)
         self.log.write("eval", self.progress.step, **metrics)
         return metrics
 
+    @property
+    def final_model(self) -> ContrastiveModel:
+        """What is evaluated and exported: the moving average of the weights with `ema_decay`,
+        else the trained model itself."""
+        return self.parts.ema.module if self.parts.ema is not None else self.model
+
     def export(self) -> Path:
-        """Each tower and the whole model with `save_pretrained` under `export/`."""
+        """Each tower and the whole model (`final_model`) with `save_pretrained` under `export/`."""
         out = self.run_dir / "export"
+        model = self.final_model
         if self.accelerator.is_main_process:
-            self.model.save_pretrained(out / "model")  # with the image processor of the run
-            self.model.vision.save_pretrained(out / "vision")
-            self.model.text.save_pretrained(out / "text")
+            model.save_pretrained(out / "model")  # with the image processor of the run
+            model.vision.save_pretrained(out / "vision")
+            model.text.save_pretrained(out / "text")
         self.accelerator.wait_for_everyone()
         return out
 

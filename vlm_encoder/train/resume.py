@@ -127,6 +127,7 @@ class RunCheckpoints:
             optimizer_state=p.optimizer.state_dict(),
             scheduler_state=p.scheduler.state_dict(),
             scaler_state=scaler,
+            ema_state=p.ema.state_dict() if p.ema is not None else None,
             trainer_state={"step": progress.step, "skipped_steps": progress.skipped_steps,
                            "skipped_images": progress.skipped_images, "total_steps": p.total_steps,
                            "config": _plain(p.config)},
@@ -218,6 +219,11 @@ class RunCheckpoints:
         p.scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
         if acc.scaler is not None and loaded.scaler is not None:
             acc.scaler.load_state_dict(loaded.scaler)
+        if p.ema is not None:
+            if loaded.ema is None:
+                raise ValueError(f"checkpoint {path} holds no moving average of the weights (ema.safetensors), "
+                                 "but this run keeps one (ema_decay): resuming would not continue it")
+            p.ema.load_state_dict(loaded.ema, strict=True)
         step = int(state["step"])
         if loaded.sampler is not None:
             p.sampler.load_state_dict(loaded.sampler)

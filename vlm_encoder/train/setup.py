@@ -42,6 +42,8 @@ class TrainSetup:
         bare_forward: The same module unwrapped (compiled with `compile`), for GradCache's
             no-gradient pass.
         trainable: The parameters the optimizer updates.
+        ema: With `ema_decay`, the `AveragedModel` holding the moving average of the weights
+            (its `module` is a `ContrastiveModel`); else `None`.
     """
 
     config: TrainConfig
@@ -59,6 +61,7 @@ class TrainSetup:
     forward: nn.Module
     bare_forward: nn.Module
     trainable: list[nn.Parameter]
+    ema: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -134,11 +137,17 @@ def set_up(
     if c.compile:
         bare_forward = torch.compile(bare_forward)
     forward, optimizer = acc.prepare(bare_forward, optimizer)
+    ema = None
+    if c.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # A copy of the weights (buffers too), averaged after every applied step (loop.train_step).
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay), use_buffers=True).eval()
     return TrainSetup(
         config=c, accelerator=acc, model=model, processor=processor, tokenizer=tokenizer,
         train_source=train_source, eval_source=eval_source, sampler=sampler, total_steps=total_steps,
         optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, forward=forward, bare_forward=bare_forward,
-        trainable=[p for p in model.parameters() if p.requires_grad],
+        trainable=[p for p in model.parameters() if p.requires_grad], ema=ema,
     )
 
 
