@@ -235,3 +235,32 @@ def test_open_clip_memory_is_quadratic_so_the_measure_can_fail():
     big_peak, _ = _measure(loss_fn, 256)
     assert small_largest == 128 * 128
     assert big_peak / small_peak > 3.5
+
+
+@pytest.mark.slow  # ~15 s each on 2 busy cores
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_default_chunked_loss_equals_the_full_logits_loss_at_8192(kind):
+    """The default (`chunk_size=None`: automatic blocks) against the `B x B` logits loss at
+    B = 8,192 (64-d features keep it fast): loss and gradients."""
+    import torch.nn.functional as F
+
+    from vlm_encoder.contrastive import ClipLoss, SigLipLoss
+
+    g = torch.Generator().manual_seed(0)
+    B = 8192
+    feats = [F.normalize(torch.randn(B, 64, generator=g), dim=-1).requires_grad_() for _ in range(2)]
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    ours = (ClipLoss() if kind == "clip" else SigLipLoss())(*feats, scale, bias)
+    assert ClipLoss().chunk_size is None
+    grads = torch.autograd.grad(ours, feats)
+    logits = feats[0] @ feats[1].T * scale + bias  # (B, B)
+    labels = torch.arange(B)
+    if kind == "clip":
+        full = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    else:
+        signs = 2 * torch.eye(B) - 1
+        full = -F.logsigmoid(signs * logits).sum() / B
+    full_grads = torch.autograd.grad(full, feats)
+    assert torch.allclose(ours, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, full_grads):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
