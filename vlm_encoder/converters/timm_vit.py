@@ -367,10 +367,15 @@ def _fold_prefix_positions(out: dict[str, torch.Tensor], config: VisionConfig) -
     out["pos_embed"] = table[:, prefix:].contiguous()
 
 
-def not_cached(what: str, err: Exception, way_out: str) -> RuntimeError:
+class WeightsNotCached(FileNotFoundError, RuntimeError):
+    """Pretrained weights neither cached nor downloadable: a missing file to the commands (one
+    line, exit 2, as a hub id not cached offline), and still the `RuntimeError` it always was."""
+
+
+def not_cached(what: str, err: Exception, way_out: str) -> WeightsNotCached:
     """The error for pretrained weights that are neither cached nor downloadable (the
     libraries raise many kinds): what failed, and how to pass a local file instead."""
-    return RuntimeError(
+    return WeightsNotCached(
         f"{what} are not in the local cache and could not be downloaded "
         f"({type(err).__name__}: {str(err).strip()[:300]}). Pass a local file instead: {way_out}"
     )
