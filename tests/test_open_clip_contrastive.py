@@ -130,3 +130,20 @@ def test_converted_model_trains_and_saves(tmp_path):
     assert result.step == 2 and not result.skipped_steps
     exported = ContrastiveModel.from_pretrained(tmp_path / "run" / "export" / "model")
     assert exported.vision.image_processor == trainer.parts.processor  # saved with the model
+
+
+def test_info_of_an_unsupported_text_tower_describes_the_image_tower(tmp_path, capsys):
+    """`info` (need="any") on an open_clip model whose text tower we cannot express loads its
+    image tower and says why the text tower is missing; `eval` (need="contrastive") refuses."""
+    from vlm_encoder.cli import main
+    from vlm_encoder.specs.models import load_model
+
+    _, path = perturbed_checkpoint("vlmtest-CLIP-siglip-text", tmp_path)
+    spec = f"open_clip:vlmtest-CLIP-siglip-text:{path}"
+    loaded = load_model(spec)
+    assert loaded.kind == "encoder" and "not loaded" in loaded.info["text_tower"]
+    assert loaded.vision.config.width == VIT["width"]
+    with pytest.raises(UnsupportedOpenClipModel, match="text tower options not supported"):
+        load_model(spec, need="contrastive")
+    assert main(["info", spec, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "encoder"

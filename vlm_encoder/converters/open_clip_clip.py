@@ -55,16 +55,21 @@ _TEXT_DEFAULTS: dict[str, Any] = {
 }
 
 
+class UnsupportedOpenClipTextTower(UnsupportedOpenClipModel):
+    """An open_clip text tower the CLIP-style `TextEncoder` cannot express (its image tower
+    may still load on its own)."""
+
+
 def text_config_from_open_clip(model_cfg: Mapping[str, Any]) -> TextConfig:
     """The `TextConfig` of an open_clip model config's text tower.
 
     Raises:
-        UnsupportedOpenClipModel: An option our text tower cannot express (named).
+        UnsupportedOpenClipTextTower: An option our text tower cannot express (named).
     """
     if model_cfg.get("custom_text") and model_cfg.get("text_cfg", {}).get("hf_model_name"):
-        raise UnsupportedOpenClipModel("open_clip text tower is a Hugging Face model (text_cfg.hf_model_name)")
+        raise UnsupportedOpenClipTextTower("open_clip text tower is a Hugging Face model (text_cfg.hf_model_name)")
     if "multimodal_cfg" in model_cfg:
-        raise UnsupportedOpenClipModel("open_clip CoCa models (multimodal_cfg) are not CLIP models")
+        raise UnsupportedOpenClipTextTower("open_clip CoCa models (multimodal_cfg) are not CLIP models")
     text_cfg = dict(model_cfg.get("text_cfg", {}))
     refused = [
         f"{key}={text_cfg[key]!r} (supported: {default!r})"
@@ -72,22 +77,22 @@ def text_config_from_open_clip(model_cfg: Mapping[str, Any]) -> TextConfig:
         if key in text_cfg and text_cfg[key] != default and not (key == "block_type" and text_cfg[key] == "default")
     ]
     if refused:
-        raise UnsupportedOpenClipModel(f"open_clip text tower options not supported: {', '.join(refused)}")
+        raise UnsupportedOpenClipTextTower(f"open_clip text tower options not supported: {', '.join(refused)}")
     act_kwargs = text_cfg.get("act_kwargs") or {}
     if model_cfg.get("quick_gelu"):
         if act_kwargs:
-            raise UnsupportedOpenClipModel(f"quick_gelu with act_kwargs={act_kwargs!r}")
+            raise UnsupportedOpenClipTextTower(f"quick_gelu with act_kwargs={act_kwargs!r}")
         act = "quick_gelu"
     elif not act_kwargs:
         act = "gelu"
     elif act_kwargs == {"approximate": "tanh"}:
         act = "gelu_tanh"
     else:
-        raise UnsupportedOpenClipModel(f"text_cfg.act_kwargs={act_kwargs!r} (supported: approximate='tanh')")
+        raise UnsupportedOpenClipTextTower(f"text_cfg.act_kwargs={act_kwargs!r} (supported: approximate='tanh')")
     norm_kwargs = dict(text_cfg.get("norm_kwargs") or {})
     eps = float(norm_kwargs.pop("eps", 1e-5))
     if norm_kwargs:
-        raise UnsupportedOpenClipModel(f"text_cfg.norm_kwargs={text_cfg['norm_kwargs']!r} (supported: eps)")
+        raise UnsupportedOpenClipTextTower(f"text_cfg.norm_kwargs={text_cfg['norm_kwargs']!r} (supported: eps)")
     width = int(text_cfg.get("width", 512))
     return TextConfig(
         context_length=int(text_cfg.get("context_length", 77)),

@@ -245,14 +245,22 @@ def load_model(
     elif spec.scheme == "open_clip":
         tag = spec.tag or checkpoint
         info = {"family": "open_clip", "source": spec.text, "name": spec.name, "checkpoint": tag}
-        if need == "vision":
-            from ..converters.open_clip_vit import load_open_clip
+        from ..converters.open_clip_clip import UnsupportedOpenClipTextTower
+        from ..converters.open_clip_vit import load_open_clip
 
+        if need == "vision":
             loaded = LoadedModel(spec, "encoder", load_open_clip(spec.name, tag), info)
         else:
             from ..contrastive import ContrastiveModel
 
-            loaded = LoadedModel(spec, "contrastive", ContrastiveModel.from_open_clip(spec.name, tag), info)
+            try:
+                loaded = LoadedModel(spec, "contrastive", ContrastiveModel.from_open_clip(spec.name, tag), info)
+            except UnsupportedOpenClipTextTower as err:
+                if need == "contrastive":
+                    raise
+                # `info` of e.g. an open_clip SigLIP: describe the image tower, and say why alone.
+                info["text_tower"] = f"not loaded ({err})"
+                loaded = LoadedModel(spec, "encoder", load_open_clip(spec.name, tag), info)
     else:
         loaded = _load_directory(spec, kind, checkpoint, revision)
     if loaded.vision is not None:
