@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..processing import ImageLoadError, ImageProcessor
+from .augment import TrainAugment
 from .sampler import EpochSampler
 from .sources import PairSource
 
@@ -66,25 +67,36 @@ class CachedTokenizer:
 
 
 class ImageReader:
-    """Decoded, preprocessed images of a source; in-memory sources keep their tensors."""
+    """Decoded, preprocessed images of a source; in-memory sources keep their tensors (not
+    when augmenting: every epoch crops afresh).
 
-    def __init__(self, source: PairSource, processor: ImageProcessor) -> None:
+    Args:
+        source: The pairs.
+        processor: Image preprocessing.
+        augment: Training augmentation replacing the processor's resize and crop (`augment.py`).
+    """
+
+    def __init__(self, source: PairSource, processor: ImageProcessor, augment: TrainAugment | None = None) -> None:
         self.source = source
         self.processor = processor
+        self.augment = augment
         self._memo: dict[int, torch.Tensor] = {}
 
-    def read(self, indices: list[int]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-        """`(kept indices, (B, 3, H, W) pixels or None if none kept, skipped (index, reason))`."""
+    def read(self, indices: list[int], epoch: int = 0) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+        """`(kept indices, (B, 3, H, W) pixels or None if none kept, skipped (index, reason))`;
+        `epoch` seeds the augmentation."""
         kept, pixels, skipped = [], [], []
         for index in indices:
             tensor = self._memo.get(index)
             if tensor is None:
                 try:
-                    tensor = self.processor([self.source.image(index)])[0]  # (3, H, W) normalised
+                    image = self.source.image(index)
+                    tensor = (self.augment(image, epoch, index) if self.augment is not None
+                              else self.processor([image])[0])  # (3, H, W) normalised
                 except (ImageLoadError, ValueError) as err:  # unreadable or unusable: skipped, counted
                     skipped.append((index, str(err)))
                     continue
-                if getattr(self.source, "in_memory", False):
+                if getattr(self.source, "in_memory", False) and self.augment is None:
                     self._memo[index] = tensor
             kept.append(index)
             pixels.append(tensor)
@@ -100,13 +112,15 @@ class PairBatches(Dataset):
         tokenizer: Captions -> `TokenizedText`.
         seed: Seed of the caption choice.
         with_images: Read the images (False when their features are cached).
+        augment: Training augmentation (`augment.py`), or `None`.
     """
 
     def __init__(
-        self, source: PairSource, processor: ImageProcessor, tokenizer: Callable, seed: int, with_images: bool = True
+        self, source: PairSource, processor: ImageProcessor, tokenizer: Callable, seed: int, with_images: bool = True,
+        augment: TrainAugment | None = None,
     ) -> None:
         self.source = source
-        self.reader = ImageReader(source, processor)
+        self.reader = ImageReader(source, processor, augment)
         self.tokenize = CachedTokenizer(tokenizer)
         self.seed = seed
         self.with_images = with_images
@@ -118,7 +132,7 @@ class PairBatches(Dataset):
         epoch, position, indices = key
         pixels, skipped = None, []
         if self.with_images:
-            indices, pixels, skipped = self.reader.read(indices)
+            indices, pixels, skipped = self.reader.read(indices, epoch)
         captions = [choose_caption(self.source.captions(i), self.seed, epoch, i) for i in indices]
         ids, mask = self.tokenize(captions) if captions else (torch.zeros(0, 1, dtype=torch.long),) * 2
         return PairBatch(epoch, position, torch.tensor(indices, dtype=torch.long), ids, mask, pixels, skipped)

@@ -119,6 +119,10 @@ class TrainConfig(ConfigMixin):
             (`torch.optim.swa_utils.AveragedModel`, updated after every applied step, e.g.
             `0.999`); evaluation and the export use the averaged weights, and checkpoints hold
             it (`ema.safetensors`) so a resumed run stays exact. `None`: no average.
+        augment: open_clip's training augmentation: `RandomResizedCrop(size, scale=(0.9, 1.0),
+            bicubic)` (torchvision v2) in place of the processor's resize and crop, then its
+            normalisation. Each image's crop is seeded by `(seed, epoch, index)`, so resumed runs
+            and any `num_workers` stay exact. Not with cached LiT features.
     """
 
     data: str = "builtin:digits"
@@ -172,6 +176,7 @@ class TrainConfig(ConfigMixin):
     log_every: int = at_least(1, 10)
     progress: bool = True
     ema_decay: float | None = None
+    augment: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -185,6 +190,9 @@ class TrainConfig(ConfigMixin):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (or None for no average), got {self.ema_decay!r}")
+        if self.augment and self.lock_image and self.cache_image_features:
+            raise ValueError("augment with lock_image and cache_image_features: cached image features are computed "
+                             "once, unaugmented; set cache_image_features: false to augment a locked tower's input")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}")
         if not all(0 <= b < 1 for b in self.betas):

@@ -30,6 +30,7 @@ from ..contrastive import ContrastiveModel
 from ..determinism import batch_invariance
 from ..locks import hold_directory
 from . import checkpoint as ckpt
+from .augment import TrainAugment
 from .batches import PairBatch, PairBatches, batch_loader
 from .config import TrainConfig
 from .evaluate import evaluate
@@ -226,8 +227,9 @@ class Trainer:
         if parts.use_feature_cache:
             self.feature_cache = cache_image_features(parts, self.log, self.progress.step)
             self.progress.skipped_images += self.feature_cache.skipped
+        augment = TrainAugment(parts.processor, c.seed) if c.augment else None
         batches = PairBatches(parts.train_source, parts.processor, parts.tokenizer, c.seed,
-                              with_images=not parts.use_feature_cache)
+                              with_images=not parts.use_feature_cache, augment=augment)
         loader = iter(batch_loader(batches, parts.sampler, c.num_workers))
         if resumed.rng is not None:  # after the loader exists: it is the RNG state the checkpoint saw
             ckpt.restore_rng(resumed.rng)
