@@ -123,6 +123,12 @@ class TrainConfig(ConfigMixin):
             bicubic)` (torchvision v2) in place of the processor's resize and crop, then its
             normalisation. Each image's crop is seeded by `(seed, epoch, index)`, so resumed runs
             and any `num_workers` stay exact. Not with cached LiT features.
+        lora_r: Train LoRA adapters of this rank (through `peft`) instead of the weights: only
+            the adapters train (the heads and logit scale stay as loaded); checkpoints hold
+            them, and `export/` holds the model with the adapters merged. `None`: no LoRA.
+        lora_targets: The linear layers adapted: module-name suffixes (`qkv`, `proj`: both
+            towers' attention) or regular expressions over full names (`vision\\..*qkv`).
+        lora_alpha: LoRA's scaling numerator (the update is scaled by `alpha / r`); default `r`.
     """
 
     data: str = "builtin:digits"
@@ -177,6 +183,9 @@ class TrainConfig(ConfigMixin):
     progress: bool = True
     ema_decay: float | None = None
     augment: bool = False
+    lora_r: int | None = at_least(1, None)
+    lora_targets: tuple[str, ...] = ("qkv", "proj")
+    lora_alpha: float | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -193,6 +202,8 @@ class TrainConfig(ConfigMixin):
         if self.augment and self.lock_image and self.cache_image_features:
             raise ValueError("augment with lock_image and cache_image_features: cached image features are computed "
                              "once, unaugmented; set cache_image_features: false to augment a locked tower's input")
+        if self.lora_r is not None and not self.lora_targets:
+            raise ValueError("lora_r is set but lora_targets is empty: name the linear layers to adapt, e.g. [qkv, proj]")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}")
         if not all(0 <= b < 1 for b in self.betas):

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..contrastive import ContrastiveModel
 from ..determinism import batch_invariance
 from ..locks import hold_directory
+from ..lora import merge_lora
 from . import checkpoint as ckpt
 from .augment import TrainAugment
 from .batches import PairBatch, PairBatches, batch_loader
@@ -274,6 +275,8 @@ class Trainer:
         """Each tower and the whole model (`final_model`) with `save_pretrained` under `export/`."""
         out = self.run_dir / "export"
         model = self.final_model
+        if self.config.lora_r is not None:  # adapters merged: a plain ContrastiveModel
+            model = merge_lora(model)
         if self.accelerator.is_main_process:
             model.save_pretrained(out / "model")  # with the image processor of the run
             model.vision.save_pretrained(out / "vision")

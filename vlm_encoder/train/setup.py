@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..contrastive import ContrastiveModel
+from ..lora import apply_lora
 from ..processing import ImageProcessor
 from .build import build_model, build_optimizer, build_scheduler
 from .config import TrainConfig
@@ -118,6 +119,11 @@ def set_up(
         if c.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.train()
+    if c.lora_r is not None:  # on the loaded weights, before the optimizer: only the adapters train
+        adapted = apply_lora(model, c.lora_r, c.lora_targets, c.lora_alpha)
+        if c.lock_image and any(name.startswith("vision.") for name in adapted):
+            raise ValueError(f"lora_targets {c.lora_targets!r} adapt the locked image tower (lock_image); "
+                             "name only text layers, e.g. 'text\\..*qkv'")
     tokenizer = model.text.tokenizer()
     # A pretrained tower's own preprocessing (its mean / std, resize); else the default.
     processor = model.get_image_processor() or ImageProcessor.default_for(model.vision.config)
