@@ -129,6 +129,9 @@ class TrainConfig(ConfigMixin):
         lora_targets: The linear layers adapted: module-name suffixes (`qkv`, `proj`: both
             towers' attention) or regular expressions over full names (`vision\\..*qkv`).
         lora_alpha: LoRA's scaling numerator (the update is scaled by `alpha / r`); default `r`.
+        fsdp: Shard the weights, gradients and optimizer state over the processes (FSDP2,
+            `torch.distributed.fsdp.fully_shard`, one unit per tower block; `train/fsdp.py`)
+            instead of replicating them (DDP). Same steps as DDP; not with `ema_decay`.
     """
 
     data: str = "builtin:digits"
@@ -186,6 +189,7 @@ class TrainConfig(ConfigMixin):
     lora_r: int | None = at_least(1, None)
     lora_targets: tuple[str, ...] = ("qkv", "proj")
     lora_alpha: float | None = None
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -199,6 +203,8 @@ class TrainConfig(ConfigMixin):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (or None for no average), got {self.ema_decay!r}")
+        if self.fsdp and self.ema_decay is not None:
+            raise ValueError("fsdp with ema_decay: the moving average would copy the sharded weights; use one")
         if self.augment and self.lock_image and self.cache_image_features:
             raise ValueError("augment with lock_image and cache_image_features: cached image features are computed "
                              "once, unaugmented; set cache_image_features: false to augment a locked tower's input")

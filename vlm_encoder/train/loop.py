@@ -98,6 +98,11 @@ class Trainer:
         self.config = config
         self.parts: TrainSetup = set_up(config, model=model, train_source=train_source, eval_source=eval_source,
                                         accelerator=accelerator)
+        if config.fsdp and self.parts.accelerator.num_processes > 1:
+            raise NotImplementedError(
+                "fsdp: the Trainer's checkpoints, evaluation and export do not gather sharded weights yet; "
+                "train with set_up + optimizer_step (docs/training.md, 'Sharded training') or without fsdp"
+            )
         self.run_dir = Path(config.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.accelerator.is_main_process,

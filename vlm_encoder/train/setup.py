@@ -5,7 +5,7 @@ their sample order, AdamW, the schedule, the loss and the forward accelerate wra
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class TrainSetup:
         trainable: The parameters the optimizer updates.
         ema: With `ema_decay`, the `AveragedModel` holding the moving average of the weights
             (its `module` is a `ContrastiveModel`); else `None`.
+        whole_params: With `fsdp`, the parameters left unsharded (0-dim), whose gradients
+            `fsdp.average_gradients` syncs after the backward; else empty.
     """
 
     config: TrainConfig
@@ -63,6 +65,7 @@ class TrainSetup:
     bare_forward: nn.Module
     trainable: list[nn.Parameter]
     ema: Any = None
+    whole_params: list[nn.Parameter] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -136,13 +139,21 @@ def set_up(
     sampler = EpochSampler(len(train_source), c.batch_size, c.seed, acc.process_index, acc.num_processes)
     total_steps = c.max_steps or c.epochs * sampler.batches_per_epoch
     model.to(acc.device)  # before the optimizer, so it can pick the fused GPU kernel
+    bare_forward = ContrastiveForward(model)
+    sharded = c.fsdp and acc.num_processes > 1
+    if sharded:  # before the optimizer: sharding swaps the parameters for DTensors
+        from .fsdp import shard
+
+        whole_params = shard(bare_forward)
     optimizer = build_optimizer(model, c)
     scheduler = build_scheduler(optimizer, c, total_steps)
     loss_fn = model.build_loss()
-    bare_forward = ContrastiveForward(model)
     if c.compile:
         bare_forward = torch.compile(bare_forward)
-    forward, optimizer = acc.prepare(bare_forward, optimizer)
+    if sharded:  # already sharded: accelerate would wrap it in DDP too
+        forward, optimizer = bare_forward, acc.prepare(optimizer)
+    else:
+        forward, optimizer = acc.prepare(bare_forward, optimizer)
     ema = None
     if c.ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -154,6 +165,7 @@ def set_up(
         train_source=train_source, eval_source=eval_source, sampler=sampler, total_steps=total_steps,
         optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, forward=forward, bare_forward=bare_forward,
         trainable=[p for p in model.parameters() if p.requires_grad], ema=ema,
+        whole_params=whole_params if sharded else [],
     )
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..contrastive import ContrastiveModel, ContrastiveOutput
+from .fsdp import average_gradients, to_local
 
 if TYPE_CHECKING:
     from .setup import TrainSetup
@@ -197,8 +198,10 @@ def optimizer_step(parts: TrainSetup, inputs: StepInputs) -> StepResult:
         parts.forward, parts.loss_fn, inputs, accum_steps=c.accum_steps, backward=acc.backward,
         autocast=acc.autocast, no_sync=acc.no_sync, unwrapped=parts.bare_forward,
     )
+    if parts.whole_params:  # FSDP: the unsharded 0-dim parameters are synced as DDP would
+        average_gradients(parts.whole_params)
     max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
-    grad_norm = acc.clip_grad_norm_(parts.trainable, max_norm)
+    grad_norm = to_local(acc.clip_grad_norm_(parts.trainable, max_norm))  # a DTensor under FSDP
     grad_norm = torch.as_tensor(grad_norm, device=loss.device, dtype=torch.float32)
     bad = (~torch.isfinite(loss.float()) | ~torch.isfinite(grad_norm)).float()
     if acc.num_processes > 1:
