@@ -284,3 +284,30 @@ def test_segment_mask_attention_equals_the_dense_block_mask():
     assert weights[0, :, 0, 5:].abs().max() == 0  # no attention across segments
     with pytest.raises(ValueError, match="do not tile"):
         attn(x, attn_mask=SegmentMask(((5, 7), (9, 7))))
+
+
+@torch.no_grad()
+def test_packed_attention_is_one_call_per_layer(monkeypatch):
+    """`encode_packed` runs one attention kernel call per block over every image of every pack
+    (a block-diagonal mask), not a loop over segments; the result still equals each image alone."""
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return sdpa(q, *args, **kwargs)
+
+    encoder = tiny_encoder(num_register_tokens=1)
+    imgs = images()
+    lengths = [2 + (h // 8) * (w // 8) for h, w in SIZES]
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    one_pack = encode_packed(encoder, imgs, layers="all")
+    assert calls == [(1, 2, sum(lengths), 16)] * encoder.num_blocks  # one call per layer, all 5 images
+    calls.clear()
+    several = encode_packed(encoder, imgs, layers="all", max_tokens_per_pack=max(lengths))
+    assert len(calls) == encoder.num_blocks and calls[0][0] > 1  # still one call per layer over all packs
+    monkeypatch.undo()
+    assert_same_as_alone(encoder, imgs, one_pack, "all", False)
+    assert_same_as_alone(encoder, imgs, several, "all", False)

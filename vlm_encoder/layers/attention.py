@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +16,15 @@ from .rope import RopeTable
 
 @dataclass(frozen=True)
 class SegmentMask:
-    """Block-diagonal attention over packed sequences, without the dense mask's waste.
+    """Block-diagonal attention over packed sequences.
 
     Row `p` of a `(P, T, D)` batch holds consecutive segments of `lengths[p]` tokens (summing
-    to `T`); a token attends only within its segment. `Attention` then runs one fused call per
-    segment (a variable-length kernel in effect): no masked-out block is computed, and each
-    image's attention is exactly the call it would get alone.
+    to `T`); a token attends only within its segment. `Attention` runs one fused
+    `scaled_dot_product_attention` call per layer over all rows and segments, with the dense
+    block-diagonal mask (built once per mask and device, shared by every layer). Measured on
+    the CPU (`benchmarks/packed_attention.py`), that one call beats nested (jagged) tensors,
+    FlexAttention and segments padded into a batch; a loop of one call per segment computes
+    no masked block and is faster in the attention itself, but costs a Python loop per layer.
 
     Attributes:
         lengths: Per row, the segment lengths in token order.
@@ -28,8 +32,19 @@ class SegmentMask:
 
     lengths: tuple[tuple[int, ...], ...]
 
+    @functools.cached_property
+    def _dense_by_device(self) -> dict[torch.device, torch.Tensor]:
+        return {}  # `cached_property` writes the instance's __dict__, so a frozen mask may hold it
+
     def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The equivalent boolean mask `(P, 1, T, T)`, True where attention is allowed."""
+        """The equivalent boolean mask `(P, 1, T, T)`, True where attention is allowed (built
+        once per device)."""
+        key = torch.device(device) if device is not None else torch.device("cpu")
+        if key not in self._dense_by_device:
+            self._dense_by_device[key] = self._build_dense(key)
+        return self._dense_by_device[key]
+
+    def _build_dense(self, device: torch.device) -> torch.Tensor:
         rows = []
         for lengths in self.lengths:
             ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
@@ -42,8 +57,8 @@ class WindowMask:
     """Attention within windows whose tokens need not be contiguous (Qwen2.5-VL's window blocks
     over a row-major patch grid).
 
-    `Attention` gathers the tokens window by window, runs one fused call per window (as
-    `SegmentMask`) and scatters the result back, so the tokens stay in their own order.
+    `Attention` gathers the tokens window by window, runs one fused call per window (windows are
+    small next to the sequence, so a dense mask would compute mostly masked blocks) and scatters the result back, so the tokens stay in their own order.
 
     Attributes:
         order: `(T,)` token indices, grouped window by window.
@@ -122,7 +137,7 @@ class Attention(nn.Module):
         Args:
             x: Tokens `(B, T, D)`.
             attn_mask: Optional boolean mask `(B, 1, T, T)` or `(T, T)`, True where attention
-                is allowed, a `SegmentMask` for packed sequences (one call per segment) or a
+                is allowed, a `SegmentMask` for packed sequences (one call over all segments) or a
                 `WindowMask` (one call per window of a grid).
             return_weights: Also return the attention probabilities (explicit softmax path;
                 the default path stays on the fused kernel where there is one).
@@ -157,9 +172,9 @@ class Attention(nn.Module):
             x = torch.empty_like(grouped)
             x[:, order] = grouped  # back to the tokens' own order
             return self.proj(self.norm(x)), None
+        if isinstance(attn_mask, SegmentMask) and not return_weights:
+            return self.proj(self.norm(_packed_attention(q, k, v, attn_mask))), None
         if isinstance(attn_mask, (SegmentMask, WindowMask)):
-            if not return_weights:
-                return self.proj(self.norm(_segment_attention(q, k, v, attn_mask))), None
             attn_mask = attn_mask.dense(x.device)
         if return_weights:
             weights = attention_weights(q, k, attn_mask)
@@ -172,11 +187,27 @@ class Attention(nn.Module):
         return self.proj(self.norm(x)), weights
 
 
-def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: SegmentMask) -> torch.Tensor:
-    """One fused call per segment of each row, written into the merged `(B, T, D)` layout."""
-    B, H, T, d = q.shape
+def _check_tiling(segments: SegmentMask, B: int, T: int) -> None:
     if len(segments.lengths) != B or any(sum(lengths) != T for lengths in segments.lengths):
         raise ValueError(f"SegmentMask lengths {segments.lengths} do not tile a batch of {B} rows of {T} tokens")
+
+
+def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: SegmentMask) -> torch.Tensor:
+    """One fused call over every row and segment (the block-diagonal mask), in the merged
+    `(B, T, D)` layout. Rows are separate packs: no batch invariance is promised across them
+    (an image's features from a pack equal the image alone to rounding, not bitwise)."""
+    B, H, T, d = q.shape
+    _check_tiling(segments, B, T)
+    attended = F.scaled_dot_product_attention(q, k, v, segments.dense(q.device))  # (B, H, T, d)
+    return attended.transpose(1, 2).reshape(B, T, H * d)
+
+
+def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: SegmentMask) -> torch.Tensor:
+    """One fused call per segment of each row (each window of a `WindowMask`: small windows
+    over a long sequence, where a dense mask would compute mostly masked blocks), written
+    into the merged `(B, T, D)` layout."""
+    B, H, T, d = q.shape
+    _check_tiling(segments, B, T)
     out = q.new_empty(B, T, H * d)
     for row, lengths in enumerate(segments.lengths):
         start = 0
