@@ -19,3 +19,13 @@ def test_digits_zero_shot_reaches_95_percent(tmp_path):
     assert metrics["zero_shot_top1"] >= 0.95, metrics
     assert metrics["seconds"] <= 180 * 1.5, metrics  # 3 minutes, with slack for a shared machine
     assert {Path(p).name for p in metrics["plots"]} == {"loss.png", "eval.png"}
+
+
+@pytest.mark.slow
+def test_digits_in_bf16_reaches_95_percent(tmp_path):
+    """The same demo under `mixed_precision=bf16` (accelerate's CPU autocast)."""
+    from train_digits import run_digits_demo
+
+    metrics = run_digits_demo(tmp_path / "digits_bf16", ["mixed_precision=bf16"])
+    assert metrics["zero_shot_top1"] >= 0.95, metrics
+    assert metrics["seconds"] <= 180 * 1.5, metrics

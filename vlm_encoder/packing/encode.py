@@ -7,10 +7,10 @@ packed (`pack.py`) and every block runs once over the batch of packs, so no toke
 (except at the end of packs shorter than the longest one). The final norm and the pooling
 (CLS, mean of the image's patches, or MAP over the image's tokens only) are applied per image.
 
-Attention: the linears run over the whole packed batch; the attention itself runs once per
-image segment (`layers.SegmentMask`: a variable-length kernel in effect, one fused
-`scaled_dot_product_attention` call per segment), so no masked-out block is computed. The
-dense block-diagonal mask (`PackedBatch.batched()`) gives the same result.
+Attention: the linears run over the whole packed batch; the attention is one fused
+`scaled_dot_product_attention` call per block over every pack and image segment, with the
+block-diagonal mask (`layers.SegmentMask`, built once and shared by the blocks), not a loop
+over segments (`benchmarks/packed_attention.py` measures the alternatives).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def encode_packed(
     wanted_set = set(wanted)
     checkpointing = encoder.grad_checkpointing and encoder.training and torch.is_grad_enabled()
     x, _ = packed.batched()  # (P, T, D)
-    mask = packed.segment_mask()  # one attention call per image segment, no masked blocks
+    mask = packed.segment_mask()  # one attention call per block over all segments
     rope = None  # a RoPE tower: each image's rotary rows at its place in its pack (P, T, head_dim)
     if encoder.rope is not None:
         rows = [[(s.start, s.grid) for s in packed.pack_segments(p)] for p in range(packed.num_packs)]
