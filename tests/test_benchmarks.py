@@ -61,3 +61,20 @@ def test_tiny_run_with_every_peer(bench, tmp_path):
     report, _ = _run(bench, tmp_path, "ours,timm,open_clip,hf")
     assert set(report["parity"]) == {"ours", "ours_batched", "timm", "open_clip", "hf"}
     assert max(report["parity"].values()) <= bench.PARITY_TOLERANCE
+
+
+@pytest.mark.slow  # ~10-30 s on 2 shared cores (timm import, 6 contenders)
+def test_cpu_fast_path_smoke_writes_every_contender(tmp_path):
+    """`benchmarks/cpu_fast_path.py --smoke`: every route runs on a tiny tower, fp32 routes equal timm."""
+    spec = importlib.util.spec_from_file_location("cpu_fast_path", SCRIPT.with_name("cpu_fast_path.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--batch", "2", "--repeats", "1", "--warmup", "0", "--results-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "cpu_fast_path_smoke.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines() if line.startswith("| ")}
+    for name in ("timm fp32", "ours fp32", "ours fast_cpu fp32", "timm bf16 autocast", "ours bf16", "ours bf16 fast_cpu"):
+        assert float(rows[name][0]) > 0, name  # img/s
+    for name in ("ours fp32", "ours fast_cpu fp32"):
+        assert float(rows[name][3]) <= 1e-5, name  # max abs diff to timm fp32
+    assert float(rows["ours bf16"][5]) > 0.99  # mean cosine to fp32
+    assert "torch" in text and "load average" in text

@@ -10,6 +10,7 @@ from .contrastive import ClipLoss, ContrastiveModel, SigLipLoss
 from .encoder import VisionEncoder
 from .extract import FeatureStore
 from .determinism import batch_invariance
+from .cpu_speed import fast_cpu
 from .converters.open_clip_vit import load_open_clip
 from .converters.timm_vit import load_timm
 from .loading import load_encoder
@@ -48,5 +49,6 @@ __all__ = [
     "TextConfig",
     "TextEncoder",
     "batch_invariance",
+    "fast_cpu",
     "__version__",
 ]

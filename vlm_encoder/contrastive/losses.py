@@ -63,7 +63,7 @@ class ClipLoss(_ChunkedGatheredLoss):
     log-sum-exp in blocks of `chunk_size` rows (recomputed in the backward pass).
 
     Args:
-        chunk_size: Rows per block; `None` picks one so a block holds at most 2^27 logits.
+        chunk_size: Rows per block; `None` picks one so a block holds at most 2^24 logits.
         gather_with_grad: Under torch.distributed, let gradients flow back through the
             gathered features of other ranks (exact full-batch gradients). `False` treats
             other ranks' features as constants (open_clip's `gather_with_grad=False`).
@@ -110,7 +110,7 @@ class SigLipLoss(_ChunkedGatheredLoss):
     image rows.
 
     Args:
-        chunk_size: Image rows per block; `None` picks one so a block holds at most 2^27 logits.
+        chunk_size: Image rows per block; `None` picks one so a block holds at most 2^24 logits.
         gather_with_grad: Under torch.distributed, let gradients flow back through the
             gathered captions of other ranks (exact full-batch gradients).
         group: Process group to gather over (default: the world when initialised).
