@@ -29,7 +29,7 @@ import torch
 
 from ..config import VisionConfig
 from ..weights import WeightsError
-from .hf_common import KeyTable, Transform, as_rows, fused_qkv, parse_config, select_tower, square
+from .hf_common import KeyTable, Transform, as_rows, fused_qkv, parse_config, select_tower, tower_shape
 
 FAMILY = "HF AIMv2"
 TOWER_PREFIXES = ("vision_model.", "aimv2.vision_model.")
@@ -85,12 +85,7 @@ def config_from_hf(hf_config_or_dict: Any, projection: bool = False) -> VisionCo
     if c.hidden_act != "silu":
         raise ValueError(f"{FAMILY}: hidden_act={c.hidden_act!r} is not supported (AIMv2's gated MLP: only SiLU, SwiGLU)")
     return VisionConfig(
-        image_size=square(c.image_size, "image_size", FAMILY),
-        patch_size=square(c.patch_size, "patch_size", FAMILY),
-        in_channels=c.num_channels,
-        width=c.hidden_size,
-        depth=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
+        **tower_shape(c, FAMILY),
         mlp_dim=c.intermediate_size,
         mlp_type="swiglu",
         qkv_bias=c.qkv_bias,
@@ -106,7 +101,6 @@ def config_from_hf(hf_config_or_dict: Any, projection: bool = False) -> VisionCo
         proj_bias=False,
         # HF never resamples the learned table; ours resamples like CLIP's (plain bicubic).
         pos_resample_antialias=False,
-        patch_remainder="drop",
     )
 
 

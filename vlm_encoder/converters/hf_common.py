@@ -44,8 +44,8 @@ def parse_config(config: Any, classes: Mapping[str, type], family: str) -> Any:
     return classes[model_type].from_dict(dict(config)) if isinstance(config, Mapping) else config
 
 
-def tower_fields(vision: Any, family: str, image_size: int | None = None) -> dict[str, Any]:
-    """The `VisionConfig` fields that every HF vision config states the same way
+def tower_shape(vision: Any, family: str, image_size: int | None = None) -> dict[str, Any]:
+    """The `VisionConfig` geometry fields every HF vision config states the same way
     (`image_size` from the config unless given).
 
     `patch_remainder='drop'`: every HF family embeds patches with a strided convolution that
@@ -58,10 +58,14 @@ def tower_fields(vision: Any, family: str, image_size: int | None = None) -> dic
         width=vision.hidden_size,
         depth=vision.num_hidden_layers,
         num_heads=vision.num_attention_heads,
-        act=activation(vision.hidden_act, family),
-        norm_eps=vision.layer_norm_eps,
         patch_remainder="drop",
     )
+
+
+def tower_fields(vision: Any, family: str, image_size: int | None = None) -> dict[str, Any]:
+    """`tower_shape` plus the MLP activation and LayerNorm epsilon of the classic families."""
+    return dict(tower_shape(vision, family, image_size), act=activation(vision.hidden_act, family),
+                norm_eps=vision.layer_norm_eps)
 
 
 def activation(name: str, family: str) -> Activation:

@@ -23,7 +23,7 @@ import torch
 
 from ..config import VisionConfig
 from ..weights import WeightsError
-from .hf_common import KeyTable, activation, fused_qkv, parse_config, select_tower, square
+from .hf_common import KeyTable, activation, fused_qkv, parse_config, select_tower, tower_shape
 
 FAMILY = "HF DINOv3 ViT"
 TOWER_PREFIXES = ("dinov3_vit.", "model.dinov3_vit.")
@@ -71,12 +71,7 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
     if c.use_gated_mlp and c.hidden_act != "silu":
         raise ValueError(f"{FAMILY}: a gated MLP with hidden_act={c.hidden_act!r} is not supported (only SiLU: SwiGLU)")
     return VisionConfig(
-        image_size=square(c.image_size, "image_size", FAMILY),
-        patch_size=square(c.patch_size, "patch_size", FAMILY),
-        in_channels=c.num_channels,
-        width=c.hidden_size,
-        depth=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
+        **tower_shape(c, FAMILY),
         mlp_dim=c.intermediate_size,
         mlp_type="swiglu" if c.use_gated_mlp else "mlp",
         act="gelu" if c.use_gated_mlp else activation(c.hidden_act, FAMILY),  # SwiGLU's SiLU is built in
@@ -91,7 +86,6 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
         norm_eps=c.layer_norm_eps,
         layer_scale_init=float(c.layerscale_value),
         pool="cls",
-        patch_remainder="drop",  # HF's patch convolution floors the grid, as every HF family does
     )
 
 

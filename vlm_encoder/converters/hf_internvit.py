@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..config import VisionConfig
-from .hf_common import KeyTable, activation, fused_qkv, parse_config, select_tower, split_position_table, square
+from .hf_common import KeyTable, activation, fused_qkv, parse_config, select_tower, split_position_table, tower_shape
 
 FAMILY = "HF InternViT"
 TOWER_PREFIXES = ("vision_tower.", "model.vision_tower.", "internvl_vision.")
@@ -81,12 +81,7 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
     if not c.use_mean_pooling and norm_type != "layernorm":
         raise ValueError(f"{FAMILY}: use_mean_pooling=False with norm_type='rms_norm' is not supported (HF's final norm is then a LayerNorm)")
     return VisionConfig(
-        image_size=square(c.image_size, "image_size", FAMILY),
-        patch_size=square(c.patch_size, "patch_size", FAMILY),
-        in_channels=c.num_channels,
-        width=c.hidden_size,
-        depth=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
+        **tower_shape(c, FAMILY),
         mlp_dim=c.intermediate_size,
         act=activation(c.hidden_act, FAMILY),
         qkv_bias=c.attention_bias,
@@ -100,7 +95,6 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
         layer_scale_init=float(c.layer_scale_init_value),
         pool="gap" if c.use_mean_pooling else "cls",
         pos_resample_antialias=False,
-        patch_remainder="drop",
     )
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import build_and_load, load_state_dict_strict, naming, read_state_dict, strip_prefixes
+from ..weights import naming, read_state_dict, strip_prefixes
 from .hf_common import KeyTable, Transform
 from .timm_vit import (
     _POOLS,
@@ -34,6 +34,7 @@ from .timm_vit import (
     _activation,
     _fold_prefix_positions,
     _layer_norm_eps,
+    encoder_holding,
     not_cached,
 )
 
@@ -294,12 +295,7 @@ def encoder_from_timm_eva(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     timm's format), in eval mode, without an image processor."""
     config = config_from_timm_eva(model)
     weights = convert_state_dict(model.state_dict() if state_dict is None else state_dict, config)
-    if state_dict is None:  # the model's own tensors: copied, so the two never share storage
-        encoder = VisionEncoder(config)
-        load_state_dict_strict(encoder, weights, source="converted timm Eva state dict")
-    else:  # built on `meta` and assigned: loading holds one copy of the weights
-        encoder = build_and_load(lambda: VisionEncoder(config), weights, source="converted timm Eva state dict")
-    return encoder.eval()
+    return encoder_holding(config, weights, copy=state_dict is None, source="converted timm Eva state dict")
 
 
 def load_timm_eva(name: str, checkpoint: str | None = None, **timm_kwargs: Any) -> VisionEncoder:

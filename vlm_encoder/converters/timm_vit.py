@@ -393,11 +393,18 @@ def encoder_from_timm_model(model: nn.Module, state_dict: Mapping[str, torch.Ten
     """
     config = config_from_timm(model)
     weights = convert_state_dict(model.state_dict() if state_dict is None else state_dict, config)
-    if state_dict is None:  # the model's own tensors: copied, so the two never share storage
+    return encoder_holding(config, weights, copy=state_dict is None, source="converted timm state dict")
+
+
+def encoder_holding(config: VisionConfig, weights: dict[str, torch.Tensor], *, copy: bool, source: str) -> VisionEncoder:
+    """A `VisionEncoder` of `config` holding converted `weights`, in eval mode: copied into a
+    built encoder when they are a live timm model's own tensors (`copy`, so the two never share
+    storage), else built on `meta` and assigned (loading holds one copy of the weights)."""
+    if copy:
         encoder = VisionEncoder(config)
-        load_state_dict_strict(encoder, weights, source="converted timm state dict")
-    else:  # built on `meta` and assigned: loading holds one copy of the weights
-        encoder = build_and_load(lambda: VisionEncoder(config), weights, source="converted timm state dict")
+        load_state_dict_strict(encoder, weights, source=source)
+    else:
+        encoder = build_and_load(lambda: VisionEncoder(config), weights, source=source)
     return encoder.eval()
 
 

@@ -67,8 +67,28 @@ def space_to_depth(x: torch.Tensor, grid: tuple[int, int], s: int, order: Shuffl
     return x.reshape(B, (h // s) * (w // s), s * s * C)
 
 
+class MergeKind(ProjectorKind):
+    """A kind that merges each `s x s` block of neighbouring patches into one token (`N / s^2`
+    tokens out): the grid must be divisible by `s` on both sides."""
+
+    label = "pixel_shuffle"
+    grid_hint = "choose a scale_factor that divides both sides or resample to another grid (fusion_grid)"
+    scale_factor: int
+
+    def _check(self, grid: tuple[int, int]) -> None:
+        s = self.scale_factor
+        if grid[0] % s or grid[1] % s:
+            raise ValueError(f"{self.label} with scale_factor={s} needs a patch grid divisible by {s}, got "
+                             f"{grid[0]}x{grid[1]}; {self.grid_hint}")
+
+    def num_output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
+        assert grid is not None
+        self._check(grid)
+        return num_tokens // self.scale_factor**2
+
+
 @register_projector("pixel_shuffle")
-class PixelShuffleProjector(ProjectorKind):
+class PixelShuffleProjector(MergeKind):
     """Space-to-depth token merging (InternVL / Idefics3), then LayerNorm and an MLP
     (`mlp2x_gelu` by default)."""
 
@@ -85,19 +105,6 @@ class PixelShuffleProjector(ProjectorKind):
         merged = config.fused_dim * options.scale_factor**2
         self.norm = nn.LayerNorm(merged) if options.norm else nn.Identity()
         self.mlp = build_mlp(merged, config.hidden_width, config.out_dim, options.num_linear, config.bias)
-
-    def _check(self, grid: tuple[int, int]) -> None:
-        s = self.scale_factor
-        if grid[0] % s or grid[1] % s:
-            raise ValueError(
-                f"pixel_shuffle with scale_factor={s} needs a patch grid divisible by {s}, got {grid[0]}x{grid[1]}; "
-                f"choose a scale_factor that divides both sides or resample to another grid (fusion_grid)"
-            )
-
-    def num_output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
-        assert grid is not None
-        self._check(grid)
-        return num_tokens // self.scale_factor**2
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
         assert grid is not None

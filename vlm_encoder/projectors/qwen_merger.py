@@ -19,8 +19,8 @@ import torch
 from ..layers.norm import RMSNorm
 from ..specs.options import at_least
 from .config import KindOptions, ProjectorConfig
-from .kind import ProjectorKind, build_mlp
-from .pixel_shuffle import _exact_keys, _load, _merged_width, space_to_depth
+from .kind import build_mlp
+from .pixel_shuffle import MergeKind, _exact_keys, _load, _merged_width, space_to_depth
 from .registry import register_projector
 
 if TYPE_CHECKING:
@@ -43,8 +43,11 @@ class QwenMergerOptions(KindOptions):
 
 
 @register_projector("qwen_merger")
-class QwenMergerProjector(ProjectorKind):
+class QwenMergerProjector(MergeKind):
     """RMSNorm per token, `s x s` merge (`offset_major`), Linear, GELU, Linear."""
+
+    label = "qwen_merger"
+    grid_hint = "Qwen2.5-VL's processor sizes images to multiples of patch_size * scale_factor"
 
     options_class = QwenMergerOptions
     needs_grid = True
@@ -58,19 +61,6 @@ class QwenMergerProjector(ProjectorKind):
         merged = config.fused_dim * options.scale_factor**2
         self.norm = RMSNorm(config.fused_dim, eps=options.norm_eps)
         self.mlp = build_mlp(merged, options.hidden_dim or merged, config.out_dim, 2, config.bias)
-
-    def _check(self, grid: tuple[int, int]) -> None:
-        s = self.scale_factor
-        if grid[0] % s or grid[1] % s:
-            raise ValueError(
-                f"qwen_merger with scale_factor={s} needs a patch grid divisible by {s}, got {grid[0]}x{grid[1]} "
-                f"(Qwen2.5-VL's processor sizes images to multiples of patch_size * {s})"
-            )
-
-    def num_output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
-        assert grid is not None
-        self._check(grid)
-        return num_tokens // self.scale_factor**2
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
         assert grid is not None
