@@ -32,7 +32,7 @@ RESUMABLE_FIELDS: frozenset[str] = frozenset({
     "eval_data", "eval_split", "class_names", "templates", "eval_every", "eval_batch_size",
     "log_every", "progress", "checkpoint_every", "keep_checkpoints", "output_dir",
     "resume", "allow_partial_resume", "resume_fallback",
-    "accum_steps", "grad_checkpointing", "compile", "cpu", "num_workers",
+    "accum_steps", "grad_checkpointing", "compile", "cpu", "num_workers", "fsdp",
 })
 
 

@@ -64,7 +64,7 @@ def cache_image_features(parts: TrainSetup, log: MetricsLog, step: int) -> Image
         for i, reason in bad:
             log.write("skipped_image", step, index=i, reason=reason)
         if kept:
-            with acc.autocast():
+            with parts.gathered(), acc.autocast():
                 batch_feats = vision.image_embeds(pixels.to(device)).float()
             finite = torch.isfinite(batch_feats).all(dim=-1)
             for i, ok in zip(kept, finite.tolist()):

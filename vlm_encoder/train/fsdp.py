@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,20 +59,87 @@ def to_local(value: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def gathered(forward: nn.Module) -> Iterator[None]:
-    """Gather the root unit's weights for calls outside the training forward (evaluation,
-    the model's own methods); the block units still gather themselves as they run."""
-    forward.unshard()
+def no_sync(forward: nn.Module) -> Iterator[None]:
+    """Skip the gradient reduce-scatter of the backward passes inside (GradCache's micro-batches
+    but the last): gradients accumulate unsharded and the last backward syncs their sum."""
+    _root(forward).set_requires_gradient_sync(False)
     try:
         yield
     finally:
-        forward.reshard()
+        _root(forward).set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def gathered(forward: nn.Module) -> Iterator[None]:
+    """Gather the root unit's weights for calls outside the training forward (evaluation,
+    the model's own methods); the block units still gather themselves as they run."""
+    _root(forward).unshard()
+    try:
+        yield
+    finally:
+        _root(forward).reshard()
+
+
+def _root(forward: nn.Module) -> nn.Module:
+    return getattr(forward, "_orig_mod", forward)  # under torch.compile: the sharded module
+
+
+def _full() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True)
 
 
 def full_state_dict(forward: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict (plain tensors on the CPU, on every process), keyed as the
     unsharded `ContrastiveModel`'s."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(forward, options=StateDictOptions(full_state_dict=True))
+    state = get_model_state_dict(_root(forward), options=_full())
     return {name.removeprefix("model."): value.detach().cpu() for name, value in state.items()}
+
+
+def load_full_state_dict(forward: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole (unsharded) `ContrastiveModel` state dict into the sharded model: each
+    process keeps its shard (every process holds `state`)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(_root(forward), {f"model.{name}": value for name, value in state.items()}, options=_full())
+
+
+def _param_names(forward: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter the optimizer holds, in its `state_dict()` numbering."""
+    names = {id(p): name for name, p in _root(forward).named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state_dict(forward: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state with whole tensors, numbered as `optimizer.state_dict()` numbers
+    them unsharded (the file DDP writes; collective: every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    number = {name: k for k, name in enumerate(_param_names(forward, optimizer))}
+    state = get_optimizer_state_dict(_root(forward), optimizer, options=_full())
+    return {
+        "state": {number[name]: {key: value.cpu() if isinstance(value, torch.Tensor) else value
+                                 for key, value in per_param.items()}
+                  for name, per_param in state["state"].items()},
+        "param_groups": [{**group, "params": [number[name] for name in group["params"]]}
+                         for group in state["param_groups"]],
+    }
+
+
+def load_full_optimizer_state_dict(forward: nn.Module, optimizer: torch.optim.Optimizer,
+                                   state: dict[str, Any]) -> None:
+    """Load an unsharded `optimizer.state_dict()` (DDP's file) into the sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = _param_names(forward, optimizer)
+    numbers = [k for group in state["param_groups"] for k in group["params"]]
+    if sorted(numbers) != list(range(len(names))):
+        raise ValueError(f"the state holds {len(numbers)} parameters, the optimizer {len(names)}")
+    named = {
+        "state": {names[int(k)]: per_param for k, per_param in state["state"].items()},
+        "param_groups": [{**group, "params": [names[k] for k in group["params"]]} for group in state["param_groups"]],
+    }
+    set_optimizer_state_dict(_root(forward), optimizer, named, options=_full())

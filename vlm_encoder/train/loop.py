@@ -36,6 +36,7 @@ from .batches import PairBatch, PairBatches, batch_loader
 from .config import TrainConfig
 from .evaluate import evaluate
 from .feature_cache import ImageFeatureCache, cache_image_features
+from .fsdp import full_state_dict
 from .metrics import MetricsLog
 from .plots import plot_run
 from .resume import Progress, Resumed, RunCheckpoints
@@ -98,11 +99,9 @@ class Trainer:
         self.config = config
         self.parts: TrainSetup = set_up(config, model=model, train_source=train_source, eval_source=eval_source,
                                         accelerator=accelerator)
-        if config.fsdp and self.parts.accelerator.num_processes > 1:
-            raise NotImplementedError(
-                "fsdp: the Trainer's checkpoints, evaluation and export do not gather sharded weights yet; "
-                "train with set_up + optimizer_step (docs/training.md, 'Sharded training') or without fsdp"
-            )
+        if self.parts.sharded and config.lora_r is not None:
+            raise NotImplementedError("fsdp with lora_r: the export does not merge sharded adapters yet; "
+                                      "use one of them")
         self.run_dir = Path(config.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.accelerator.is_main_process,
@@ -265,8 +264,10 @@ class Trainer:
         p = self.parts
         if p.eval_source is None:
             return {}
-        metrics = evaluate(self.final_model, p.eval_source, p.processor, p.tokenizer, templates=self.config.templates,
-                           batch_size=self.config.eval_batch_size, device=p.device, progress=self.config.progress)
+        with p.gathered():
+            metrics = evaluate(self.final_model, p.eval_source, p.processor, p.tokenizer,
+                               templates=self.config.templates, batch_size=self.config.eval_batch_size,
+                               device=p.device, progress=self.config.progress)
         self.log.write("eval", self.progress.step, **metrics)
         return metrics
 
@@ -282,6 +283,13 @@ class Trainer:
         model = self.final_model
         if self.config.lora_r is not None:  # adapters merged: a plain ContrastiveModel
             model = merge_lora(model)
+        if self.parts.sharded:  # the whole weights (gathered by every process) in an unsharded copy
+            state = full_state_dict(self.parts.bare_forward)
+            if self.accelerator.is_main_process:
+                whole = ContrastiveModel.from_config(model.config)
+                whole.load_state_dict(state, strict=True)
+                whole.set_image_processor(model.get_image_processor())
+                model = whole
         if self.accelerator.is_main_process:
             model.save_pretrained(out / "model")  # with the image processor of the run
             model.vision.save_pretrained(out / "vision")

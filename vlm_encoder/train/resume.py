@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from . import checkpoint as ckpt
+from . import fsdp
 from .config import RESUMABLE_FIELDS, TrainConfig
 from .setup import TrainSetup
 
@@ -120,11 +121,16 @@ class RunCheckpoints:
         p, acc = self.parts, self.parts.accelerator
         epoch, position = progress.next_batch
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+        if p.sharded:  # whole tensors, gathered on every process: the same files as DDP writes
+            model_state = fsdp.full_state_dict(p.bare_forward)
+            optimizer_state = fsdp.full_optimizer_state_dict(p.bare_forward, p.optimizer.optimizer)
+        else:
+            model_state, optimizer_state = p.model.state_dict(), p.optimizer.state_dict()
         return ckpt.save_checkpoint(
             self.directory,
             progress.step,
-            model_state=p.model.state_dict(),
-            optimizer_state=p.optimizer.state_dict(),
+            model_state=model_state,
+            optimizer_state=optimizer_state,
             scheduler_state=p.scheduler.state_dict(),
             scaler_state=scaler,
             ema_state=p.ema.state_dict() if p.ema is not None else None,
@@ -204,11 +210,17 @@ class RunCheckpoints:
         saved = _saved_config(path, state)
         changes = config_changes(saved, p.config, str(path)) if saved is not None else {}
         _check_same_model(p.model, loaded.model, path)
-        p.model.load_state_dict(loaded.model, strict=True)
+        if p.sharded:  # each process keeps its shard of the whole tensors
+            fsdp.load_full_state_dict(p.bare_forward, loaded.model)
+        else:
+            p.model.load_state_dict(loaded.model, strict=True)
         fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in p.optimizer.param_groups]
         fresh_base_lrs = list(p.scheduler.base_lrs)
         try:
-            p.optimizer.load_state_dict(loaded.optimizer)
+            if p.sharded:
+                fsdp.load_full_optimizer_state_dict(p.bare_forward, p.optimizer.optimizer, loaded.optimizer)
+            else:
+                p.optimizer.load_state_dict(loaded.optimizer)
         except ValueError as err:  # other parameter groups: another set of trainable parameters
             raise ValueError(f"checkpoint {path} holds an optimizer over other parameters ({err})") from None
         p.scheduler.load_state_dict(loaded.scheduler)

@@ -4,6 +4,7 @@ their sample order, AdamW, the schedule, the loss and the forward accelerate wra
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,20 @@ class TrainSetup:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP over several processes: the weights are `DTensor` shards (`fsdp.py`)."""
+        return self.config.fsdp and self.accelerator.num_processes > 1
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """Context for calling the model's own methods (evaluation, LiT's feature cache): under
+        FSDP the root unit's weights are gathered (`fsdp.gathered`); else nothing."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        from .fsdp import gathered
+
+        return gathered(self.bare_forward)
 
     @property
     def use_feature_cache(self) -> bool:
@@ -173,9 +188,12 @@ def check_finite_parameters(parts: TrainSetup, resumed_from: Path | None) -> Non
     """Refuse to start from weights holding NaN or inf: every step would be skipped (the
     guard keeps parameters as they are), so the run would never move. A logit scale
     pushed to +inf is first clamped to its maximum, as after every step."""
+    from .fsdp import to_local
+
     model, c = parts.model, parts.config
     clamp_logit_scale(model)
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    # to_local: under FSDP each process checks the whole tensor (one at a time), so all agree.
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(to_local(p)).all()]
     if bad:
         origin = (f"checkpoint {resumed_from}" if resumed_from is not None
                   else f"init_model {c.init_model}" if c.init_model

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..contrastive import ContrastiveModel, ContrastiveOutput
-from .fsdp import average_gradients, to_local
+from .fsdp import average_gradients, no_sync, to_local
 
 if TYPE_CHECKING:
     from .setup import TrainSetup
@@ -196,7 +196,7 @@ def optimizer_step(parts: TrainSetup, inputs: StepInputs) -> StepResult:
     parts.optimizer.zero_grad(set_to_none=True)
     loss, _ = loss_and_backward(
         parts.forward, parts.loss_fn, inputs, accum_steps=c.accum_steps, backward=acc.backward,
-        autocast=acc.autocast, no_sync=acc.no_sync, unwrapped=parts.bare_forward,
+        autocast=acc.autocast, no_sync=no_sync if parts.sharded else acc.no_sync, unwrapped=parts.bare_forward,
     )
     if parts.whole_params:  # FSDP: the unsharded 0-dim parameters are synced as DDP would
         average_gradients(parts.whole_params)
