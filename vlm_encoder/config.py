@@ -103,6 +103,9 @@ class VisionConfig(ConfigMixin):
         pos_resample_mode: Interpolation of that resampling: `bicubic` (default) or
             `bilinear` (SigLIP2 NaFlex resizes its square table per image with antialiased
             bilinear).
+        pos_resample_align_corners: Resample with torch's `align_corners=True` (the corner
+            patches of both grids coincide: Qwen3-VL's bilinear table, not antialiased) instead
+            of half-pixel centres.
         patch_remainder: What a side that is not a multiple of the patch stride gets:
             `error` (default), or `drop`, where the convolution ignores the last pixels as
             the references silently do (needed for checkpoints such as SigLIP so400m/14 at
@@ -153,6 +156,7 @@ class VisionConfig(ConfigMixin):
     drop_path_rate: float = at_least(0.0, 0.0)
     pos_resample_antialias: bool = True
     pos_resample_mode: PosResampleMode = "bicubic"
+    pos_resample_align_corners: bool = False
     patch_remainder: Literal["error", "drop"] = "error"
 
     def __post_init__(self) -> None:

@@ -233,7 +233,12 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             return None
         if c.pos_embed == "learned":
             return resample_pos_embed(
-                self.pos_embed, c.grid_size, grid, antialias=c.pos_resample_antialias, mode=c.pos_resample_mode
+                self.pos_embed,
+                c.grid_size,
+                grid,
+                antialias=c.pos_resample_antialias,
+                mode=c.pos_resample_mode,
+                align_corners=c.pos_resample_align_corners,
             )
         param = self.patch_embed.proj.weight
         key = (tuple(grid), c.width, param.device, param.dtype)

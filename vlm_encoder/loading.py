@@ -12,6 +12,7 @@ The family is chosen explicitly, never guessed from the weights:
       `dinov3_vit`                            -> `converters.hf_dinov3` (2D RoPE)
       `qwen2_5_vl`, `qwen2_5_vl_vision`       -> `converters.hf_qwen2_5_vl` (a whole model: its
                                                  vision tower, keys under `visual.` / `model.visual.`)
+      `qwen3_vl`, `qwen3_vl_vision`           -> `converters.hf_qwen3_vl` (likewise)
       `aimv2`, `aimv2_vision_model`           -> `converters.hf_aimv2` (RMSNorm, SwiGLU)
       `internvl_vision`                       -> `converters.hf_internvit`
       `llava`, `llava_next`, `internvl`       -> the tower named by `vision_config.model_type`,
@@ -70,6 +71,7 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "dinov2_with_registers",
     "dinov3_vit",
     "qwen2_5_vl_vision",
+    "qwen3_vl_vision",
     "aimv2",
     "aimv2_vision_model",
     "internvl_vision",
@@ -77,7 +79,7 @@ HF_MODEL_TYPES: tuple[str, ...] = (
 # Vision-language models whose vision tower is read on its own (an `internvl` gives its InternViT).
 LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "internvl")
 # Whole VLMs whose vision tower is a family of its own, under its own prefixes.
-QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl",)
+QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl")
 # Families whose processor resizes each image under a patch budget instead of to one size.
 NAFLEX_MODEL_TYPES: tuple[str, ...] = ("siglip2", "siglip2_vision_model")
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (VisionEncoder.model_type, *HF_MODEL_TYPES, *LLAVA_MODEL_TYPES, *QWEN_VL_MODEL_TYPES)
@@ -216,7 +218,7 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch
 
 # ---------------------------------------------------------------------------- families
 def _converter(model_type: str) -> ModuleType:
-    from .converters import hf_aimv2, hf_clip, hf_dinov2, hf_dinov3, hf_internvit, hf_qwen2_5_vl, hf_siglip, hf_siglip2, hf_vit
+    from .converters import hf_aimv2, hf_clip, hf_dinov2, hf_dinov3, hf_internvit, hf_qwen2_5_vl, hf_qwen3_vl, hf_siglip, hf_siglip2, hf_vit
 
     table = {
         "clip": hf_clip,
@@ -231,6 +233,8 @@ def _converter(model_type: str) -> ModuleType:
         "dinov3_vit": hf_dinov3,
         "qwen2_5_vl_vision": hf_qwen2_5_vl,
         "qwen2_5_vl": hf_qwen2_5_vl,
+        "qwen3_vl_vision": hf_qwen3_vl,
+        "qwen3_vl": hf_qwen3_vl,
         "aimv2": hf_aimv2,
         "aimv2_vision_model": hf_aimv2,
         "internvl_vision": hf_internvit,
@@ -286,7 +290,7 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         # Siglip2ImageProcessor: each image at its own NaFlex size (encode with packing.encode_packed).
         encoder.image_processor = _image_processor(files) or _naflex_processor(encoder.config.patch_size)
         info["max_num_patches"] = encoder.image_processor.config.max_patches
-    elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision"):
+    elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision"):
         pass  # Qwen2VLImageProcessor (aspect-keeping smart_resize) is not expressed: the default processor
     elif model_type != VisionEncoder.model_type:  # our own format read its processor_config.json
         encoder.image_processor = _image_processor(files)

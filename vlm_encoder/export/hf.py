@@ -25,7 +25,7 @@ from ..encoder import VisionEncoder
 from ..weights import WeightsError
 from .keys import reverse
 
-RUNTIME_FIELDS = ("patch_remainder", "drop_path_rate", "pos_resample_antialias", "pos_resample_mode")
+RUNTIME_FIELDS = ("patch_remainder", "drop_path_rate", "pos_resample_antialias", "pos_resample_mode", "pos_resample_align_corners")
 HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 FAMILIES = ("clip", "siglip", "dinov2")
 

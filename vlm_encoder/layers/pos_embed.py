@@ -12,6 +12,7 @@ def resample_pos_embed(
     new_grid: tuple[int, int],
     antialias: bool = True,
     mode: str = "bicubic",
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Resample a learned position table over a patch grid to another grid.
 
@@ -26,6 +27,9 @@ def resample_pos_embed(
         antialias: Use the antialiased (PIL-style) bicubic.
         mode: `bicubic` (default) or `bilinear` (SigLIP2 NaFlex resizes its table with
             antialiased bilinear).
+        align_corners: Map the corner patches of both grids onto each other (torch's
+            `align_corners=True`; Qwen3-VL resizes its table so) instead of the half-pixel
+            centres (`False`, the default).
 
     Returns:
         The table `(1, h'*w', D)`.
@@ -35,7 +39,7 @@ def resample_pos_embed(
     h, w = old_grid
     dim = table.shape[-1]
     grid = table.reshape(1, h, w, dim).permute(0, 3, 1, 2).float()  # (1, D, h, w)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False, antialias=antialias)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=align_corners, antialias=antialias)
     return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(table.dtype)  # (1, h'w', D)
 
 

@@ -16,7 +16,7 @@ from .llava import convert_hf_llava_projector, load_llava_mm_projector
 from .mlp import MLPOptions
 from .pixel_shuffle import PixelShuffleOptions, load_idefics3_connector, load_internvl_projector
 from .pool import PoolOptions
-from .qwen_merger import QwenMergerOptions, load_qwen2_5_vl_merger
+from .qwen_merger import QwenMergerOptions, load_qwen2_5_vl_merger, load_qwen3_vl_merger
 from .registry import list_projectors, projector_class, projector_table, register_projector
 from .resampler import ResamplerOptions
 
@@ -41,6 +41,7 @@ __all__ = [
     "load_internvl_projector",
     "load_llava_mm_projector",
     "load_qwen2_5_vl_merger",
+    "load_qwen3_vl_merger",
     "projector_class",
     "projector_table",
     "register_projector",
