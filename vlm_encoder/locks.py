@@ -115,8 +115,11 @@ class DirectoryLock:
         _HELD.discard(fd)
         try:
             os.ftruncate(fd, 0)
+            # Unlock the open file description itself: a child forked a moment ago may not have
+            # closed its copy of the descriptor yet, and a close alone would leave it locked.
+            fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            os.close(fd)  # releases the flock
+            os.close(fd)
 
     def _refusal(self, fd: int) -> str:
         try:
