@@ -122,10 +122,15 @@ class DirectoryLock:
             os.close(fd)
 
     def _refusal(self, fd: int) -> str:
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
-            holder = {}
+        holder: dict[str, Any] = {}
+        for _ in range(20):  # the holder writes its record just after taking the lock: give it a second
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if holder:
+                break
+            time.sleep(0.05)
         who = (f"{holder.get('what', 'a run')} pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
                f"since {holder.get('started', '?')} ({holder.get('command', '')})") if holder else "another process"
         return f"{self.directory} is in use by {who}: one run per directory"
