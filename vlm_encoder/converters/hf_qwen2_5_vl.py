@@ -98,9 +98,6 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
     c = vision_config_of(hf_config_or_dict)
     if c.hidden_act != "silu":
         raise ValueError(f"{FAMILY}: hidden_act={c.hidden_act!r} is not supported (the gated MLP is SwiGLU: SiLU)")
-    rope = dict(c.rope_parameters or {})
-    if rope.get("rope_type", "axial") != "axial":
-        raise ValueError(f"{FAMILY}: rope_type={rope['rope_type']!r} is not supported (only 'axial')")
     patch = square(c.patch_size, "patch_size", FAMILY)
     merge = int(c.spatial_merge_size)
     window_units = int(c.window_size) // merge // patch
@@ -120,7 +117,7 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
         class_token=False,
         pos_embed="none",
         rope="eva",
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_theta=axial_rope_theta(c, FAMILY),
         rope_layout="half",
         attn_window=window_units * merge,
         full_attention_blocks=tuple(int(i) for i in c.fullatt_block_indexes),
@@ -145,6 +142,24 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     Raises:
         WeightsError: A key is missing, or a key is neither used nor on the ignored list.
     """
+    return TABLE.convert(tower_keys(state_dict, IGNORED_PREFIXES), FAMILY)
+
+
+def tower_keys(state_dict: Mapping[str, torch.Tensor], ignored: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The vision tower's keys of a Qwen-VL checkpoint, bare: only those under the first of
+    `TOWER_PREFIXES` present (a whole model's language model is left out), the prefix removed,
+    then the keys starting with `ignored` (the mergers) dropped."""
     prefix = next((p for p in TOWER_PREFIXES if any(k.startswith(p) for k in state_dict)), "")
-    tower = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}  # a whole model's LM is left out
-    return TABLE.convert({k: v for k, v in tower.items() if not k.startswith(IGNORED_PREFIXES)}, FAMILY)
+    return {
+        key[len(prefix) :]: value
+        for key, value in state_dict.items()
+        if key.startswith(prefix) and not key[len(prefix) :].startswith(ignored)
+    }
+
+
+def axial_rope_theta(vision: Any, family: str) -> float:
+    """The base of a Qwen-VL tower's axial 2D RoPE (another rope type is refused)."""
+    rope = dict(vision.rope_parameters or {})
+    if rope.get("rope_type", "axial") != "axial":
+        raise ValueError(f"{family}: rope_type={rope['rope_type']!r} is not supported (only 'axial')")
+    return float(rope.get("rope_theta", 10000.0))

@@ -34,7 +34,7 @@ import torch
 
 from ..config import VisionConfig
 from .hf_common import KeyTable, Transform, parse_config, square
-from .hf_qwen2_5_vl import TOWER_PREFIXES, _fold_temporal
+from .hf_qwen2_5_vl import TOWER_PREFIXES, _fold_temporal, axial_rope_theta, tower_keys  # noqa: F401 (loading reads TOWER_PREFIXES)
 
 FAMILY = "HF Qwen3-VL vision"
 IGNORED_PREFIXES = ("merger.", "deepstack_merger_list.")
@@ -84,9 +84,6 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
     c = vision_config_of(hf_config_or_dict)
     if c.hidden_act not in ACTIVATIONS:
         raise ValueError(f"{FAMILY}: hidden_act={c.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
-    rope = dict(c.rope_parameters or {})
-    if rope.get("rope_type", "axial") != "axial":
-        raise ValueError(f"{FAMILY}: rope_type={rope['rope_type']!r} is not supported (only 'axial')")
     side = int(round(c.num_position_embeddings**0.5))
     if side * side != c.num_position_embeddings:
         raise ValueError(
@@ -110,7 +107,7 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
         pos_resample_antialias=False,
         pos_resample_align_corners=True,
         rope="eva",
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_theta=axial_rope_theta(c, FAMILY),
         rope_layout="half",
         norm_eps=1e-6,  # the reference's LayerNorms are built with eps=1e-6
         final_norm=False,
@@ -132,6 +129,4 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     Raises:
         WeightsError: A key is missing, or a key is neither used nor on the ignored list.
     """
-    prefix = next((p for p in TOWER_PREFIXES if any(k.startswith(p) for k in state_dict)), "")
-    tower = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}  # a whole model's LM is left out
-    return TABLE.convert({k: v for k, v in tower.items() if not k.startswith(IGNORED_PREFIXES)}, FAMILY)
+    return TABLE.convert(tower_keys(state_dict, IGNORED_PREFIXES), FAMILY)
