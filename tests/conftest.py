@@ -15,3 +15,13 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """With `-v`: the largest differences the parity tests measured (tests/parity_helpers.py)."""
+    from parity_helpers import MEASURED
+
+    if MEASURED and config.option.verbose > 0:
+        terminalreporter.section("largest parity differences measured")
+        for case, diff in sorted(MEASURED.items()):
+            terminalreporter.write_line(f"  {case}: {diff:.2e}")

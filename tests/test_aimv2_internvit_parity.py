@@ -18,26 +18,12 @@ transformers = pytest.importorskip("transformers")
 
 from vlm_encoder import WeightsError, load_encoder  # noqa: E402
 from vlm_encoder.cli import main  # noqa: E402
+from parity_helpers import close, perturb  # noqa: E402
 
-ATOL = 1e-5
 NATIVE, OTHER = (32, 32), (48, 24)  # a 4 x 4 grid of 8-pixel patches, then 6 x 3
-MEASURED: dict[str, float] = {}
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
 
 
-def _perturb(model: torch.nn.Module) -> torch.nn.Module:
-    """Move every weight off its init value (norms, LayerScale, tokens, biases)."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.eval()
-
-
-def _close(case: str, ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    diff = float((ours - ref).abs().max())
-    MEASURED[case] = max(MEASURED.get(case, 0.0), diff)
-    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0, msg=f"{case}: {what} (max diff {diff:.2e})")
 
 
 # ------------------------------------------------------------------------ AIMv2
@@ -52,7 +38,7 @@ def _aimv2(case: str, directory) -> torch.nn.Module:
     from transformers import Aimv2VisionConfig, Aimv2VisionModel
 
     torch.manual_seed(0)
-    model = _perturb(Aimv2VisionModel(Aimv2VisionConfig(**TINY, **AIMV2_CASES[case])))
+    model = perturb(Aimv2VisionModel(Aimv2VisionConfig(**TINY, **AIMV2_CASES[case])))
     model.save_pretrained(directory)
     return model
 
@@ -78,10 +64,10 @@ def test_aimv2_every_layer(aimv2_loaded, size):
         normed = encoder(x, layers=(-1,), norm=True)
     assert out.grid_size == (size[0] // 8, size[1] // 8) and out.cls_tokens is None
     for i in range(c.depth):
-        _close(f"aimv2/{case}", out.patches(i), ref.hidden_states[i + 1], f"tokens of layer {i}")
-    _close(f"aimv2/{case}", normed.patches(-1), ref.last_hidden_state, "final RMSNorm")
+        close(f"aimv2/{case}", out.patches(i), ref.hidden_states[i + 1], f"tokens of layer {i}")
+    close(f"aimv2/{case}", normed.patches(-1), ref.last_hidden_state, "final RMSNorm")
     if model.config.use_head:
-        _close(f"aimv2/{case}", out.pooled, ref.pooler_output, "attention-pooling head")
+        close(f"aimv2/{case}", out.pooled, ref.pooler_output, "attention-pooling head")
     else:
         assert out.pooled is None
 
@@ -121,7 +107,7 @@ def test_aimv2_clip_style_model_gives_its_image_tower(tmp_path):
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99),
         projection_dim=16,
     )
-    model = _perturb(Aimv2Model(config))
+    model = perturb(Aimv2Model(config))
     model.save_pretrained(tmp_path)
     encoder = load_encoder(str(tmp_path))
     assert encoder.config.embed_dim == 16 and encoder.source_info["family"] == "aimv2"
@@ -131,8 +117,8 @@ def test_aimv2_clip_style_model_gives_its_image_tower(tmp_path):
         embeds = model.get_image_features(pixel_values=x)
         embeds = getattr(embeds, "pooler_output", embeds)
         out = encoder(x, layers="all")
-        _close("aimv2/model", out.patches(1), ref.hidden_states[2], "last layer")
-        _close("aimv2/model", encoder.image_embeds(x), embeds, "image_embeds")
+        close("aimv2/model", out.patches(1), ref.hidden_states[2], "last layer")
+        close("aimv2/model", encoder.image_embeds(x), embeds, "image_embeds")
 
 
 # ------------------------------------------------------------------------ InternViT
@@ -147,7 +133,7 @@ def _internvit(case: str, directory) -> torch.nn.Module:
     from transformers import InternVLVisionConfig, InternVLVisionModel
 
     torch.manual_seed(0)
-    model = _perturb(InternVLVisionModel(InternVLVisionConfig(**TINY, layer_scale_init_value=0.5, **INTERNVIT_CASES[case])))
+    model = perturb(InternVLVisionModel(InternVLVisionConfig(**TINY, layer_scale_init_value=0.5, **INTERNVIT_CASES[case])))
     model.save_pretrained(directory)
     return model
 
@@ -174,11 +160,11 @@ def test_internvit_every_layer(internvit_loaded, size):
     assert out.grid_size == (size[0] // 8, size[1] // 8)
     for i in range(c.depth):
         hidden = ref.hidden_states[i + 1]
-        _close(f"internvit/{case}", out.patches(i), hidden[:, 1:], f"patches of layer {i}")
-        _close(f"internvit/{case}", out.cls(i), hidden[:, 0], f"CLS of layer {i}")
+        close(f"internvit/{case}", out.patches(i), hidden[:, 1:], f"patches of layer {i}")
+        close(f"internvit/{case}", out.cls(i), hidden[:, 0], f"CLS of layer {i}")
     last = ref.last_hidden_state  # after the final LayerNorm, or the last block's tokens (mean pooling)
     pooled = last[:, 1:].mean(dim=1) if hf.use_mean_pooling else last[:, 0]
-    _close(f"internvit/{case}", out.pooled, pooled, "pooled")
+    close(f"internvit/{case}", out.pooled, pooled, "pooled")
 
 
 def test_internvit_qk_norm_is_seen():
@@ -189,7 +175,7 @@ def test_internvit_qk_norm_is_seen():
     from transformers import InternVLVisionConfig, InternVLVisionModel
 
     torch.manual_seed(0)
-    model = _perturb(InternVLVisionModel(InternVLVisionConfig(**TINY, **INTERNVIT_CASES["rmsnorm_qknorm"])))
+    model = perturb(InternVLVisionModel(InternVLVisionConfig(**TINY, **INTERNVIT_CASES["rmsnorm_qknorm"])))
     state = hf_internvit.convert_state_dict(model.state_dict())
     config = hf_internvit.config_from_hf(model.config.to_dict())
     other = VisionEncoder(config.replace(qk_norm_scope="head"))
@@ -234,7 +220,7 @@ def _tiny_internvl(directory) -> torch.nn.Module:
         ),
         image_token_id=151667,
     )
-    model = _perturb(InternVLForConditionalGeneration(config))
+    model = perturb(InternVLForConditionalGeneration(config))
     model.save_pretrained(directory)
     return model
 
@@ -248,7 +234,7 @@ def test_internvl_checkpoint_gives_its_tower(tmp_path):
         ref = model.model.vision_tower(x, output_hidden_states=True)
         out = encoder(x, layers="all")
     for i in range(encoder.config.depth):
-        _close("internvit/internvl", out.patches(i), ref.hidden_states[i + 1][:, 1:], f"patches of layer {i}")
+        close("internvit/internvl", out.patches(i), ref.hidden_states[i + 1][:, 1:], f"patches of layer {i}")
 
 
 # ------------------------------------------------------------------------ CLI
@@ -270,9 +256,3 @@ def test_extract_on_saved_towers(tmp_path):
         store = FeatureStore(out)
         assert len(store) == 2 and store[-1, "patch"].shape[-1] == 32
 
-
-def test_print_measured(capsys):
-    """Not a check: the largest differences measured above (run with -s to read them)."""
-    with capsys.disabled():
-        for case, diff in sorted(MEASURED.items()):
-            print(f"  {case}: {diff:.2e}")

@@ -17,6 +17,7 @@ import torch
 import transformers as tf
 
 from vlm_encoder import load_encoder
+from parity_helpers import perturb  # noqa: E402
 
 TOL = 1e-5
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
@@ -32,14 +33,6 @@ class Reference:
     last_hidden_state: torch.Tensor | None  # HF's, normed for SigLIP / ViT / DINOv2
     pooled: torch.Tensor | None  # our `pooled` equivalent
     embeds: torch.Tensor | None  # our `image_embeds` equivalent
-
-
-def _perturb(model: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def _clip_model() -> tf.PreTrainedModel:
@@ -127,7 +120,7 @@ def loaded(request, tmp_path_factory):
     """(case name, HF model, runner, our encoder loaded from its save_pretrained dir)."""
     build, run = CASES[request.param]
     torch.manual_seed(0)
-    model = _perturb(build())
+    model = perturb(build())
     directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory)
     return request.param, model, run, load_encoder(directory)

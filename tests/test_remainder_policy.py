@@ -29,19 +29,11 @@ from vlm_encoder import load_encoder  # noqa: E402
 from vlm_encoder.converters.open_clip_vit import load_open_clip  # noqa: E402
 from vlm_encoder.converters.timm_vit import load_timm  # noqa: E402
 from vlm_encoder.vlm import VisionLanguageModel  # noqa: E402
+from parity_helpers import perturb  # noqa: E402
 
 SIZE, PATCH, GRID = 384, 14, 27  # so400m/14 at 384 px: a 27 x 27 grid, 729 tokens
 TOL = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=SIZE, patch_size=PATCH)
-
-
-def _perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Non-trivial norms, biases and LayerScale, so that a wrong mapping shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.eval()
 
 
 def _pixels(batch: int = 2) -> torch.Tensor:
@@ -72,7 +64,7 @@ HF_TOWERS = {
 @pytest.fixture(scope="module")
 def hf_siglip_dir(tmp_path_factory):
     torch.manual_seed(0)
-    model = _perturbed(HF_TOWERS["siglip"]())
+    model = perturb(HF_TOWERS["siglip"]())
     directory = tmp_path_factory.mktemp("siglip_so400m_geometry")
     model.save_pretrained(directory)
     return model, directory
@@ -84,7 +76,7 @@ def test_hf_towers_floor_the_grid_like_transformers(family, hf_siglip_dir, tmp_p
         ref, directory = hf_siglip_dir
     else:
         torch.manual_seed(0)
-        ref, directory = _perturbed(HF_TOWERS[family]()), tmp_path
+        ref, directory = perturb(HF_TOWERS[family]()), tmp_path
         ref.save_pretrained(directory)
     encoder = load_encoder(directory)
     assert encoder.config.patch_remainder == "drop" and encoder.config.grid_size == (GRID, GRID)
@@ -134,7 +126,7 @@ def _save(model: torch.nn.Module, path) -> str:
 def test_timm_so400m_geometry(tmp_path):
     name = "vit_so400m_patch14_siglip_384"
     torch.manual_seed(0)
-    ref = _perturbed(timm.create_model(name, pretrained=False, **TIMM_TINY))
+    ref = perturb(timm.create_model(name, pretrained=False, **TIMM_TINY))
     encoder = load_timm(name, checkpoint=_save(ref, tmp_path / "model.safetensors"), **TIMM_TINY)
     assert encoder.config.patch_remainder == "drop"
     x = _pixels()
@@ -183,7 +175,7 @@ def open_clip_archs(tmp_path_factory):
 @pytest.mark.parametrize("arch", sorted(OPEN_CLIP_ARCHS))
 def test_open_clip_so400m_geometry(arch, open_clip_archs, tmp_path):
     torch.manual_seed(0)
-    ref = _perturbed(open_clip.create_model(arch))
+    ref = perturb(open_clip.create_model(arch))
     encoder = load_open_clip(arch, checkpoint=_save(ref, tmp_path / "open_clip_model.safetensors"))
     assert encoder.config.patch_remainder == "drop"
     x = _pixels()

@@ -28,25 +28,11 @@ from vlm_encoder.cli import main  # noqa: E402
 from vlm_encoder.converters.timm_eva import config_from_timm_eva, load_timm_eva  # noqa: E402
 from vlm_encoder.converters.timm_vit import UnsupportedTimmModel  # noqa: E402
 from vlm_encoder.packing import encode_packed  # noqa: E402
+from parity_helpers import close, perturb  # noqa: E402
 
-ATOL = 1e-5
 SIZES = [(32, 32), (48, 24)]  # native 4 x 4 grid, then 6 x 3
-MEASURED: dict[str, float] = {}  # case -> max abs diff seen (printed with -s; docs/towers.md quotes them)
 
 
-def _perturb(model: torch.nn.Module) -> torch.nn.Module:
-    """Move every weight off its init value (LayerScale, norms, biases, tokens)."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.eval()
-
-
-def _close(case: str, ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    diff = float((ours - ref).abs().max())
-    MEASURED[case] = max(MEASURED.get(case, 0.0), diff)
-    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0, msg=f"{case}: {what} (max diff {diff:.2e})")
 
 
 # ------------------------------------------------------------------------ HF DINOv3
@@ -64,7 +50,7 @@ def _hf_dinov3(case: str, directory) -> torch.nn.Module:
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
         patch_size=8, layerscale_value=0.5, **HF_CASES[case],
     )
-    model = _perturb(DINOv3ViTModel(config))
+    model = perturb(DINOv3ViTModel(config))
     model.save_pretrained(directory)
     return model
 
@@ -89,11 +75,11 @@ def test_hf_dinov3_every_layer(hf_loaded, size):
     assert out.grid_size == (size[0] // 8, size[1] // 8)
     for i in range(c.depth):
         hidden = ref.hidden_states[i + 1]  # HF: [embeddings, block 0, block 1, ...]
-        _close(f"hf_dinov3/{case}", out.patches(i), hidden[:, 1 + n_reg :], f"patches of layer {i}")
-        _close(f"hf_dinov3/{case}", out.cls(i), hidden[:, 0], f"CLS of layer {i}")
+        close(f"hf_dinov3/{case}", out.patches(i), hidden[:, 1 + n_reg :], f"patches of layer {i}")
+        close(f"hf_dinov3/{case}", out.cls(i), hidden[:, 0], f"CLS of layer {i}")
         if n_reg:
-            _close(f"hf_dinov3/{case}", out.register_tokens[i], hidden[:, 1 : 1 + n_reg], f"registers of layer {i}")
-    _close(f"hf_dinov3/{case}", out.pooled, ref.pooler_output, "pooled")
+            close(f"hf_dinov3/{case}", out.register_tokens[i], hidden[:, 1 : 1 + n_reg], f"registers of layer {i}")
+    close(f"hf_dinov3/{case}", out.pooled, ref.pooler_output, "pooled")
 
 
 def test_rope_is_what_makes_parity(hf_loaded):
@@ -138,7 +124,7 @@ TIMM_CASES = {
 def _timm_reference(case: str, tmp_path, **extra) -> tuple[torch.nn.Module, str, dict]:
     name, kwargs = TIMM_CASES[case]
     kwargs = dict(TINY, **kwargs, **extra)
-    model = _perturb(timm.create_model(name, pretrained=False, **kwargs))
+    model = perturb(timm.create_model(name, pretrained=False, **kwargs))
     path = tmp_path / f"{case}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model, str(path), kwargs
@@ -152,12 +138,12 @@ def _check_timm(case: str, ref: torch.nn.Module, encoder, size: tuple[int, int])
         has_cls = ref.cls_token is not None
         for i, item in enumerate(layers):
             patches, prefix = item if isinstance(item, tuple) else (item, None)
-            _close(f"timm/{case}", out.patches(i), patches, f"patches of layer {i}")
+            close(f"timm/{case}", out.patches(i), patches, f"patches of layer {i}")
             if has_cls:
-                _close(f"timm/{case}", out.cls(i), prefix[:, 0], f"CLS of layer {i}")
+                close(f"timm/{case}", out.cls(i), prefix[:, 0], f"CLS of layer {i}")
             if encoder.config.num_register_tokens:
-                _close(f"timm/{case}", out.register_tokens[i], prefix[:, int(has_cls) :], f"registers of layer {i}")
-        _close(f"timm/{case}", out.pooled, ref.forward_head(final, pre_logits=True), "pooled")
+                close(f"timm/{case}", out.register_tokens[i], prefix[:, int(has_cls) :], f"registers of layer {i}")
+        close(f"timm/{case}", out.pooled, ref.forward_head(final, pre_logits=True), "pooled")
 
 
 @pytest.mark.parametrize("case", sorted(TIMM_CASES))
@@ -261,9 +247,3 @@ def test_extract_and_viz_on_a_saved_dinov3(tmp_path):
                  "--panel-size", "40"]) == 0
     assert png.stat().st_size > 0
 
-
-def test_print_measured(capsys):
-    """Not a check: the largest differences measured above (run with -s to read them)."""
-    with capsys.disabled():
-        for case, diff in sorted(MEASURED.items()):
-            print(f"  {case}: {diff:.2e}")

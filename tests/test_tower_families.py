@@ -35,8 +35,9 @@ open_clip = pytest.importorskip("open_clip")
 # Tiny builders of the per-family parity files (tests/ is on sys.path under pytest).
 from test_aimv2_internvit_parity import _aimv2, _internvit, _tiny_internvl  # noqa: E402
 from test_qwen_vl_parity import _save_whole_model  # noqa: E402
-from test_remainder_policy import HF_TOWERS, OPEN_CLIP_ARCHS, TIMM_TINY, _perturbed  # noqa: E402
-from test_rope_parity import TIMM_CASES, TINY, _hf_dinov3, _perturb  # noqa: E402
+from test_remainder_policy import HF_TOWERS, OPEN_CLIP_ARCHS, TIMM_TINY  # noqa: E402
+from test_rope_parity import TIMM_CASES, TINY, _hf_dinov3  # noqa: E402
+from parity_helpers import perturb  # noqa: E402
 from test_siglip2_parity import MAX_PATCHES, PATCH, vision_config  # noqa: E402
 from test_vlm import D_LLM, IMAGE_ID, VOCAB  # noqa: E402
 
@@ -92,7 +93,7 @@ def _timm_eva(case: str):
     def build(directory) -> tuple[str, str]:
         name = _register_eva(case)
         torch.manual_seed(0)
-        return f"timm:{name}", _save(_perturb(timm.create_model(name)), directory / "model.safetensors")
+        return f"timm:{name}", _save(perturb(timm.create_model(name)), directory / "model.safetensors")
 
     return build
 
@@ -100,14 +101,14 @@ def _timm_eva(case: str):
 # ------------------------------------------------------------------------ the families
 def _hf_siglip_so400m(directory) -> tuple[str, None]:
     torch.manual_seed(0)
-    _perturbed(HF_TOWERS["siglip"]()).save_pretrained(directory)
+    perturb(HF_TOWERS["siglip"]()).save_pretrained(directory)
     return str(directory), None
 
 
 def _timm_siglip_so400m(directory) -> tuple[str, str]:
     name = "vlm_test_tiny_so400m_trunk"  # registered by test_remainder_policy: 384 px, patch 14, MAP head
     torch.manual_seed(0)
-    return f"timm:{name}", _save(_perturbed(timm.create_model(name)), directory / "model.safetensors")
+    return f"timm:{name}", _save(perturb(timm.create_model(name)), directory / "model.safetensors")
 
 
 def _open_clip_so400m(directory) -> tuple[str, str]:
@@ -115,7 +116,7 @@ def _open_clip_so400m(directory) -> tuple[str, str]:
     (directory / f"{arch}.json").write_text(json.dumps(OPEN_CLIP_ARCHS[arch]))
     open_clip.add_model_config(directory / f"{arch}.json")
     torch.manual_seed(0)
-    model = _perturbed(open_clip.create_model(arch, pretrained=None))
+    model = perturb(open_clip.create_model(arch, pretrained=None))
     return f"open_clip:{arch}", _save(model, directory / "open_clip.safetensors")
 
 
