@@ -30,17 +30,8 @@ from vlm_encoder.train.build import lr_factor
 from vlm_encoder.train.evaluate import embed_source
 from vlm_encoder.train.metrics import read_metrics
 
-VISION = {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "num_heads": 2}
-TEXT = {"width": 32, "depth": 1, "num_heads": 2, "context_length": 12}
-TINY = {
-    "data": "builtin:shapes", "data_options": {"num_train": 24, "num_test": 8, "canvas": 16},
-    "vision_overrides": VISION, "text_overrides": TEXT, "embed_dim": 16, "batch_size": 8, "lr": 1e-2, "warmup_steps": 2,
-    "eval_split": None, "progress": False, "log_every": 1,
-}
+from test_training import TEXT, TINY, VISION, tiny_config  # noqa: E402,F401  (the same tiny run)
 
-
-def tiny_config(tmp_path: Path, **changes) -> TrainConfig:
-    return TrainConfig(**{**TINY, "output_dir": str(tmp_path / "run"), **changes})
 
 
 def train_steps(config: TrainConfig) -> list[int]:

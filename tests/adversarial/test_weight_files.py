@@ -25,14 +25,7 @@ from safetensors.torch import save_file
 
 from vlm_encoder import VisionConfig, VisionEncoder, WeightsError, load_encoder
 
-HF_VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "image_size": 32,
-    "patch_size": 8,
-}
+from test_weights import HF_VISION  # noqa: E402  (the same tiny CLIP tower)
 LAYOUTS = ("safetensors", "safetensors_sharded", "bin", "bin_sharded")
 PATCH_KEY = "embeddings.patch_embedding.weight"  # CLIPVisionModel in memory and as saved (transformers 5)
 
