@@ -43,7 +43,10 @@ def fast_cpu_available() -> bool:
 
 class PackedLinear(nn.Module):
     """An `nn.Linear` (same `weight` / `bias` parameters) whose CPU inference calls run oneDNN's
-    GEMM on a weight packed once (repacked when the weight changes).
+    GEMM on a weight packed once, and packed again when the weight is replaced or changed by a
+    tracked in-place op (`copy_`, `load_state_dict`, a non-fused optimizer step). Edits that
+    torch does not track (through `.data`, a fused optimizer step) are not seen: call
+    `fast_cpu` again on the edited model (the packs are inference state, never saved).
 
     Args:
         linear: The layer to wrap; its parameters are shared, not copied.
@@ -90,7 +93,8 @@ def fast_cpu(module: nn.Module, enabled: bool = True) -> nn.Module:
     The returned module is a copy of the module tree sharing every parameter and buffer with
     `module` (no weights are copied; `module` itself is left as it was), with the same
     `state_dict` keys and values. Each packed weight costs one more copy of that weight
-    while the module lives.
+    while the module lives. It is meant for inference on fixed weights (extraction, pictures):
+    after editing weights through `.data` or a fused optimizer, build it again (`PackedLinear`).
 
     Args:
         module: Any model (an encoder, a text tower, a `ContrastiveModel`).
