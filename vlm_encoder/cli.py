@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     prefix = f"vlm-encoder {args.command}"
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _leave_process_group()
+        return code
     except KeyboardInterrupt:
         if debug:
             raise
@@ -77,6 +79,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prefix}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _leave_process_group() -> None:
+    """Leave a launch's process group together, before the interpreter exits. Left to exit-time
+    destructors, a gloo rank whose peers (the store's host among them) have already gone can abort
+    ("terminate called without an active exception") after its command succeeded."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer has left already (its command failed): nothing to leave together
+            return
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
