@@ -1,21 +1,20 @@
-"""`run_extraction`: images -> encoder features in checksummed shards, resumable and multi-process.
+"""Encoding a store's shards: the machinery under every runner (`tasks.ShardWorker`).
 
-Per process (rank `r` of `W`, from `accelerate.PartialState`): take the shards `k` with
-`k % W == r` that are missing or fail their checksum, decode and preprocess their rows in
-DataLoader workers, encode them in batches (never crossing a shard), and write each shard
-as soon as its last row is encoded (in a writer thread, so encoding goes on meanwhile).
-Rows that fail to decode, and rows whose features come out non-finite (an fp16 overflow), are
-recorded with the reason and left out of the shard.
+`open_encoding` builds, once per worker, what encoding needs (encoder, processor, the features
+requested, the image source) and the arguments fingerprint that identifies the store;
+`encode_shards` takes the rows of some shards, decodes and preprocesses them in DataLoader
+workers, encodes them in batches (never crossing a shard), and writes each shard as soon as its
+last row is encoded (in a writer thread, so encoding goes on meanwhile). Rows that fail to
+decode, and rows whose features come out non-finite (an fp16 overflow), are recorded with the
+reason and left out of the shard.
 
-One run per `out`: the run holds the directory's lock (`vlm_encoder.locks`) from before it reads
-the manifest until its summary; a second run is refused with the holder's pid, host and
-command, or waits (`wait_lock`).
+A shard's bytes depend only on the arguments fingerprint and its index: batches never span
+shards and the encoder is batch-invariant (`vlm_encoder.determinism`), so the batch size, the
+DataLoader workers, the number of workers and which one wrote a shard do not change a bit.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -32,83 +31,14 @@ from torch.utils.data import DataLoader, Dataset
 from ..cpu_speed import fast_cpu
 from ..encoder import VisionEncoder
 from ..packing.sizing import native_sizing
-from ..locks import hold_directory
 from ..processing import ImageLoadError, ImageProcessor, load_image
 from .config import IMAGE_KINDS, ExtractConfig
 from .model import build_encoder, build_processor, describe_model
-from .shards import (
-    FAILURES_NAME,
-    FORMAT,
-    NONFINITE_REASON,
-    ROW_IDS,
-    ShardLayout,
-    check_fingerprint,
-    finalize_manifest,
-    read_manifest,
-    remove_stale_temporaries,
-    retryable,
-    valid_sidecar,
-    write_json_atomic,
-    write_shard,
-)
-from .resolution import GRID, NUM_PATCHES, ImagePreparer, VariablePlan, anyres_config
+from .shards import NONFINITE_REASON, ROW_IDS, ShardLayout, retryable, valid_sidecar, write_shard
+from .resolution import NUM_PATCHES, ImagePreparer, VariablePlan, anyres_config
 from .sources import ImageSource, open_image_source
 
 MAX_PENDING_WRITES = 2
-
-
-@dataclass(frozen=True)
-class ExtractSummary:
-    """What a run did and what the store holds.
-
-    Attributes:
-        out: The store's folder.
-        total_rows: Rows of the dataset.
-        rows_written: Rows with features in the store (all processes, all runs).
-        rows_failed: Rows that failed to decode (all processes, all runs).
-        complete: Every shard is written; `rows_written + rows_failed == total_rows`.
-        rows_this_run: Rows handled now (written or failed), by every process of the launch.
-        shards_this_run: Shards written now, by every process.
-        shards_kept: Shards found intact and kept.
-        seconds: Wall time of the run (model loading, checks and extraction; the slowest process).
-        extract_seconds: Of which decoding, encoding and writing this run's shards.
-        rows_nonfinite: Of the failed rows, those whose features were not finite (inf/NaN).
-        rows_retryable: Of the failed rows, those a rerun retries once their file is there.
-        first_failure: One failed row and its reason, for messages (empty without failures).
-    """
-
-    out: str
-    total_rows: int
-    rows_written: int
-    rows_failed: int
-    complete: bool
-    rows_this_run: int
-    shards_this_run: int
-    shards_kept: int
-    seconds: float
-    extract_seconds: float = 0.0
-    rows_nonfinite: int = 0
-    rows_retryable: int = 0
-    first_failure: str = ""
-
-    @property
-    def all_failed(self) -> bool:
-        """Every row of the dataset failed: the store holds no features."""
-        return self.complete and self.rows_written == 0 and self.rows_failed > 0
-
-    @property
-    def images_per_second(self) -> float:
-        """Rows handled per second of extraction (decode, encode, write)."""
-        return self.rows_this_run / self.extract_seconds if self.extract_seconds > 0 else 0.0
-
-    def __str__(self) -> str:
-        rate = self.images_per_second
-        state = "complete" if self.complete else "INCOMPLETE (run again with the same arguments)"
-        return (
-            f"{self.out}: {self.rows_written} rows written, {self.rows_failed} failed, of {self.total_rows} "
-            f"({state}); this run: {self.rows_this_run} rows in {self.shards_this_run} shards, "
-            f"{self.shards_kept} shards kept, {self.seconds:.1f} s ({rate:.1f} images/s)"
-        )
 
 
 class RowDataset(Dataset):
@@ -229,6 +159,7 @@ class _ShardAssembler:
         self.parts: dict[int, dict[str, Any]] = {}
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.pending: list[Future] = []
+        self.written: list[Future] = []  # every write: (sidecar, time committed)
 
     def add(self, batch: dict[str, Any], features: dict[str, torch.Tensor] | None) -> None:
         shard = batch["rows"][0] // self.layout.shard_size
@@ -252,15 +183,21 @@ class _ShardAssembler:
         while len(self.pending) >= MAX_PENDING_WRITES:
             self.pending.pop(0).result()
         rows = self.layout.rows(shard)
-        self.pending.append(self.writer.submit(write_shard, self.config.out, shard, rows, tensors, part["failures"],
-                                                    self.writer_info))
+        future = self.writer.submit(_write_timed, self.config.out, shard, rows, tensors, part["failures"],
+                                    self.writer_info)
+        self.pending.append(future)
+        self.written.append(future)
 
-    def close(self) -> None:
+    def close(self) -> list[tuple[dict[str, Any], float]]:
+        """Wait for every write; `(sidecar, time committed)` of each shard written."""
         try:
-            for future in self.pending:
-                future.result()
+            return [future.result() for future in self.written]
         finally:
             self.writer.shutdown(wait=True)
+
+
+def _write_timed(*args: Any) -> tuple[dict[str, Any], float]:
+    return write_shard(*args), time.perf_counter()
 
 
 def _loader(config: ExtractConfig, dataset: RowDataset, batches: list[list[int]], device: torch.device) -> Iterator:
@@ -277,47 +214,60 @@ def _loader(config: ExtractConfig, dataset: RowDataset, batches: list[list[int]]
     )
 
 
-def run_extraction(config: ExtractConfig) -> ExtractSummary:
-    """Extract features of every row of `config.dataset` into `config.out` (see the module docstring).
+@dataclass
+class Encoding:
+    """What encoding a store's rows needs, built once per worker by `open_encoding`.
+
+    Attributes:
+        config: The run.
+        encoder: The image tower, on `compute_device` in the run's dtype.
+        processor: Its image processor.
+        features: The encoder call giving the requested features (`FeaturePlan`, or a
+            `VariablePlan` at native / anyres resolution).
+        prepare: Per-image preparation at native / anyres resolution (`None` when fixed).
+        source: The image rows.
+        device: The device the fingerprint was taken for (its type decides the CPU GEMM route).
+        compute_device: The device the encoder runs on.
+        fingerprint: What identifies the store's bytes (see `open_encoding`).
+    """
+
+    config: ExtractConfig
+    encoder: VisionEncoder
+    processor: ImageProcessor
+    features: Any
+    prepare: ImagePreparer | None
+    source: ImageSource
+    device: torch.device
+    compute_device: torch.device
+    fingerprint: dict[str, Any]
+
+
+def open_encoding(config: ExtractConfig, device: torch.device, compute_device: torch.device | None = None) -> Encoding:
+    """Load the encoder, open the image source (listing it: no image is decoded) and take the
+    arguments fingerprint: model (with its weights' hash), features, dtype, preprocessing,
+    dataset, shard size, pixel limit, resolution mode and (on the CPU) the GEMM route.
 
     Args:
         config: The run.
-
-    Returns:
-        The summary (identical on every process, except the `*_this_run` counts).
-
-    Raises:
-        ValueError: Arguments that differ from those of the run recorded in `config.out`
-            (the message names each), or features the encoder cannot give.
+        device: The device the shards are encoded on (the fingerprint's CPU GEMM entry).
+        compute_device: Where to put the encoder now (default `device`); a driver that only
+            plans puts it on the CPU.
     """
-    started = time.perf_counter()
-    state = _process_state(config.device)
-    hint = "pass --wait-lock to wait for it, or choose another --out"
-    with hold_directory(config.out, state, what="extraction", hint=hint, wait=config.wait_lock):
-        return _extract(config, state, started)
-
-
-def _extract(config: ExtractConfig, state: Any, started: float) -> ExtractSummary:
-    """`run_extraction`, under the lock of `config.out`."""
-    rank, world = state.process_index, state.num_processes
-    device = torch.device(config.device) if config.device else state.device
-    out = config.out
-
+    compute_device = compute_device or device
     encoder = build_encoder(config)
     processor = build_processor(encoder, config.image_size, config.mode)
-    plan = FeaturePlan(encoder, config.layers, config.select, config.norm)
+    features = FeaturePlan(encoder, config.layers, config.select, config.norm)
     prepare, tiling = None, None
     if config.mode != "fixed":
         tiling = anyres_config(encoder, config.anyres) if config.mode == "anyres" else None
         policy, budget = native_sizing(encoder, config.max_patches)  # SigLIP2: its NaFlex processor's rule
         prepare = ImagePreparer(processor, config.mode, encoder.config.input_stride, budget, tiling, policy)
-        plan = VariablePlan(plan, config.mode, tiling, encoder.config.input_stride)
+        features = VariablePlan(features, config.mode, tiling, encoder.config.input_stride)
     source = open_image_source(config.dataset, split=config.split, image_column=config.image_column)
-    layout = ShardLayout(len(source), config.shard_size)
     fingerprint = {
         "model": describe_model(config, encoder),
         "layers": list(config.layers),
-        "blocks": list(plan.blocks),
+        "blocks": list(features.blocks),
         "select": list(config.select),
         "norm": config.norm,
         "dtype": config.dtype,
@@ -332,90 +282,76 @@ def _extract(config: ExtractConfig, state: Any, started: float) -> ExtractSummar
             else {"mode": "anyres", "policy": "llava_next", "pinpoints": [list(p) for p in config.anyres],
                   "tile_size": tiling.tile_size}
         )
-    if config.fast_cpu and device.type == "cpu":  # other rounding than the plain route: a store keeps one
+    cpu_gemm = config.fast_cpu and device.type == "cpu"
+    if cpu_gemm:  # other rounding than the plain route: a store keeps one
         fingerprint["cpu_gemm"] = "onednn_packed"
-    encoder = fast_cpu(encoder.to(device=device, dtype=config.torch_dtype), enabled=config.fast_cpu and device.type == "cpu")
-    height, width = processor.config.output_size or encoder.config.image_size  # a NaFlex processor sizes per image
-    if prepare is None:
-        probe = plan(encoder, torch.zeros(1, 3, height, width, device=device, dtype=config.torch_dtype))
+    encoder = fast_cpu(encoder.to(device=compute_device, dtype=config.torch_dtype),
+                       enabled=cpu_gemm and compute_device.type == "cpu")
+    return Encoding(config, encoder, processor, features, prepare, source, device, compute_device, fingerprint)
+
+
+def probe_features(encoding: Encoding) -> dict[str, torch.Tensor]:
+    """An empty tensor `(0, ...)` of each stored feature's shape and dtype (one blank image encoded)."""
+    e = encoding
+    height, width = e.processor.config.output_size or e.encoder.config.image_size  # NaFlex sizes per image
+    if e.prepare is None:
+        pixels = torch.zeros(1, 3, height, width, device=e.compute_device, dtype=e.config.torch_dtype)
     else:
-        probe = plan(encoder, [prepare(Image.new("RGB", (width, height)))])
-    empty = {k: torch.empty((0, *v.shape[1:]), dtype=v.dtype) for k, v in probe.items()}
+        pixels = [e.prepare(Image.new("RGB", (width, height)))]
+    return {k: torch.empty((0, *v.shape[1:]), dtype=v.dtype) for k, v in e.features(e.encoder, pixels).items()}
 
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)  # of killed runs: this run holds the lock and writes nothing yet
-        if read_manifest(out) is None:
-            manifest = {
-                "format": FORMAT,
-                "fingerprint": fingerprint,
-                "num_rows": layout.num_rows,
-                "num_shards": layout.num_shards,
-                "num_blocks": encoder.num_blocks,
-                "features": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
-                             for k, v in empty.items()},
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "shards": [],
-                **({"ragged": {"keys": [k for k in empty if k.endswith(".patch")], "counts": NUM_PATCHES,
-                               "grid": GRID}} if prepare is not None else {}),
-                "complete": False,
-            }
-            write_json_atomic(out / "manifest.json", manifest)
-    state.wait_for_everyone()
-    manifest = read_manifest(out)
-    check_fingerprint(out, manifest, fingerprint)
 
-    mine = layout.shards_of_rank(rank, world)
-    todo = [k for k in mine if _needs_work(out, k, layout, source)]
-    rows_todo = sum(len(layout.rows(k)) for k in todo)
-    loop_started = time.perf_counter()
-    if todo:
-        from tqdm.auto import tqdm
+def needs_work(encoding: Encoding, layout: ShardLayout, shard: int) -> bool:
+    """Whether shard `shard` is (re)done (see `_needs_work`)."""
+    return _needs_work(encoding.config.out, shard, layout, encoding.source)
 
-        writer = {"rank": rank, "world_size": world, "batch_size": config.batch_size, "device": str(device)}
-        assembler = _ShardAssembler(config, layout, source, empty, writer)
-        bar = tqdm(total=rows_todo, unit="img", desc="extract", disable=not (config.progress and state.is_main_process),
-                   smoothing=0.1)
-        try:
-            dataset = RowDataset(source, processor, config.max_pixels, prepare)
-            for batch in _loader(config, dataset, _batches(layout, todo, config.batch_size), device):
-                features = None
-                if batch["pixels"] is not None:
-                    pixels = batch["pixels"]
-                    if prepare is None:
-                        pixels = pixels.to(device=device, dtype=config.torch_dtype, non_blocking=True)
-                    features = {k: v.to("cpu") for k, v in plan(encoder, pixels).items()}
-                    features = _drop_nonfinite(batch, features, config.dtype)
-                assembler.add(batch, features)
-                bar.update(len(batch["rows"]))
-        finally:
-            bar.close()
-            assembler.close()
-    extract_seconds = time.perf_counter() - loop_started
-    state.wait_for_everyone()
-    if state.is_main_process:
-        remove_stale_temporaries(out)  # every process has finished writing
-        finalize_manifest(out, manifest, layout)
-    state.wait_for_everyone()
-    final = read_manifest(out)
-    # The summary speaks for the whole launch: counts summed, times of the slowest process.
-    rows_run, shards_run, kept = _sum_over_processes(world, rows_todo, len(todo), len(mine) - len(todo))
-    seconds, extract_seconds = _max_over_processes(world, time.perf_counter() - started, extract_seconds)
-    return ExtractSummary(
-        out=str(out),
-        total_rows=layout.num_rows,
-        rows_written=final.get("rows_written", 0),
-        rows_failed=final.get("rows_failed", 0),
-        complete=bool(final.get("complete")),
-        rows_this_run=int(rows_run),
-        shards_this_run=int(shards_run),
-        shards_kept=int(kept),
-        seconds=seconds,
-        extract_seconds=extract_seconds,
-        rows_nonfinite=final.get("rows_nonfinite", 0),
-        rows_retryable=final.get("rows_retryable", 0),
-        first_failure=_first_failure(out),
-    )
+
+def encode_shards(
+    encoding: Encoding,
+    layout: ShardLayout,
+    shards: list[int],
+    empty: dict[str, torch.Tensor],
+    writer: dict[str, Any],
+    progress: bool = False,
+) -> list[tuple[dict[str, Any], float]]:
+    """Encode and write the given shards (through one DataLoader, so its workers and prefetch
+    carry over from shard to shard).
+
+    Args:
+        encoding: From `open_encoding`.
+        layout: The store's shard layout.
+        shards: Shard indices, in the order to encode them.
+        empty: `probe_features`' empty tensors, for a shard whose rows all failed.
+        writer: Provenance kept in each sidecar (not in the shard's bytes).
+        progress: Show a progress bar of rows.
+
+    Returns:
+        `(sidecar, perf_counter time its shard was committed)` for each shard, in order.
+    """
+    if not shards:
+        return []
+    from tqdm.auto import tqdm
+
+    e, config = encoding, encoding.config
+    assembler = _ShardAssembler(config, layout, e.source, empty, writer)
+    bar = tqdm(total=sum(len(layout.rows(k)) for k in shards), unit="img", desc="extract", disable=not progress,
+               smoothing=0.1)
+    try:
+        dataset = RowDataset(e.source, e.processor, config.max_pixels, e.prepare)
+        for batch in _loader(config, dataset, _batches(layout, shards, config.batch_size), e.compute_device):
+            features = None
+            if batch["pixels"] is not None:
+                pixels = batch["pixels"]
+                if e.prepare is None:
+                    pixels = pixels.to(device=e.compute_device, dtype=config.torch_dtype, non_blocking=True)
+                features = {k: v.to("cpu") for k, v in e.features(e.encoder, pixels).items()}
+                features = _drop_nonfinite(batch, features, config.dtype)
+            assembler.add(batch, features)
+            bar.update(len(batch["rows"]))
+    finally:
+        bar.close()
+        written = assembler.close()
+    return written
 
 
 def _needs_work(out: Path, shard: int, layout: ShardLayout, source: ImageSource) -> bool:
@@ -456,30 +392,3 @@ def _drop_nonfinite(batch: dict[str, Any], features: dict[str, torch.Tensor], dt
     batch["failures"] = batch["failures"] + [(row, reason) for row, b in zip(rows, bad.tolist()) if b]
     batch["ok_rows"] = [row for row, b in zip(rows, bad.tolist()) if not b]
     return {k: v[keep.repeat_interleave(counts)] if ragged(k) else v[keep] for k, v in features.items()}
-
-
-def _first_failure(out: Path) -> str:
-    try:
-        with open(out / FAILURES_NAME) as handle:
-            first = json.loads(handle.readline() or "{}")
-    except (OSError, ValueError):
-        return ""
-    return f"row {first['row']} ({first.get('name')}): {first['reason']}" if first else ""
-
-
-def _reduce(world: int, values: tuple[float, ...], op: str) -> list[float]:
-    if world == 1:
-        return list(values)
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return tensor.tolist()
-
-
-def _sum_over_processes(world: int, *values: float) -> list[float]:
-    return _reduce(world, values, "sum")
-
-
-def _max_over_processes(world: int, *values: float) -> list[float]:
-    return _reduce(world, values, "max")
