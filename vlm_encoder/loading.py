@@ -4,6 +4,8 @@ The family is chosen explicitly, never guessed from the weights:
   * a directory or hub repo id whose `config.json` has `model_type`
       `vlm_encoder.vision`                    -> our own `save_pretrained` format
       `clip`, `clip_vision_model`             -> `converters.hf_clip`
+      `metaclip_2`, `metaclip_2_vision_model` -> `converters.hf_metaclip_2` (CLIP's tower; a whole
+                                                 `metaclip_2` spec is a contrastive model, both towers)
       `siglip`, `siglip_vision_model`         -> `converters.hf_siglip`
       `siglip2`, `siglip2_vision_model`       -> `converters.hf_siglip2` (NaFlex: encode images at
                                                  their own sizes with `vlm_encoder.packing`)
@@ -62,6 +64,8 @@ TORCH_FILE = "pytorch_model.bin"
 HF_MODEL_TYPES: tuple[str, ...] = (
     "clip",
     "clip_vision_model",
+    "metaclip_2",
+    "metaclip_2_vision_model",
     "siglip",
     "siglip_vision_model",
     "siglip2",
@@ -218,11 +222,13 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch
 
 # ---------------------------------------------------------------------------- families
 def _converter(model_type: str) -> ModuleType:
-    from .converters import hf_aimv2, hf_clip, hf_dinov2, hf_dinov3, hf_internvit, hf_qwen2_5_vl, hf_qwen3_vl, hf_siglip, hf_siglip2, hf_vit
+    from .converters import hf_aimv2, hf_clip, hf_dinov2, hf_metaclip_2, hf_dinov3, hf_internvit, hf_qwen2_5_vl, hf_qwen3_vl, hf_siglip, hf_siglip2, hf_vit
 
     table = {
         "clip": hf_clip,
         "clip_vision_model": hf_clip,
+        "metaclip_2": hf_metaclip_2,
+        "metaclip_2_vision_model": hf_metaclip_2,
         "siglip": hf_siglip,
         "siglip_vision_model": hf_siglip,
         "siglip2": hf_siglip2,
@@ -344,7 +350,7 @@ def _load_hf_tower(
 def _config_options(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Options the HF config does not state but the checkpoint's classes do: whether a
     `CLIPVisionModelWithProjection` / `ViTModel(add_pooling_layer=True)` head was saved."""
-    if model_type == "clip_vision_model":
+    if model_type in ("clip_vision_model", "metaclip_2_vision_model"):
         return {"projection": any(k.endswith("visual_projection.weight") for k in tensors)}
     if model_type == "vit":
         return {"pooler": any(k.endswith("pooler.dense.weight") for k in tensors)}

@@ -63,11 +63,17 @@ def config_from_hf(hf_config_or_dict: Any, *, projection: bool | None = None) ->
     from transformers import CLIPConfig, CLIPVisionConfig
 
     parsed = parse_config(hf_config_or_dict, {"clip": CLIPConfig, "clip_vision_model": CLIPVisionConfig}, FAMILY)
+    return tower_config(parsed, projection, FAMILY)
+
+
+def tower_config(parsed: Any, projection: bool | None, family: str) -> VisionConfig:
+    """Our config for a parsed CLIP-layout vision config (CLIP's, or a family that reuses its
+    tower, e.g. MetaCLIP 2): a whole model's config or the vision config alone."""
     vision = getattr(parsed, "vision_config", parsed)
     if projection is None:
         projection = vision is not parsed
     return VisionConfig(
-        **tower_fields(vision, FAMILY),
+        **tower_fields(vision, family),
         mlp_dim=vision.intermediate_size,
         qkv_bias=True,
         patch_bias=False,

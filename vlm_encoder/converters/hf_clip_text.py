@@ -57,6 +57,11 @@ def text_config_from_hf(hf_config_or_dict: Any) -> TextConfig:
     text = getattr(parsed, "text_config", parsed)
     if text.eos_token_id == 2:
         raise ValueError(f"{FAMILY}: eos_token_id=2 is the legacy argmax pooling, which TextEncoder does not do")
+    return tower_config(text, FAMILY)
+
+
+def tower_config(text: Any, family: str) -> TextConfig:
+    """Our `TextConfig` for a parsed CLIP-layout text config (pooled at the first `eos_token_id`)."""
     return TextConfig(
         vocab_size=text.vocab_size,
         context_length=text.max_position_embeddings,
@@ -64,7 +69,7 @@ def text_config_from_hf(hf_config_or_dict: Any) -> TextConfig:
         depth=text.num_hidden_layers,
         num_heads=text.num_attention_heads,
         mlp_dim=text.intermediate_size,
-        act=activation(text.hidden_act, FAMILY),
+        act=activation(text.hidden_act, family),
         norm_eps=text.layer_norm_eps,
         eot_token_id=text.eos_token_id,
         sot_token_id=text.bos_token_id,

@@ -39,7 +39,7 @@ FORMS = (
 WHAT_IS_NEEDED = {
     "vision": "a model with an image tower: " + FORMS,
     "contrastive": "a contrastive image-text model: a ContrastiveModel save_pretrained directory (what `train` "
-    "exports) or open_clip:ARCH[:TAG]",
+    "exports), a MetaCLIP 2 (metaclip_2) directory or hub id, or open_clip:ARCH[:TAG]",
     "any": FORMS,
 }
 OUR_TYPES: dict[str, ModelKind] = {
@@ -49,6 +49,8 @@ OUR_TYPES: dict[str, ModelKind] = {
     "vlm_encoder.vlm": "vlm",
 }
 VLM_CONFIG_NAME = "vlm_config.json"
+# Hugging Face model types read as a whole `ContrastiveModel` (both towers), by their converter.
+HF_CONTRASTIVE_TYPES: tuple[str, ...] = ("metaclip_2",)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,8 @@ def model_kind(spec: ModelSpec, revision: str | None = None) -> ModelKind:
     if vlm_config is not None:
         return OUR_TYPES.get(_model_type(vlm_config), "encoder")
     model_type = _model_type(files.get("config.json"))
+    if model_type in HF_CONTRASTIVE_TYPES:
+        return "contrastive"
     return OUR_TYPES.get(model_type, "encoder")  # an HF family: load_encoder converts its tower
 
 
@@ -300,7 +304,12 @@ def _preset(name: str, overrides: Mapping[str, Any] | None, seed: int, checkpoin
 
 def _load_directory(spec: ModelSpec, kind: ModelKind, checkpoint: str | None, revision: str | None) -> LoadedModel:
     info: dict[str, Any] = {"source": spec.text}
-    if kind == "contrastive":
+    if kind == "contrastive" and _hf_contrastive_type(spec, revision) is not None:
+        from ..converters import hf_metaclip_2
+
+        model = hf_metaclip_2.load_contrastive(spec.name, checkpoint=checkpoint, revision=revision)
+        info.update(family="metaclip_2", model_type="metaclip_2", checkpoint=checkpoint)
+    elif kind == "contrastive":
         from ..contrastive import ContrastiveModel
 
         model = ContrastiveModel.from_pretrained(spec.name, revision=revision, checkpoint=checkpoint)
@@ -321,6 +330,17 @@ def _load_directory(spec: ModelSpec, kind: ModelKind, checkpoint: str | None, re
         model = load_encoder_files(spec.name, checkpoint=checkpoint, revision=revision)
         info = model.source_info
     return LoadedModel(spec, kind, model.eval(), info)
+
+
+def _hf_contrastive_type(spec: ModelSpec, revision: str | None) -> str | None:
+    """The `model_type` of an HF contrastive checkpoint (`HF_CONTRASTIVE_TYPES`), else `None`."""
+    from .files import SourceFiles
+
+    files = SourceFiles(spec.name, revision)
+    if files.get(VLM_CONFIG_NAME, required=False) is not None:
+        return None
+    model_type = _model_type(files.get("config.json"))
+    return model_type if model_type in HF_CONTRASTIVE_TYPES else None
 
 
 def _local_snapshot(spec: ModelSpec, revision: str | None) -> str:

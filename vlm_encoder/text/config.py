@@ -33,6 +33,9 @@ class TextConfig(ConfigMixin):
         eot_token_id: Id of the end-of-text token, where the caption is pooled.
         sot_token_id: Id of the start-of-text token (first position).
         pad_token_id: Id written after the end token.
+        tokenizer: A local directory holding a Hugging Face tokenizer (`AutoTokenizer` files
+            beside a `config.json`) whose ids these are, e.g. MetaCLIP 2's XLM-R tokenizer;
+            `None`: open_clip's BPE (`ClipTokenizer`).
     """
 
     vocab_size: int = at_least(1, CLIP_VOCAB_SIZE)
@@ -46,6 +49,7 @@ class TextConfig(ConfigMixin):
     eot_token_id: int = CLIP_EOT_TOKEN_ID
     sot_token_id: int = CLIP_SOT_TOKEN_ID
     pad_token_id: int = 0
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -80,6 +80,11 @@ class HFTokenizer:
             list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
         )
         return TokenizedText(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+
+    @property
+    def tokenizer(self) -> Any:
+        """The wrapped `transformers` tokenizer."""
+        return self._tokenizer
 
 
 class HFTextEncoder(nn.Module):

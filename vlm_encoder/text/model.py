@@ -17,6 +17,7 @@ from torch import nn
 from ..layers import Block, init_linears_and_norms
 from ..pretrained import PretrainedMixin
 from .config import TextConfig
+from .hf_text import HFTokenizer
 from .output import TextOutput
 from .tokenizer import ClipTokenizer
 
@@ -62,13 +63,25 @@ class TextEncoder(PretrainedMixin, nn.Module):
     def width(self) -> int:
         return self.config.width
 
-    def tokenizer(self) -> ClipTokenizer:
-        """open_clip's BPE tokenizer at this model's context length.
+    def tokenizer(self) -> ClipTokenizer | HFTokenizer:
+        """open_clip's BPE tokenizer at this model's context length, or the Hugging Face
+        tokenizer of `config.tokenizer` (padded to the context length, truncated with its end
+        token kept).
 
         Raises:
-            ValueError: The config's vocabulary or special ids are not the BPE's.
+            ValueError: The config's vocabulary or special ids are not the BPE's (or not the HF
+                tokenizer's end and padding ids).
         """
         c = self.config
+        if c.tokenizer is not None:
+            hf = HFTokenizer(c.tokenizer, c.context_length)
+            ids = (hf.tokenizer.eos_token_id, hf.tokenizer.pad_token_id)
+            if ids != (c.eot_token_id, c.pad_token_id) or len(hf.tokenizer) > c.vocab_size:
+                raise ValueError(
+                    f"the tokenizer in {c.tokenizer} (eos={ids[0]}, pad={ids[1]}, {len(hf.tokenizer)} ids) does not match "
+                    f"this TextConfig (eot={c.eot_token_id}, pad={c.pad_token_id}, vocab_size={c.vocab_size})"
+                )
+            return hf
         if (c.vocab_size, c.sot_token_id, c.eot_token_id) != (
             ClipTokenizer.vocab_size, ClipTokenizer.sot_token_id, ClipTokenizer.eot_token_id
         ):
