@@ -15,7 +15,7 @@ import os
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("info", "viz", "train", "eval", "extract", "export-onnx")
+COMMANDS = ("info", "viz", "train", "eval", "extract", "extract-shard", "extract-finalize", "export-onnx")
 DEBUG_VARIABLE = "VLM_ENCODER_DEBUG"
 
 

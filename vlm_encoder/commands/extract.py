@@ -5,6 +5,8 @@
     vlm-encoder extract --model preset:vit_tiny_patch16_224 --override depth=4 --dataset list.txt --out feats/
     vlm-encoder extract ... --resolution native --max-patches 576    # or --anyres 336x672,672x336,672x672
     accelerate launch --num_processes 4 -m vlm_encoder.cli extract ...    # one store, no merge
+    N=$(vlm-encoder extract ... --out feats/ --plan-only)    # no engine: then `extract-shard --index K`
+                                                             # for K < N anywhere, and `extract-finalize`
 
 Run it again with the same arguments after an interruption: it redoes only the shards that are
 missing or fail their checksum. See docs/extraction.md.
@@ -64,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--wait-lock", action="store_true",
                         help="if another run is writing --out, wait for it to finish (default: refuse to start)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="only plan: write --out/plan.json and the manifest, print the number of shards N; then "
+                             "run `vlm-encoder extract-shard --out DIR --index K` for each K < N (e.g. a Slurm array) "
+                             "and `vlm-encoder extract-finalize --out DIR` (docs/scale.md)")
     parser.set_defaults(func=run)
 
 
@@ -94,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         wait_lock=args.wait_lock,
     )
+    if args.plan_only:
+        return _plan_only(args, config)
     summary = run_extraction(config)
     from accelerate import PartialState
 
@@ -108,3 +116,17 @@ def run(args: argparse.Namespace) -> int:
                   f"features; e.g. {summary.first_failure}", file=sys.stderr)
             return 1
     return 0 if summary.complete and not summary.all_failed else 1
+
+
+def _plan_only(args: argparse.Namespace, config: object) -> int:
+    """`--plan-only`: the plan, and the shard count alone on stdout (`N=$(vlm-encoder extract ... --plan-only)`)."""
+    from ..extract import plan_extraction
+
+    if getattr(args, "engine", "local") != "local":
+        raise ValueError("--plan-only writes a plan for `extract-shard`; it takes no --engine")
+    plan = plan_extraction(config)
+    print(plan.num_shards)
+    print(f"planned {plan.out}: {plan.num_rows} rows in {plan.num_shards} shards of {plan.shard_size}; run "
+          f"`vlm-encoder extract-shard --out {plan.out} --index K` for K = 0..{plan.num_shards - 1}, then "
+          f"`vlm-encoder extract-finalize --out {plan.out}`", file=sys.stderr)
+    return 0
