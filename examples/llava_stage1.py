@@ -14,7 +14,9 @@ offline:
 * language model: a tiny Llama that first learns to write the caption of the colour and
   shape words it finds anywhere in a context of noise vectors (a stand-in for a pretrained
   LLM that reads words but has never seen an image), then is frozen;
-* projector: `mlp2x_gelu`, the only part that trains.
+* projector: `mlp2x_gelu`, the only part that trains (with `--deepstack 0 1`, also one
+  `mlp2x_gelu` per DeepStack tap: encoder layers whose tokens are added to the LM's hidden
+  states at the image positions after its decoder layers 0, 1, ..., as Qwen3-VL).
 
 The script prints the caption loss before and after, saves the projector with
 `save_pretrained`, reloads it with `Projector.from_pretrained`, and captions new images.
@@ -56,6 +58,7 @@ class Stage1Config:
     encoder_width: int = 64
     lr: float = 2e-3
     seed: int = 0
+    deepstack_layers: tuple[int, ...] = ()  # encoder layers tapped for DeepStack (at most the LM's 2 layers)
 
 
 QUICK = Stage1Config(lm_steps=150, projector_steps=150)
@@ -179,7 +182,8 @@ def train_projector(vlm: VisionLanguageModel, tokenizer, cfg: Stage1Config, rng:
     with torch.no_grad():
         before = caption_loss(vlm, tokenizer, held_out, prefix).item()
     trainable = [p for p in vlm.parameters() if p.requires_grad]
-    assert all(p is q for p, q in zip(trainable, vlm.projector.parameters())), "only the projector trains"
+    projectors = [*vlm.projector.parameters(), *vlm.deepstack_projectors.parameters()]
+    assert len(trainable) == len(projectors) and all(p is q for p, q in zip(trainable, projectors)), "only the projectors train"
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
     vlm.train()
     for step in tqdm(range(1, cfg.projector_steps + 1), desc="projector", dynamic_ncols=True):
@@ -207,6 +211,17 @@ def caption_images(vlm: VisionLanguageModel, tokenizer, n: int, rng: random.Rand
     return sum(p == t for p, t in zip(predicted, truth)) / n
 
 
+def build_vlm(cfg: Stage1Config, encoder: VisionEncoder, projector: Projector, lm: LlamaForCausalLM, tokenizer,
+              deepstack: list[Projector] | None = None) -> VisionLanguageModel:
+    """The VLM over layer -2 (as LLaVA), with one `mlp2x_gelu` per `cfg.deepstack_layers` tap
+    (new, or the `deepstack` projectors given)."""
+    if deepstack is None:
+        deepstack = [build_projector("mlp2x_gelu", encoder.width, lm.config.hidden_size) for _ in cfg.deepstack_layers]
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    return VisionLanguageModel(encoder, projector, lm, image_token_id, feature_layers=(-2,),
+                               deepstack_layers=cfg.deepstack_layers, deepstack_projectors=deepstack)
+
+
 def run(cfg: Stage1Config, out_dir: Path) -> dict[str, float]:
     """The whole stage-1 run; returns the losses before and after, and the caption accuracy."""
     start = time.perf_counter()
@@ -218,18 +233,19 @@ def run(cfg: Stage1Config, out_dir: Path) -> dict[str, float]:
     pretrain_lm(lm, tokenizer, cfg, projector.num_output_tokens(encoder.config.grid_size), rng)
     print(f"  ({time.perf_counter() - start:.0f} s so far)")
 
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vlm = VisionLanguageModel(encoder, projector, lm, image_token_id, feature_layers=(-2,))
+    vlm = build_vlm(cfg, encoder, projector, lm, tokenizer)
+    taps = f", DeepStack taps {cfg.deepstack_layers}" if cfg.deepstack_layers else ""
     print(f"stage 1: encoder and LM frozen, projector trains ({sum(p.numel() for p in projector.parameters())} "
-          f"parameters, {vlm.num_image_tokens()} image tokens per image)")
+          f"parameters, {vlm.num_image_tokens()} image tokens per image{taps})")
     before, after = train_projector(vlm, tokenizer, cfg, rng)
     print(f"held-out caption loss: {before:.3f} before -> {after:.3f} after ({time.perf_counter() - start:.0f} s so far)")
 
     saved = projector.save_pretrained(out_dir / "projector")
+    deep = [p.save_pretrained(out_dir / f"deepstack_{j}") for j, p in enumerate(vlm.deepstack_projectors)]
     tokenizer.save_pretrained(out_dir / "tokenizer")
     reloaded = Projector.from_pretrained(saved)
     print(f"saved the projector to {saved} and reloaded it")
-    vlm_reloaded = VisionLanguageModel(encoder, reloaded, lm, image_token_id, feature_layers=(-2,))
+    vlm_reloaded = build_vlm(cfg, encoder, reloaded, lm, tokenizer, [Projector.from_pretrained(d) for d in deep])
     accuracy = caption_images(vlm_reloaded, tokenizer, 64, rng)
     print(f"exact-match captions on 64 new images with the reloaded projector: {accuracy:.0%} "
           f"(chance {1 / (len(COLOURS) * len(SHAPES)):.0%}); {time.perf_counter() - start:.0f} s in all")
@@ -242,11 +258,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("llava_stage1_output"), help="where the projector is saved")
     parser.add_argument("--steps", type=int, default=None, help="projector training steps (overrides the default)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads; models this tiny run fastest on one")
+    parser.add_argument("--deepstack", type=int, nargs="*", default=[], metavar="LAYER",
+                        help="encoder layers tapped for DeepStack, added after LM layers 0, 1 (e.g. --deepstack 0 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else Stage1Config()
     if args.steps is not None:
         cfg = Stage1Config(**{**cfg.__dict__, "projector_steps": args.steps})
+    if args.deepstack:
+        cfg = Stage1Config(**{**cfg.__dict__, "deepstack_layers": tuple(args.deepstack)})
     result = run(cfg, args.out)
     if not result["loss_after"] < result["loss_before"]:
         raise SystemExit("the caption loss did not fall")

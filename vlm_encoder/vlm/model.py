@@ -20,7 +20,13 @@ each with its own image size and processor; their patch grids are brought to one
 projector fuses every tower's layers (`in_dim` lists one width per tower layer, in order);
 `pixel_values` is then one tensor per tower (`preprocess(images)` gives them).
 
-By default the encoder(s) and the LM are frozen and only the projector trains (LLaVA's
+DeepStack (Qwen3-VL, `deepstack.py`): `deepstack_layers` are further encoder layers, each
+projected by its own projector (`deepstack_projectors`, any kind giving the main projector's
+token count) and added to the LM's hidden states at the image positions after decoder layer
+0, 1, ... in turn. `positions='mrope'` gives the LM the position ids of its own `get_rope_index`
+(Qwen3-VL's multimodal RoPE: each image token at its `(t, h, w)` place on the merged grid).
+
+By default the encoder(s) and the LM are frozen and only the projector(s) train (LLaVA's
 stage-1 feature alignment); `set_trainable` switches each part.
 """
 
@@ -42,6 +48,8 @@ from ..anyres import num_tiles as anyres_num_tiles
 from ..encoder import VisionEncoder
 
 FeatureSelect = Literal["patch", "cls_patch"]
+Positions = Literal["sequence", "mrope"]
+POSITIONS = ("sequence", "mrope")
 FEATURE_SELECTS = ("patch", "cls_patch")
 TowerResize = Literal["interpolate", "pool"]
 TOWER_RESIZES = ("interpolate", "pool")
@@ -146,6 +154,16 @@ class VisionLanguageModel(nn.Module):
             `fusion_grid`, else the first tower's grid.
         tower_resize: Several towers: `interpolate` (bilinear) or `pool` (adaptive average),
             see `resize_tokens`.
+        deepstack_layers: DeepStack: encoder blocks whose tokens, each through its own
+            projector, are added to the LM's hidden states at the image positions after
+            decoder layer 0, 1, ... (Qwen3-VL's `deepstack_visual_indexes`). One tower, no
+            anyres, `feature_select='patch'`.
+        deepstack_projectors: One `Projector` per tapped layer (any kind; one stream of the
+            encoder's width in, the LM's width out, as many tokens per image as `projector`);
+            trained with `projector`.
+        positions: `sequence` (the LM's own positions, 0, 1, ...) or `mrope`: the position ids
+            of the LM's `model.get_rope_index` (a transformers Qwen3-VL / Qwen3.5 model without
+            its vision tower), where each image token sits at its place on the merged patch grid.
     """
 
     def __init__(
@@ -163,6 +181,9 @@ class VisionLanguageModel(nn.Module):
         anyres: AnyresConfig | None = None,
         tower_grid: int | tuple[int, int] | None = None,
         tower_resize: TowerResize = "interpolate",
+        deepstack_layers: Sequence[int] = (),
+        deepstack_projectors: Sequence[nn.Module] = (),
+        positions: Positions = "sequence",
     ) -> None:
         super().__init__()
         from ..projectors import Projector
@@ -224,13 +245,43 @@ class VisionLanguageModel(nn.Module):
                 d_llm = pc.out_dim  # initialised as transformers' LlavaNextModel does
                 newline = nn.Parameter(torch.randn(d_llm, dtype=embeddings.weight.dtype) / d_llm**0.5)
         self.image_newline = newline  # (d_llm,) or None
+        self.deepstack_layers = self._check_deepstack(
+            deepstack_layers, deepstack_projectors, encoder, language_model, len(towers), anyres, feature_select
+        )
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r} is not supported; allowed: {', '.join(POSITIONS)}")
+        if positions == "mrope" and not callable(getattr(getattr(language_model, "model", None), "get_rope_index", None)):
+            raise ValueError(
+                f"positions='mrope' takes the position ids of the LM's model.get_rope_index (a transformers Qwen3-VL "
+                f"model); {type(language_model).__name__} has none"
+            )
+        self.positions = positions
         self.encoders = nn.ModuleList(towers)
         self.projector = projector
+        self.deepstack_projectors = nn.ModuleList(deepstack_projectors)
         self.language_model = language_model
         self.image_token_id = image_token_id
         self.feature_select = feature_select
         self.trainable: dict[str, bool] = {}
         self.set_trainable(encoder=train_encoder, projector=train_projector, language_model=train_language_model)
+
+    @staticmethod
+    def _check_deepstack(
+        layers: Sequence[int], projectors: Sequence[nn.Module], encoder: VisionEncoder, language_model: nn.Module,
+        n_towers: int, anyres: AnyresConfig | None, feature_select: str,
+    ) -> tuple[int, ...]:
+        """The DeepStack layers as block indices, after checking the arguments."""
+        from .deepstack import check_deepstack, decoder_layers
+
+        if not layers and not projectors:
+            return ()
+        if n_towers > 1 or anyres is not None or feature_select != "patch":
+            raise ValueError("DeepStack needs one tower, anyres=None and feature_select='patch'")
+        check_deepstack(layers, projectors, encoder.width, language_model.get_input_embeddings().embedding_dim)
+        n_decoder = len(decoder_layers(language_model))
+        if len(layers) > n_decoder:
+            raise ValueError(f"{len(layers)} DeepStack layers, but the LM has {n_decoder} decoder layers to add them to")
+        return tuple(encoder.resolve_layers(tuple(layers)))
 
     @staticmethod
     def _anyres_tile_side(anyres: AnyresConfig, encoder: VisionEncoder, projector: nn.Module, feature_select: str) -> int:
@@ -267,6 +318,8 @@ class VisionLanguageModel(nn.Module):
         return self.tower_layers[0] if len(self.encoders) == 1 else self.tower_layers
 
     def _part(self, name: str) -> nn.Module:
+        if name == "projector":  # the DeepStack projectors train with the main one
+            return nn.ModuleList([self.projector, *self.deepstack_projectors])
         return self.encoders if name == "encoder" else getattr(self, name)
 
     # ------------------------------------------------------------- training
@@ -373,22 +426,40 @@ class VisionLanguageModel(nn.Module):
         Returns:
             `(I, M, d_llm)` in the LM's embedding dtype.
         """
+        return self.image_and_deepstack_features(pixel_values)[0]
+
+    def image_and_deepstack_features(self, pixel_values: PixelValues) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`image_features` and the DeepStack features, from one pass of the encoder.
+
+        Returns:
+            The image tokens `(I, M, d_llm)` and one `(I, M, d_llm)` tensor per DeepStack layer
+            (`deepstack_projectors[j]` on block `deepstack_layers[j]`; none without DeepStack),
+            in the LM's embedding dtype.
+        """
         dtype = self.language_model.get_input_embeddings().weight.dtype
         if self.tower_grid is not None:
-            return self.projector(self.tower_features(pixel_values), grid_size=self.tower_grid).to(dtype)
+            return self.projector(self.tower_features(pixel_values), grid_size=self.tower_grid).to(dtype), []
         if not isinstance(pixel_values, torch.Tensor):
             if len(pixel_values) != 1:
                 raise ValueError(f"this model has one vision tower, got {len(pixel_values)} pixel tensors")
             pixel_values = pixel_values[0]
         param = next(self.encoder.parameters())
+        layers = tuple(dict.fromkeys(self.feature_layers + self.deepstack_layers))  # each block once, in order asked
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable.get("encoder", False)):
-            out = self.encoder(pixel_values.to(param.dtype), layers=self.feature_layers)
+            out = self.encoder(pixel_values.to(param.dtype), layers=layers)
         if self.feature_select == "patch":
-            features = self.projector(out)
+            features = self.projector([out.patches(l) for l in self.feature_layers], grid_size=out.grid_size)
         else:
             streams = [torch.cat([out.cls(l).unsqueeze(1), out.patches(l)], dim=1) for l in self.feature_layers]
             features = self.projector(streams)  # (I, 1 + N, D) per layer
-        return features.to(dtype)
+        deep = [proj(out.patches(l), grid_size=out.grid_size) for proj, l in zip(self.deepstack_projectors, self.deepstack_layers)]
+        for j, tokens in enumerate(deep):
+            if tokens.shape != features.shape:
+                raise ValueError(
+                    f"DeepStack projector {j} gives {tuple(tokens.shape)} tokens, the image tokens are {tuple(features.shape)}: "
+                    "each must give as many tokens per image as the main projector"
+                )
+        return features.to(dtype), [tokens.to(dtype) for tokens in deep]
 
     def anyres_image_features(
         self,
@@ -461,7 +532,12 @@ class VisionLanguageModel(nn.Module):
                 holding several are then base tiles only. Default: every image tiled.
 
         Returns:
-            `{"inputs_embeds": (B, L, d_llm), "attention_mask": (B, L)}` plus `"labels"` when given.
+            `{"inputs_embeds": (B, L, d_llm), "attention_mask": (B, L)}` plus `"labels"` when
+            given; with `positions='mrope'` and images, `"position_ids"` `(3, B, L)` (the LM's
+            `get_rope_index`); with DeepStack and images, transformers' Qwen3-VL names
+            `"visual_pos_masks"` `(B, L)` (the image positions) and `"deepstack_visual_embeds"`
+            (one `(n_image_tokens, d_llm)` tensor per tapped layer, in placeholder order), which
+            `forward` / `generate` add inside the LM (`deepstack.deepstack_hooks`) rather than pass.
 
         Raises:
             ValueError: The number of placeholder ids differs from the number of image
@@ -498,7 +574,7 @@ class VisionLanguageModel(nn.Module):
         else:
             if image_sizes is not None:
                 raise ValueError("image_sizes are only used by anyres models (this one has anyres=None)")
-            features = self.image_features(pixel_values)  # (I, M, d)
+            features, deep = self.image_and_deepstack_features(pixel_values)  # (I, M, d) each
             images, per_image = features.shape[:2]
             n_features = images * per_image
             if n_tokens != n_features:
@@ -520,7 +596,27 @@ class VisionLanguageModel(nn.Module):
         out = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
         if labels is not None:
             out["labels"] = labels.masked_fill(is_image, IGNORE_INDEX)
+        if pixel_values is not None and self.deepstack_layers:
+            out["visual_pos_masks"] = is_image
+            out["deepstack_visual_embeds"] = [tokens.flatten(0, 1) for tokens in deep]  # (I*M, d), placeholder order
+        if pixel_values is not None and self.positions == "mrope":
+            out["position_ids"] = self._mrope_position_ids(input_ids, attention_mask, self._image_grid_thw(pixel_values))
         return out
+
+    def _image_grid_thw(self, pixel_values: PixelValues) -> torch.Tensor:
+        """`(I, 3)` rows `(1, h, w)`: each image's patch grid, as Qwen-VL's `image_grid_thw`."""
+        pixels = pixel_values if isinstance(pixel_values, torch.Tensor) else pixel_values[0]
+        stride = self.encoder.config.input_stride
+        grid = (pixels.shape[-2] // stride, pixels.shape[-1] // stride)
+        return torch.tensor([[1, *grid]] * pixels.shape[0], device=pixels.device)
+
+    def _mrope_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """`(3, B, L)` from the LM's own `get_rope_index` (image placeholders are its image tokens)."""
+        token_type = (input_ids == self.image_token_id).int()  # 1: image, 0: text
+        positions, _ = self.language_model.model.get_rope_index(
+            input_ids, mm_token_type_ids=token_type, image_grid_thw=grid_thw, attention_mask=attention_mask
+        )
+        return positions
 
     def _base_only(self, batch_num_images: Sequence[int] | torch.Tensor | None) -> list[bool] | None:
         """Per image, whether it is a base tile only (`multi_image='base'`, a sample of several)."""
@@ -544,8 +640,14 @@ class VisionLanguageModel(nn.Module):
         """Run the LM on text with image tokens; returns the LM's own output (`.logits`,
         `.loss` when `labels` are given: next-token loss, image positions ignored).
         `image_sizes`, `batch_num_images`: anyres models only (see `prepare_inputs`)."""
+        from .deepstack import deepstack_hooks
+
         inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, labels, image_sizes, batch_num_images)
-        return self.language_model(**inputs, **lm_kwargs)
+        if "deepstack_visual_embeds" not in inputs:
+            return self.language_model(**inputs, **lm_kwargs)
+        mask, deep = inputs.pop("visual_pos_masks"), inputs.pop("deepstack_visual_embeds")
+        with deepstack_hooks(self.language_model, mask, deep):
+            return self.language_model(**inputs, **lm_kwargs)
 
     @torch.no_grad()
     def generate(
@@ -563,18 +665,34 @@ class VisionLanguageModel(nn.Module):
         Returns:
             The generated ids `(B, T)` only (what HF returns when decoding from `inputs_embeds`).
         """
+        from .deepstack import deepstack_hooks
+
         inputs = self.prepare_inputs(input_ids, pixel_values, attention_mask, image_sizes=image_sizes,
                                      batch_num_images=batch_num_images)
-        return self.language_model.generate(**inputs, **generate_kwargs)
+        mask, deep = inputs.pop("visual_pos_masks", None), inputs.pop("deepstack_visual_embeds", None)
+        if "position_ids" in inputs:
+            # M-RoPE: the LM's generate computes the prompt's position ids itself (get_rope_index)
+            # and continues them; it needs the ids, the image tokens' type and each image's grid.
+            del inputs["position_ids"]
+            inputs.update(input_ids=input_ids, mm_token_type_ids=(input_ids == self.image_token_id).int(),
+                          image_grid_thw=self._image_grid_thw(pixel_values))
+        if deep is None:
+            out = self.language_model.generate(**inputs, **generate_kwargs)
+        else:
+            with deepstack_hooks(self.language_model, mask, deep):
+                out = self.language_model.generate(**inputs, **generate_kwargs)
+        return out[:, input_ids.shape[1]:] if "input_ids" in inputs else out
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, language_model: bool = True) -> Path:
         """Write the whole model into `save_directory`:
 
             vlm_config.json        image_token_id, feature_layers, feature_select, anyres, trainable
-                                   (several towers: num_encoders, tower_grid, tower_resize)
+                                   (several towers: num_encoders, tower_grid, tower_resize;
+                                   DeepStack: deepstack_layers; positions unless 'sequence')
             encoder/               VisionEncoder.save_pretrained (with its image processor);
                                    several towers: encoder_0/, encoder_1/, ...
             projector/             Projector.save_pretrained
+            deepstack_0/, ...      the DeepStack projectors (Projector.save_pretrained), if any
             language_model/        the LM's own save_pretrained (safetensors); left out with
                                    `language_model=False` (a frozen LM: give it to
                                    `from_pretrained(..., language_model=...)` instead)
@@ -711,6 +829,25 @@ class VisionLanguageModel(nn.Module):
         from .llava import load_hf_llava
 
         return load_hf_llava(path, "llava_onevision", **options)
+
+    @classmethod
+    def from_qwen3_vl(cls, path: str | os.PathLike, **options: Any) -> VisionLanguageModel:
+        """Load a transformers `Qwen3VLForConditionalGeneration` checkpoint directory (`path`,
+        with the `options` of `from_llava`: `dtype`, `device`, constructor options).
+
+        The tower becomes a `VisionEncoder`, its merger the `qwen_merger` projector on the last
+        block, its DeepStack mergers `deepstack_projectors` on `deepstack_visual_indexes`; the
+        LM is the loaded model without its tower (transformers' decoder, its multimodal RoPE via
+        `positions='mrope'`, its `generate`). Images `(I, C, H, W)` of one size per call, sides
+        multiples of `patch_size * spatial_merge_size`, normalised by the checkpoint's processor
+        (mean = std = 0.5); the same images and prompt give the same logits and generation.
+
+        Raises:
+            ValueError: Not a Qwen3-VL checkpoint, or a tower variant the encoder does not express.
+        """
+        from .qwen3_vl import load_hf_qwen3_vl
+
+        return load_hf_qwen3_vl(path, **options)
 
 
 def _layers_per_tower(feature_layers: Sequence[int] | Sequence[Sequence[int]], n_towers: int) -> list[Sequence[int]]:

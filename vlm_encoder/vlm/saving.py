@@ -5,6 +5,7 @@
     encoder/                     VisionEncoder.save_pretrained (with its image processor)
     encoder_0/, encoder_1/, ...  instead of encoder/ for a model of several towers
     projector/                   Projector.save_pretrained
+    deepstack_0/, deepstack_1/, ...  the DeepStack projectors (Projector.save_pretrained), when any
     language_model/              the LM's own save_pretrained (safetensors), unless left out
     image_newline.safetensors    the learned newline token, when the model has one
 """
@@ -46,6 +47,9 @@ def save_vlm(model: VisionLanguageModel, save_directory: str | os.PathLike, lang
         for name, tower in zip(towers, model.encoders):
             tower.save_pretrained(staging / name)
         model.projector.save_pretrained(staging / "projector")
+        for j, projector in enumerate(model.deepstack_projectors):
+            projector.save_pretrained(staging / f"deepstack_{j}")
+            entries.append(f"deepstack_{j}")
         if language_model:
             model.language_model.save_pretrained(staging / "language_model")
             entries.append("language_model")
@@ -62,11 +66,16 @@ def save_vlm(model: VisionLanguageModel, save_directory: str | os.PathLike, lang
             "trainable": dict(model.trainable),
             "language_model": "language_model" if language_model else None,
         }
+        if model.deepstack_layers:
+            config["deepstack_layers"] = list(model.deepstack_layers)
+        if model.positions != "sequence":
+            config["positions"] = model.positions
         if len(towers) > 1:
             config.update(num_encoders=len(towers), tower_grid=list(model.tower_grid), tower_resize=model.tower_resize)
         write_atomic(staging / VLM_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
         # Another save's encoder directories (one tower / several) go with it.
         old_towers = [p.name for p in target.glob("encoder*") if re.fullmatch(r"encoder(_\d+)?", p.name)] if target.is_dir() else []
+        old_towers += [p.name for p in target.glob("deepstack_*") if re.fullmatch(r"deepstack_\d+", p.name)] if target.is_dir() else []
         stale = tuple(name for name in ("language_model", VLM_NEWLINE_NAME, *old_towers) if name not in entries)
         move_into_place(staging, target, entries, stale)
     return target
@@ -134,6 +143,12 @@ def load_vlm(
     if num_encoders > 1:
         kwargs = {"tower_grid": tuple(config["tower_grid"]), "tower_resize": config["tower_resize"], **kwargs}
     projector = Projector.from_pretrained(directory / "projector").to(dtype=dtype)
+    deepstack_layers = config.get("deepstack_layers") or []
+    deepstack = [Projector.from_pretrained(directory / f"deepstack_{j}").to(dtype=dtype) for j in range(len(deepstack_layers))]
+    if deepstack_layers:
+        kwargs = {"deepstack_layers": tuple(deepstack_layers), "deepstack_projectors": deepstack, **kwargs}
+    if config.get("positions"):
+        kwargs = {"positions": config["positions"], **kwargs}
     anyres = config.get("anyres")
     trainable = config.get("trainable") or {}
     options = {f"train_{name}": flag for name, flag in trainable.items()}
