@@ -38,6 +38,7 @@ CASES = [
     ("pool", {"target_grid": (3, 1)}, D_IN, 3),
     ("resampler", {"num_queries": 5, "num_heads": 4, "depth": 2}, D_IN, 5),
     ("c_abstractor", {"target_grid": 2, "depth": 1, "hidden_dim": 16}, D_IN, 4),
+    ("deepseek_aligner", {"scale_factor": 3}, D_IN, 4),  # 4x4 zero-padded to 6x6
 ]
 IDS = [f"{k}-{i}" for i, (k, *_) in enumerate(CASES)]
 

@@ -15,6 +15,8 @@ The family is chosen explicitly, never guessed from the weights:
       `qwen2_5_vl`, `qwen2_5_vl_vision`       -> `converters.hf_qwen2_5_vl` (a whole model: its
                                                  vision tower, keys under `visual.` / `model.visual.`)
       `qwen3_vl`, `qwen3_vl_vision`           -> `converters.hf_qwen3_vl` (likewise)
+      `deepseek_v4` with `vision_*` fields    -> `converters.hf_deepseek_v4` (a whole model: its
+                                                 vision tower, keys under `vision.`)
       `aimv2`, `aimv2_vision_model`           -> `converters.hf_aimv2` (RMSNorm, SwiGLU)
       `internvl_vision`                       -> `converters.hf_internvit`
       `llava`, `llava_next`, `internvl`       -> the tower named by `vision_config.model_type`,
@@ -83,7 +85,7 @@ HF_MODEL_TYPES: tuple[str, ...] = (
 # Vision-language models whose vision tower is read on its own (an `internvl` gives its InternViT).
 LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "internvl")
 # Whole VLMs whose vision tower is a family of its own, under its own prefixes.
-QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl")
+QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl", "deepseek_v4")
 # Families whose processor resizes each image under a patch budget instead of to one size.
 NAFLEX_MODEL_TYPES: tuple[str, ...] = ("siglip2", "siglip2_vision_model")
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (VisionEncoder.model_type, *HF_MODEL_TYPES, *LLAVA_MODEL_TYPES, *QWEN_VL_MODEL_TYPES)
@@ -222,7 +224,7 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch
 
 # ---------------------------------------------------------------------------- families
 def _converter(model_type: str) -> ModuleType:
-    from .converters import hf_aimv2, hf_clip, hf_dinov2, hf_metaclip_2, hf_dinov3, hf_internvit, hf_qwen2_5_vl, hf_qwen3_vl, hf_siglip, hf_siglip2, hf_vit
+    from .converters import hf_aimv2, hf_deepseek_v4, hf_clip, hf_dinov2, hf_metaclip_2, hf_dinov3, hf_internvit, hf_qwen2_5_vl, hf_qwen3_vl, hf_siglip, hf_siglip2, hf_vit
 
     table = {
         "clip": hf_clip,
@@ -241,6 +243,7 @@ def _converter(model_type: str) -> ModuleType:
         "qwen2_5_vl": hf_qwen2_5_vl,
         "qwen3_vl_vision": hf_qwen3_vl,
         "qwen3_vl": hf_qwen3_vl,
+        "deepseek_v4": hf_deepseek_v4,
         "aimv2": hf_aimv2,
         "aimv2_vision_model": hf_aimv2,
         "internvl_vision": hf_internvit,

@@ -10,6 +10,7 @@ See `docs/projectors.md`.
 from .base import Projector, build_projector
 from .c_abstractor import CAbstractorOptions
 from .config import KindOptions, ProjectorConfig
+from .deepseek_aligner import DeepseekAlignerOptions, load_deepseek_v4_aligner
 from .fusion import FeatureFusion, TokenStream, resample_tokens
 from .kind import ProjectorKind, build_mlp
 from .llava import convert_hf_llava_projector, load_llava_mm_projector
@@ -22,6 +23,7 @@ from .resampler import ResamplerOptions
 
 __all__ = [
     "CAbstractorOptions",
+    "DeepseekAlignerOptions",
     "FeatureFusion",
     "KindOptions",
     "MLPOptions",
@@ -37,6 +39,7 @@ __all__ = [
     "build_projector",
     "convert_hf_llava_projector",
     "list_projectors",
+    "load_deepseek_v4_aligner",
     "load_idefics3_connector",
     "load_internvl_projector",
     "load_llava_mm_projector",

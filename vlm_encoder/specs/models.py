@@ -4,7 +4,8 @@
                            export, `VisionLanguageModel`) or a Hugging Face model directory
     owner/name             a hub repo id (read through the Hugging Face cache)
     open_clip:ARCH[:TAG]   an open_clip model; TAG is a pretrained tag or a checkpoint file
-    timm:NAME              a timm ViT, or an EVA02 / PE / DINOv3 model of timm's `eva.py`
+    timm:NAME              a timm ViT, or an EVA02 / PE / DINOv3 model of timm's `eva.py`, or a
+                           DeepSeek-V4 vision model of its `deepseek_vit.py`
                            (`NAME.tag` picks timm's pretrained tag)
     preset:NAME            a preset with random weights (seeded), `key=value` overrides of its
                            `VisionConfig`; a bare preset name that is not a directory works too
@@ -240,10 +241,12 @@ def load_model(
                              {"family": "preset", "source": spec.text, "name": spec.name, "seed": seed,
                               "random_weights": checkpoint is None})
     elif spec.scheme == "timm":
+        from ..converters.timm_deepseek import is_deepseek, load_timm_deepseek
         from ..converters.timm_eva import is_eva, load_timm_eva
         from ..converters.timm_vit import load_timm
 
         load = load_timm_eva if is_eva(spec.name) else load_timm  # timm's registry names the module
+        load = load_timm_deepseek if is_deepseek(spec.name) else load
         loaded = LoadedModel(spec, "encoder", load(spec.name, checkpoint),
                              {"family": "timm", "source": spec.text, "name": spec.name, "checkpoint": checkpoint})
     elif spec.scheme == "open_clip":
