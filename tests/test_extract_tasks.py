@@ -148,6 +148,6 @@ def test_plan_only_then_shards_in_processes_then_finalize_equal_the_local_runner
     assert checksums(out) == checksums(reference)
     assert manifest_without_time(out) == manifest_without_time(reference)
 
-    rerun = subprocess.run([PYTHON, "-m", "vlm_encoder.cli", "extract-shard", "--out", str(out), "--index", "2"],
+    rerun = subprocess.run([PYTHON, "-m", "vlm_encoder.cli", "extract-shard", "--out", str(out), "--index", "2", "0"],
                            env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert rerun.returncode == 0 and "already committed, skipped" in rerun.stdout, rerun.stderr
+    assert rerun.returncode == 0 and rerun.stdout.count("already committed, skipped") == 2, rerun.stderr

@@ -1,7 +1,8 @@
-"""`vlm-encoder extract-shard`: encode one shard of a planned store (one Slurm array element).
+"""`vlm-encoder extract-shard`: encode shards of a planned store (one Slurm array element).
 
     N=$(vlm-encoder extract --model ... --dataset ... --out feats/ --plan-only)
     vlm-encoder extract-shard --out feats/ --index $SLURM_ARRAY_TASK_ID     # K = 0 .. N-1
+    vlm-encoder extract-shard --out feats/ --index 8 9 10 11     # several, loading the model once
     vlm-encoder extract-finalize --out feats/
 
 A shard already committed and intact is skipped at once; two runs of the same shard write the
@@ -19,12 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `extract-shard` to the `vlm-encoder` parser."""
     parser = subparsers.add_parser(
         "extract-shard",
-        help="encode one shard of a store planned with `extract --plan-only`",
-        description="Encode shard K of the store planned in DIR (`vlm-encoder extract ... --plan-only`) and commit it "
+        help="encode shards of a store planned with `extract --plan-only`",
+        description="Encode shard K (or each of several) of the store planned in DIR (`vlm-encoder extract ... --plan-only`) and commit it "
                     "atomically; a committed, intact shard is skipped. Finish with `vlm-encoder extract-finalize`.",
     )
     parser.add_argument("--out", required=True, type=writable_directory, metavar="DIR", help="the planned store")
-    parser.add_argument("--index", required=True, type=int, metavar="K", help="the shard, 0 .. N-1")
+    parser.add_argument("--index", required=True, type=int, nargs="+", metavar="K",
+                        help="the shard, 0 .. N-1 (several: encoded in turn by one model)")
     parser.add_argument("--device", default=None,
                         help="torch device (default: the plan's, else this machine's accelerator); its type must be "
                              "the plan's")
@@ -41,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     plan = ExtractPlan.load(args.out)
     worker = ShardWorker(plan, args.device, batch_size=args.batch_size, num_workers=args.num_workers,
                          progress=not args.no_progress)
-    result = worker.run(args.index)
-    state = "already committed, skipped" if result.skipped else f"committed in {result.seconds:.1f} s"
-    print(f"{plan.out}: shard {result.index} of {plan.num_shards}: {result.rows} rows written, "
-          f"{result.rows_failed} failed ({state})")
+    for result in worker.run_many(args.index):
+        state = "already committed, skipped" if result.skipped else f"committed in {result.seconds:.1f} s"
+        print(f"{plan.out}: shard {result.index} of {plan.num_shards}: {result.rows} rows written, "
+              f"{result.rows_failed} failed ({state})")
     return 0
