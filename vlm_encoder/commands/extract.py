@@ -5,6 +5,7 @@
     vlm-encoder extract --model preset:vit_tiny_patch16_224 --override depth=4 --dataset list.txt --out feats/
     vlm-encoder extract ... --resolution native --max-patches 576    # or --anyres 336x672,672x336,672x672
     accelerate launch --num_processes 4 -m vlm_encoder.cli extract ...    # one store, no merge
+    vlm-encoder extract ... --engine ray --ray-address auto --workers 8    # Ray actors (docs/scale.md)
     N=$(vlm-encoder extract ... --out feats/ --plan-only)    # no engine: then `extract-shard --index K`
                                                              # for K < N anywhere, and `extract-finalize`
 
@@ -70,6 +71,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="only plan: write --out/plan.json and the manifest, print the number of shards N; then "
                              "run `vlm-encoder extract-shard --out DIR --index K` for each K < N (e.g. a Slurm array) "
                              "and `vlm-encoder extract-finalize --out DIR` (docs/scale.md)")
+    engine = parser.add_argument_group("engine (docs/scale.md)")
+    engine.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this process, or the processes of `accelerate launch`; ray: Ray actors, each "
+                             "loading the model once (needs vlm-encoder[ray]) (default local)")
+    engine.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="engine workers, each holding one model (default: what the cluster's CPUs, or GPUs "
+                             "with --gpus-per-worker, allow); --num-workers is per worker, for decoding")
+    engine.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="Ray cluster: auto (the one `ray start` made here), HOST:PORT or ray://HOST:PORT "
+                             "(default: a new local Ray instance)")
+    engine.add_argument("--gpus-per-worker", type=float, default=None, metavar="F",
+                        help="GPUs each Ray worker reserves; 0.5 puts two on one GPU (default 0)")
     parser.set_defaults(func=run)
 
 
@@ -102,10 +115,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.plan_only:
         return _plan_only(args, config)
-    summary = run_extraction(config)
+    if args.engine == "local":
+        _refuse_engine_options(args)
+        summary = run_extraction(config)
+    else:
+        summary = _engine(args).run(config)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    if args.engine != "local" or PartialState().is_main_process:
         print(summary, file=sys.stderr if not summary.complete else sys.stdout)
         if summary.rows_nonfinite:
             print(f"warning: {summary.rows_nonfinite} rows gave non-finite features (inf/NaN) in {config.dtype} and "
@@ -130,3 +147,25 @@ def _plan_only(args: argparse.Namespace, config: object) -> int:
           f"`vlm-encoder extract-shard --out {plan.out} --index K` for K = 0..{plan.num_shards - 1}, then "
           f"`vlm-encoder extract-finalize --out {plan.out}`", file=sys.stderr)
     return 0
+
+
+ENGINE_OPTIONS = {"workers": ("ray",), "ray_address": ("ray",), "gpus_per_worker": ("ray",)}
+
+
+def _refuse_engine_options(args: argparse.Namespace) -> None:
+    """An engine's option given with another engine is a mistake, not a no-op."""
+    for name, engines in ENGINE_OPTIONS.items():
+        if getattr(args, name) is not None and args.engine not in engines:
+            flag = "--" + name.replace("_", "-")
+            hint = " (the processes of a local run come from `accelerate launch`)" if args.engine == "local" else ""
+            raise ValueError(f"{flag} applies to --engine {' or '.join(engines)}, not {args.engine}{hint}")
+
+
+def _engine(args: argparse.Namespace) -> object:
+    """The engine adapter of `--engine` with its options (`vlm_encoder.extract.engines`)."""
+    _refuse_engine_options(args)
+    if args.engine == "ray":
+        from ..extract.engines import RayEngine
+
+        return RayEngine(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker or 0.0)
+    raise ValueError(f"unknown engine {args.engine!r}")

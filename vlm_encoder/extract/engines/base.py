@@ -1,0 +1,81 @@
+"""What every engine adapter shares: the engines' names and the one-line refusal of an engine
+whose extra is not installed (the core package never imports an engine)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import ExtractConfig
+    from ..tasks import ExtractPlan, ExtractSummary, ShardResult
+
+# `local`: `run_extraction` (one process, or the processes of an `accelerate launch`).
+ENGINES: tuple[str, ...] = ("local", "ray", "spark")
+
+
+class EngineUnavailable(ImportError):
+    """An engine whose package is not installed (the message says what to install)."""
+
+
+def require_engine(engine: str, module: str | None = None) -> ModuleType:
+    """Import the package of `engine` (`module`, default the engine's name).
+
+    Raises:
+        EngineUnavailable: It is not installed: one line naming the extra to install.
+    """
+    module = module or engine
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise EngineUnavailable(
+            f"--engine {engine} needs the {module} package, which is not installed here ({err}): "
+            f"pip install 'vlm-encoder[{engine}]'"
+        ) from None
+
+
+def drive(config: ExtractConfig, map_shards: Callable[[ExtractPlan], list[ShardResult]]) -> ExtractSummary:
+    """An engine's driver: hold the lock of `config.out` from the plan to the summary, plan once,
+    let the engine run every shard (`map_shards(plan)`: a worker skips a shard committed and
+    intact), finalize. `tasks.plan_extraction` / `finalize_extraction` each take the lock for
+    themselves; a driver holds it throughout, so a second driver is refused until this one ends.
+
+    Returns:
+        The summary, with what this run did (`*_this_run`, `shards_kept`) from the engine's results.
+
+    Raises:
+        DirectoryInUseError: Another run holds `config.out` (one line naming it).
+        ValueError: Arguments that differ from those of the store in `config.out`.
+    """
+    import torch
+
+    from ...locks import hold_directory
+    from ..runner import _process_state, open_encoding
+    from ..shards import check_fingerprint, read_manifest, remove_stale_temporaries
+    from ..tasks import LOCK_HINT, _finalize, _plan_of, _write_manifest_skeleton
+
+    started = time.perf_counter()
+    with hold_directory(config.out, None, what="extraction", hint=LOCK_HINT, wait=config.wait_lock):
+        device = torch.device(config.device) if config.device else _process_state(None).device
+        plan = _plan_of(open_encoding(config, device, compute_device=torch.device("cpu")))
+        remove_stale_temporaries(plan.out)  # of killed runs' writers
+        _write_manifest_skeleton(plan)
+        check_fingerprint(plan.out, read_manifest(plan.out), plan.fingerprint)
+        plan.save()
+        loop_started = time.perf_counter()
+        results = map_shards(plan)
+        extract_seconds = time.perf_counter() - loop_started
+        summary = _finalize(plan, started)
+    done = [r for r in results if not r.skipped]
+    return dataclasses.replace(
+        summary,
+        rows_this_run=sum(r.rows + r.rows_failed for r in done),
+        shards_this_run=len(done),
+        shards_kept=len(results) - len(done),
+        seconds=time.perf_counter() - started,
+        extract_seconds=extract_seconds,
+    )
