@@ -4,7 +4,8 @@ only), on a tiny random encoder with every weight jittered.
 
   * Through timm (`converters.timm_deepseek`): every layer, the final-normed tokens, and the
     aligner's tokens (what the reference hands its language model) at the encoder's own size and
-    at non-square grids that are not multiples of 3 (the aligner zero-pads them).
+    at non-square grids that are not multiples of 3 (the aligner zero-pads them); a timm name with
+    a checkpoint file; mean pooling, and a classifier without / with its head (refused).
   * Through a whole DeepSeek-V4 checkpoint directory (`converters.hf_deepseek_v4`): the same
     weights written in DeepSeek's release layout (`vision.*`, `aligner.*`, language-model keys at
     the top level, two shards), which timm's own `checkpoint_filter_fn_encoder` reads back to the
@@ -164,6 +165,40 @@ def test_aligner_gives_the_tokens_the_language_model_receives(saved, route, size
     assert ours.shape == tokens.shape == (2, -(-h // RATIO) * -(-w // RATIO), D_LLM)
     assert aligner.num_output_tokens(out.grid_size) == ours.shape[1]
     close(f"deepseek_v4 aligner {route} {size}", ours, tokens, "aligner tokens")
+
+
+def test_timm_name_with_a_checkpoint_file(saved, tmp_path):
+    """`load_timm_deepseek(NAME, checkpoint=FILE)`: the architecture from timm's registry (tiny
+    kwargs), the weights from a file in timm's layout, timm's preprocessing (mean / std 0.5)."""
+    reference, _ = saved
+    save_file(reference.state_dict(), str(tmp_path / "model.safetensors"))
+    encoder = timm_deepseek.load_timm_deepseek(
+        "deepseek_vit_412m_enc", str(tmp_path / "model.safetensors"), img_size=SIZE, patch_size=PATCH,
+        embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_ratio=MLP / WIDTH, out_features=D_LLM,
+    )
+    assert encoder.image_processor.config.mean == (0.5, 0.5, 0.5) and encoder.image_processor.config.size == (SIZE, SIZE)
+    images = torch.randn(1, 3, 20, 28)
+    with torch.no_grad():
+        _, final, _ = _run_reference(reference, images)
+        close("deepseek_v4 timm checkpoint file", encoder(images, norm=True).patches(-1), final, "final norm")
+
+
+def test_timm_mean_pooling_and_classifier_heads():
+    """`global_pool='avg'` is our `gap` after the final norm; a classifier converts without its
+    head only, and is refused by name with one."""
+    from timm.models.deepseek_vit import DeepseekVitClassifier
+
+    shape = dict(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=1, mlp_ratio=1.5)
+    pooled = perturb(DeepseekVitEncoder(global_pool="avg", **shape))
+    images = torch.randn(2, 3, 16, 12)
+    with torch.no_grad():
+        close("deepseek_v4 timm avg pool", timm_deepseek.encoder_from_timm_deepseek(pooled)(images).pooled, pooled(images), "pooled")
+    bare = perturb(DeepseekVitClassifier(num_classes=0, global_pool="", final_norm=False, **shape))
+    with torch.no_grad():
+        close("deepseek_v4 timm classifier trunk", timm_deepseek.encoder_from_timm_deepseek(bare)(images, norm=True).patches(-1),
+              bare.forward_features(images).flatten(1, 2), "final norm")
+    with pytest.raises(timm_deepseek.UnsupportedTimmModel, match="classifier's pooling"):
+        timm_deepseek.config_from_timm_deepseek(DeepseekVitClassifier(num_classes=5, **shape))
 
 
 def test_aligner_round_trips_through_save_pretrained(saved, tmp_path):

@@ -17,6 +17,8 @@ The family is chosen explicitly, never guessed from the weights:
       `qwen3_vl`, `qwen3_vl_vision`           -> `converters.hf_qwen3_vl` (likewise)
       `deepseek_v4` with `vision_*` fields    -> `converters.hf_deepseek_v4` (a whole model: its
                                                  vision tower, keys under `vision.`)
+      `kimi_k25`, `kimi_k25_vision`           -> `converters.hf_kimi_k25` (a whole model: its vision
+                                                 tower, keys under `vision_tower.`, released names)
       `aimv2`, `aimv2_vision_model`           -> `converters.hf_aimv2` (RMSNorm, SwiGLU)
       `internvl_vision`                       -> `converters.hf_internvit`
       `llava`, `llava_next`, `internvl`       -> the tower named by `vision_config.model_type`,
@@ -76,6 +78,7 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "dinov2",
     "dinov2_with_registers",
     "dinov3_vit",
+    "kimi_k25_vision",
     "qwen2_5_vl_vision",
     "qwen3_vl_vision",
     "aimv2",
@@ -85,7 +88,7 @@ HF_MODEL_TYPES: tuple[str, ...] = (
 # Vision-language models whose vision tower is read on its own (an `internvl` gives its InternViT).
 LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "internvl")
 # Whole VLMs whose vision tower is a family of its own, under its own prefixes.
-QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl", "deepseek_v4")
+QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl", "deepseek_v4", "kimi_k25")
 # Families whose processor resizes each image under a patch budget instead of to one size.
 NAFLEX_MODEL_TYPES: tuple[str, ...] = ("siglip2", "siglip2_vision_model")
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (VisionEncoder.model_type, *HF_MODEL_TYPES, *LLAVA_MODEL_TYPES, *QWEN_VL_MODEL_TYPES)
@@ -224,7 +227,7 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch
 
 # ---------------------------------------------------------------------------- families
 def _converter(model_type: str) -> ModuleType:
-    from .converters import hf_aimv2, hf_deepseek_v4, hf_clip, hf_dinov2, hf_metaclip_2, hf_dinov3, hf_internvit, hf_qwen2_5_vl, hf_qwen3_vl, hf_siglip, hf_siglip2, hf_vit
+    from .converters import hf_aimv2, hf_deepseek_v4, hf_clip, hf_dinov2, hf_metaclip_2, hf_dinov3, hf_internvit, hf_kimi_k25, hf_qwen2_5_vl, hf_qwen3_vl, hf_siglip, hf_siglip2, hf_vit
 
     table = {
         "clip": hf_clip,
@@ -247,6 +250,8 @@ def _converter(model_type: str) -> ModuleType:
         "aimv2": hf_aimv2,
         "aimv2_vision_model": hf_aimv2,
         "internvl_vision": hf_internvit,
+        "kimi_k25": hf_kimi_k25,
+        "kimi_k25_vision": hf_kimi_k25,
     }
     return table[model_type]
 
@@ -301,6 +306,8 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         info["max_num_patches"] = encoder.image_processor.config.max_patches
     elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision"):
         pass  # Qwen2VLImageProcessor (aspect-keeping smart_resize) is not expressed: the default processor
+    elif model_type == "kimi_k25_vision":
+        pass  # Kimi_K25ImageProcessor (navit_resize under a patch budget) is not expressed: the default processor
     elif model_type != VisionEncoder.model_type:  # our own format read its processor_config.json
         encoder.image_processor = _image_processor(files)
     encoder.source_info = info
@@ -344,7 +351,7 @@ def _load_hf_tower(
             raise WeightsError(f"the weights hold no {model_type} vision-tower keys")
         config_kwargs = _config_options(model_type, tensors)
         vision_config: VisionConfig = module.config_from_hf(config, **config_kwargs)
-        state_dict = module.convert_state_dict(tensors)
+        state_dict = module.convert_state_dict(tensors, **_convert_options(model_type, vision_config))
         # Built on `meta`: a config.json that does not fit the weights is refused before allocating.
         encoder = build_and_load(lambda: VisionEncoder(vision_config), state_dict, source=f"{source} ({model_type} converted)")
     return encoder, weights
@@ -357,6 +364,14 @@ def _config_options(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[s
         return {"projection": any(k.endswith("visual_projection.weight") for k in tensors)}
     if model_type == "vit":
         return {"pooler": any(k.endswith("pooler.dense.weight") for k in tensors)}
+    return {}
+
+
+def _convert_options(model_type: str, vision_config: VisionConfig) -> dict[str, Any]:
+    """What a converter needs beyond the keys: Kimi K2.5 permutes each head's query and key
+    channels (its head count), in the released layout (a whole `kimi_k25`) or transformers'."""
+    if model_type in ("kimi_k25", "kimi_k25_vision"):
+        return {"num_heads": vision_config.num_heads, "layout": "released" if model_type == "kimi_k25" else "transformers"}
     return {}
 
 

@@ -17,7 +17,7 @@ from .llava import convert_hf_llava_projector, load_llava_mm_projector
 from .mlp import MLPOptions
 from .pixel_shuffle import PixelShuffleOptions, load_idefics3_connector, load_internvl_projector
 from .pool import PoolOptions
-from .qwen_merger import QwenMergerOptions, load_qwen2_5_vl_merger, load_qwen3_vl_merger
+from .qwen_merger import QwenMergerOptions, load_kimi_k25_merger, load_qwen2_5_vl_merger, load_qwen3_vl_merger
 from .registry import list_projectors, projector_class, projector_table, register_projector
 from .resampler import ResamplerOptions
 
@@ -42,6 +42,7 @@ __all__ = [
     "load_deepseek_v4_aligner",
     "load_idefics3_connector",
     "load_internvl_projector",
+    "load_kimi_k25_merger",
     "load_llava_mm_projector",
     "load_qwen2_5_vl_merger",
     "load_qwen3_vl_merger",

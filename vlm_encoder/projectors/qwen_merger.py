@@ -154,3 +154,43 @@ def load_qwen3_vl_merger(
     )
     names = {"norm": "body.norm", "linear_fc1": "body.mlp.0", "linear_fc2": "body.mlp.2"}
     return _load(projector, {f"{names[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in state.items()}, source)
+
+
+def load_kimi_k25_merger(
+    state_dict: Mapping[str, torch.Tensor], scale_factor: int = 2, norm_eps: float = 1e-5
+) -> Projector:
+    """A `qwen_merger` `Projector` (LayerNorm per patch, `s x s` merge, Linear, exact GELU,
+    Linear) from Kimi K2.5's `mm_projector` weights: the released names (`pre_norm`, `proj.0`,
+    `proj.2`) or transformers' in memory (`pre_norm`, `in_proj`, `out_proj`). Its reference
+    (`Kimi_K25MultimodalProjection` on the tower's `temporal_merge`d output) concatenates each
+    merge unit's patches at offsets `(0, 0), (0, 1), (1, 0), (1, 1)`, as Qwen's merger.
+
+    Args:
+        state_dict: The connector's own keys (no `mm_projector.` prefix).
+        scale_factor: The vision config's `merge_kernel_size` side.
+        norm_eps: The config's `projection_layer_norm_eps` (released: `projector_ln_eps`).
+
+    Returns:
+        The projector; `proj(encoder(pixels, norm=True).patches(-1), grid)` equals the image
+        tokens `get_image_features` gives the language model, row-major over `(h/s, w/s)`.
+
+    Raises:
+        WeightsError: Other keys, or widths that do not fit `scale_factor`.
+    """
+    from ..weights import WeightsError
+    from .base import build_projector
+
+    source = "Kimi K2.5 mm_projector"
+    first_name, last_name = ("proj.0", "proj.2") if "proj.0.weight" in state_dict else ("in_proj", "out_proj")
+    expected = {f"{m}.{p}" for m in ("pre_norm", first_name, last_name) for p in ("weight", "bias")}
+    state = _exact_keys(state_dict, expected, source)
+    first, last = state[f"{first_name}.weight"], state[f"{last_name}.weight"]
+    in_dim = _merged_width(first.shape[1], scale_factor, source)
+    if state["pre_norm.weight"].shape[0] != in_dim:
+        raise WeightsError(f"{source}: pre_norm has width {state['pre_norm.weight'].shape[0]}, {first_name} takes {scale_factor}^2 x {in_dim}")
+    projector = build_projector(
+        "qwen_merger", in_dim, int(last.shape[0]), scale_factor=scale_factor, hidden_dim=int(first.shape[0]),
+        norm_type="layernorm", norm_eps=norm_eps,
+    )
+    names = {"pre_norm": "body.norm", first_name: "body.mlp.0", last_name: "body.mlp.2"}
+    return _load(projector, {f"{names[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in state.items()}, source)
