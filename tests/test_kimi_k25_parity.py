@@ -142,6 +142,8 @@ def test_every_layer_of_a_saved_vision_model_matches(tower, size):
     reference, directory = tower
     encoder = load_encoder(directory).eval()
     assert encoder.source_info["family"] == "kimi_k25_vision"
+    processor = encoder.image_processor.config  # Kimi_K25ImageProcessor's normalisation, the native size
+    assert (processor.mean, processor.std, processor.size) == ((0.5,) * 3, (0.5,) * 3, (24, 24))
     _check_layers("kimi_k25 vision", reference, encoder, size)
 
 

@@ -304,10 +304,10 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         # Siglip2ImageProcessor: each image at its own NaFlex size (encode with packing.encode_packed).
         encoder.image_processor = _image_processor(files) or _naflex_processor(encoder.config.patch_size)
         info["max_num_patches"] = encoder.image_processor.config.max_patches
+    elif model_type in ("kimi_k25", "kimi_k25_vision"):
+        encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Kimi_K25ImageProcessor: see there
     elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision"):
         pass  # Qwen2VLImageProcessor (aspect-keeping smart_resize) is not expressed: the default processor
-    elif model_type == "kimi_k25_vision":
-        pass  # Kimi_K25ImageProcessor (navit_resize under a patch budget) is not expressed: the default processor
     elif model_type != VisionEncoder.model_type:  # our own format read its processor_config.json
         encoder.image_processor = _image_processor(files)
     encoder.source_info = info

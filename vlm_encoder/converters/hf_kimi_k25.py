@@ -263,6 +263,18 @@ def convert_state_dict(
     return key_table(num_heads, layout).convert(tower_keys(state_dict, layout), FAMILY)
 
 
+def image_processor(config: VisionConfig) -> Any:
+    """What our encoder takes from an image, for a Kimi K2.5 tower: a resize to the native size
+    (the table's grid; bicubic, torchvision) and `[0, 1]` pixels normalised with mean = std = 0.5
+    (`Kimi_K25ImageProcessor`'s). Its `navit_resize` (keep the size unless over 16384 patches,
+    then pad bottom / right to whole merge units) is not expressed: encode other sizes by
+    resizing the images yourself (any multiple of the patch; even grids for the connector)."""
+    from ..processing import ImageProcessor, ProcessorConfig
+
+    return ImageProcessor(ProcessorConfig(resize_mode="exact", size=config.image_size, interpolation="bicubic",
+                                          backend="torchvision", mean=0.5, std=0.5))
+
+
 # ---------------------------------------------------------------------------- connector
 def merger_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The connector's keys of a whole checkpoint, bare (`mm_projector.*`; transformers' save
