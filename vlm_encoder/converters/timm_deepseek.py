@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import VisionConfig
 from ..encoder import VisionEncoder
 from ..weights import naming, read_state_dict, strip_prefixes
 from .hf_common import KeyTable, Transform
@@ -100,7 +101,7 @@ def _check_block(block: nn.Module, width: int, name: str) -> tuple[int, int, set
     return attn.num_heads, mlp.fc2.in_features, eps
 
 
-def config_from_timm_deepseek(model: nn.Module) -> Any:
+def config_from_timm_deepseek(model: nn.Module) -> VisionConfig:
     """Read the `VisionConfig` of a timm `DeepseekVitEncoder` (or a head-less classifier).
 
     Raises:
@@ -209,7 +210,8 @@ def load_timm_deepseek(name: str, checkpoint: str | None = None, **timm_kwargs: 
             raise not_cached(f"timm pretrained weights for {name!r}", err, f"timm:{name} with checkpoint=PATH") from err
         state_dict = None
     else:
-        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+        with torch.device("meta"):  # only its architecture is read: no random weights beside the file's
+            model = timm.create_model(name, pretrained=False, **timm_kwargs)
         state_dict = read_state_dict(checkpoint)
     with naming(str(checkpoint) if checkpoint is not None else f"timm {name} pretrained weights"):
         encoder = encoder_from_timm_deepseek(model, state_dict)
