@@ -11,5 +11,7 @@ when the engine's extra is not installed. See docs/scale.md.
 
 from .base import ENGINES, EngineUnavailable, require_engine
 from .ray import RayEngine, ray_dataset
+from .spark import SparkEngine, spark_dataframe
 
-__all__ = ["ENGINES", "EngineUnavailable", "RayEngine", "ray_dataset", "require_engine"]
+__all__ = ["ENGINES", "EngineUnavailable", "RayEngine", "SparkEngine", "ray_dataset", "require_engine",
+           "spark_dataframe"]

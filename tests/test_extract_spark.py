@@ -1,0 +1,225 @@
+"""`--engine spark`: the same store as the local runner (folder, parquet and webdataset sources),
+a task whose Python worker is killed is retried by Spark with the same bytes, a second driver
+is refused, and a finished store reads into a Spark DataFrame through its parquet export.
+
+One real Spark session for the module: `local[2,2]` (2 task slots, a task may fail once),
+bound to 127.0.0.1, UI off, stopped after."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_extract import cli_args, make_images, tiny_config
+
+from vlm_encoder import FeatureStore
+from vlm_encoder.cli import main
+from vlm_encoder.extract import run_extraction
+from vlm_encoder.extract.engines.spark import SparkEngine, spark_dataframe
+from vlm_encoder.locks import DirectoryLock
+
+pyspark = pytest.importorskip("pyspark")
+
+MASTER = "local[2,2]"  # 2 task slots; spark.task.maxFailures 2: a task may fail once
+
+
+@pytest.fixture(scope="module")
+def spark():
+    """A local Spark session on loopback, its Python workers on this interpreter."""
+    from pyspark.sql import SparkSession
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+        patch.setenv("PYSPARK_PYTHON", sys.executable)
+        session = (
+            SparkSession.builder.master(MASTER).appName("test_extract_spark")
+            .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+            .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+            .getOrCreate()
+        )
+        session.sparkContext.setLogLevel("FATAL")  # a killed worker's task failure is expected here
+        try:
+            yield session
+        finally:
+            session.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """The same images as a folder (with 4 broken files), a parquet file and a webdataset tar."""
+    root = tmp_path_factory.mktemp("spark_data")
+    folder = make_images(root / "images", 14, bad=True)
+    good = sorted(p for p in folder.iterdir() if p.name.startswith("img_"))
+    from datasets import Dataset, Image
+
+    table = Dataset.from_dict({"image": [{"bytes": p.read_bytes(), "path": None} for p in good]})
+    table.cast_column("image", Image()).to_parquet(str(root / "images.parquet"))
+    with tarfile.open(root / "shard-00000.tar", "w") as tar:
+        for i, path in enumerate(good):
+            payload = path.read_bytes()
+            info = tarfile.TarInfo(f"{i:06d}.jpg")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return {"folder": str(folder), "parquet": str(root / "images.parquet"), "webdataset": str(root / "shard-*.tar")}
+
+
+def store_files(out: Path) -> dict[str, object]:
+    """Everything a store holds that does not depend on who wrote it or when: the shard files'
+    bytes, the sidecars without their writer, failures.jsonl, the manifest without its date."""
+    files: dict[str, object] = {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.safetensors"))}
+    for path in sorted(out.glob("shard-*.json")):
+        files[path.name] = {k: v for k, v in json.loads(path.read_text()).items() if k != "writer"}
+    files["failures.jsonl"] = (out / "failures.jsonl").read_text()
+    files["manifest.json"] = {k: v for k, v in json.loads((out / "manifest.json").read_text()).items() if k != "created"}
+    return files
+
+
+@pytest.fixture(scope="module")
+def local(data, tmp_path_factory) -> dict[str, Path]:
+    """The local runner's store of each source."""
+    stores = {}
+    for source, spec in data.items():
+        tmp = tmp_path_factory.mktemp(f"local_{source}")
+        assert run_extraction(tiny_config(tmp, spec)).complete
+        stores[source] = tmp / "out"
+    return stores
+
+
+@pytest.mark.parametrize("source", ["folder", "parquet", "webdataset"])
+def test_spark_store_equals_the_local_runner(spark, data, local, tmp_path, source):
+    summary = SparkEngine().run(tiny_config(tmp_path, data[source]))
+    reference = FeatureStore(local[source])
+    assert summary.complete and (summary.rows_written, summary.rows_failed) == (len(reference), len(reference.failures))
+    assert summary.shards_this_run == reference.manifest["num_shards"]
+    assert store_files(tmp_path / "out") == store_files(local[source])
+    writers = {json.loads(p.read_text())["writer"]["engine"] for p in (tmp_path / "out").glob("shard-*.json")}
+    assert writers == {"spark"}
+    if source == "folder":  # run again: every shard is committed and intact, so every task skips its shard
+        again = SparkEngine().run(tiny_config(tmp_path, data[source]))
+        assert (again.shards_this_run, again.shards_kept) == (0, summary.shards_this_run)
+
+
+def _children(pids: set[int]) -> set[int]:
+    """The processes whose parent is in `pids` (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent in pids:
+                found.add(int(entry.name))
+    return found
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return -1
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _busy_python_worker(deadline: float) -> int | None:
+    """A Spark Python worker of this test's session (this process -> JVM -> pyspark.daemon ->
+    worker) that is burning CPU, i.e. running a task, or None by `deadline`."""
+    previous: dict[int, int] = {}
+    streak: dict[int, int] = {}  # polls in a row each worker used CPU in
+    while time.monotonic() < deadline:
+        workers = _children(_children(_children({os.getpid()})))
+        ticks = {pid: _cpu_ticks(pid) for pid in workers}
+        streak = {pid: streak.get(pid, 0) + 1 for pid, t in ticks.items() if 0 <= previous.get(pid, t) < t}
+        busy = [pid for pid, n in streak.items() if n >= 2]
+        if busy:
+            return busy[0]
+        previous = ticks
+        time.sleep(0.03)
+    return None
+
+
+def test_a_task_whose_worker_is_killed_is_retried_with_the_same_bytes(spark, tmp_path):
+    """SIGKILL of a Python worker while it runs a shard: Spark retries the task (local[2,2]) and
+    the store equals the local runner's."""
+    images = tmp_path / "large"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    from PIL import Image
+
+    for i in range(12):  # large enough that decoding keeps a worker busy for a while
+        Image.fromarray(rng.integers(0, 256, (700 + 17 * i, 900, 3), dtype=np.uint8)).save(images / f"{i:02d}.jpg")
+    options = {"max_pixels": None, "shard_size": 2, "select": ("cls", "pooled")}
+    reference = run_extraction(tiny_config(tmp_path, images, out="local", **options))
+    context = spark.sparkContext
+    killed: list[int] = []
+
+    def kill_a_busy_worker() -> None:
+        pid = _busy_python_worker(time.monotonic() + 120)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_a_busy_worker)
+    context.setJobGroup("killed-worker", "a Python worker is killed during this job")
+    killer.start()
+    try:
+        summary = SparkEngine().run(tiny_config(tmp_path, images, out="spark", **options))
+    finally:
+        killer.join()
+        context.setLocalProperty("spark.jobGroup.id", None)
+    assert killed, "no Python worker was seen running a task"
+    tracker = context.statusTracker()
+    stages = [s for j in tracker.getJobIdsForGroup("killed-worker") for s in tracker.getJobInfo(j).stageIds]
+    assert sum(tracker.getStageInfo(s).numFailedTasks for s in stages) == 1
+    assert summary.complete and summary.shards_this_run == reference.shards_this_run == 6
+    assert store_files(tmp_path / "spark") == store_files(tmp_path / "local")
+
+
+def test_cli_engine_spark_and_a_second_driver_refused(spark, data, tmp_path, capsys):
+    """`vlm-encoder extract --engine spark` in the session of this process; while another
+    driver holds --out, a second one is refused in one line naming it, before any Spark job."""
+    out = tmp_path / "cli"
+    assert main(cli_args(Path(data["folder"]), out, "--engine", "spark")) == 0
+    assert "14 rows written, 4 failed, of 18 (complete)" in capsys.readouterr().out
+    holder = DirectoryLock(out, what="extraction").acquire()
+    jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    try:
+        assert main(cli_args(Path(data["folder"]), out, "--engine", "spark")) == 2
+    finally:
+        holder.release()
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"is in use by extraction pid {os.getpid()}" in error, error
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs
+    # An active session decides its own master: --workers / --spark-master are refused, not ignored.
+    assert main(cli_args(Path(data["folder"]), out, "--engine", "spark", "--workers", "3")) == 2
+    assert "a SparkSession on local[2,2] is active" in capsys.readouterr().err
+
+
+def test_a_store_reads_into_a_spark_dataframe(spark, local, tmp_path):
+    """Spark reads the store's parquet export itself: the same row ids and feature values."""
+    store = FeatureStore(local["folder"])
+    frame = spark_dataframe(store, tmp_path / "features.parquet", layers=[-1], kinds=["cls", "patch"])
+    assert frame.columns == ["row_id", "layer2.cls", "layer2.patch"]
+    rows = sorted(frame.collect(), key=lambda r: r["row_id"])
+    assert [r["row_id"] for r in rows] == store.row_ids.tolist()
+    np.testing.assert_array_equal(np.array([r["layer2.cls"] for r in rows], dtype=np.float32),
+                                  store[-1, "cls"][:].numpy())
+    np.testing.assert_array_equal(np.array([r["layer2.patch"] for r in rows], dtype=np.float32),
+                                  store[-1, "patch"][:].numpy())
+    assert dict(frame.dtypes)["layer2.patch"] == "array<array<float>>"
+
+
+def test_without_pyspark_the_engine_is_refused_in_one_line(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyspark", None)  # as if the extra were not installed
+    assert main(cli_args(Path(data["folder"]), tmp_path / "out", "--engine", "spark")) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "pip install 'vlm-encoder[spark]'" in error, error
