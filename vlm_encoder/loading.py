@@ -14,7 +14,10 @@ The family is chosen explicitly, never guessed from the weights:
       `dinov3_vit`                            -> `converters.hf_dinov3` (2D RoPE)
       `qwen2_5_vl`, `qwen2_5_vl_vision`       -> `converters.hf_qwen2_5_vl` (a whole model: its
                                                  vision tower, keys under `visual.` / `model.visual.`)
-      `qwen3_vl`, `qwen3_vl_vision`           -> `converters.hf_qwen3_vl` (likewise)
+      `qwen3_vl`, `qwen3_vl_vision`,          -> `converters.hf_qwen3_vl` (likewise)
+      `qwen3_vl_moe`, `qwen3_vl_moe_vision`
+      `qwen3_5`, `qwen3_5_vision`,            -> `converters.hf_qwen3_vl` (Qwen3.5: Qwen3-VL's tower
+      `qwen3_5_moe`, `qwen3_5_moe_vision`        without DeepStack mergers; likewise)
       `deepseek_v4` with `vision_*` fields    -> `converters.hf_deepseek_v4` (a whole model: its
                                                  vision tower, keys under `vision.`)
       `kimi_k25`, `kimi_k25_vision`           -> `converters.hf_kimi_k25` (a whole model: its vision
@@ -81,6 +84,9 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "kimi_k25_vision",
     "qwen2_5_vl_vision",
     "qwen3_vl_vision",
+    "qwen3_vl_moe_vision",
+    "qwen3_5_vision",
+    "qwen3_5_moe_vision",
     "aimv2",
     "aimv2_vision_model",
     "internvl_vision",
@@ -88,7 +94,9 @@ HF_MODEL_TYPES: tuple[str, ...] = (
 # Vision-language models whose vision tower is read on its own (an `internvl` gives its InternViT).
 LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "internvl")
 # Whole VLMs whose vision tower is a family of its own, under its own prefixes.
-QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl", "deepseek_v4", "kimi_k25")
+QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "deepseek_v4", "kimi_k25")
+# Qwen3-VL's tower under the other names transformers gives it (MoE models, Qwen3.5).
+QWEN3_TOWER_TYPES: tuple[str, ...] = ("qwen3_vl_moe_vision", "qwen3_5_vision", "qwen3_5_moe_vision")
 # Families whose processor resizes each image under a patch budget instead of to one size.
 NAFLEX_MODEL_TYPES: tuple[str, ...] = ("siglip2", "siglip2_vision_model")
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (VisionEncoder.model_type, *HF_MODEL_TYPES, *LLAVA_MODEL_TYPES, *QWEN_VL_MODEL_TYPES)
@@ -246,6 +254,8 @@ def _converter(model_type: str) -> ModuleType:
         "qwen2_5_vl": hf_qwen2_5_vl,
         "qwen3_vl_vision": hf_qwen3_vl,
         "qwen3_vl": hf_qwen3_vl,
+        **dict.fromkeys(("qwen3_vl_moe", "qwen3_vl_moe_vision", "qwen3_5", "qwen3_5_vision", "qwen3_5_moe",
+                         "qwen3_5_moe_vision"), hf_qwen3_vl),
         "deepseek_v4": hf_deepseek_v4,
         "aimv2": hf_aimv2,
         "aimv2_vision_model": hf_aimv2,
@@ -306,7 +316,7 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         info["max_num_patches"] = encoder.image_processor.config.max_patches
     elif model_type in ("kimi_k25", "kimi_k25_vision"):
         encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Kimi_K25ImageProcessor: see there
-    elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision"):
+    elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision", *QWEN3_TOWER_TYPES):
         pass  # Qwen2VLImageProcessor (aspect-keeping smart_resize) is not expressed: the default processor
     elif model_type != VisionEncoder.model_type:  # our own format read its processor_config.json
         encoder.image_processor = _image_processor(files)

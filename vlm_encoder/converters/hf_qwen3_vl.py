@@ -1,5 +1,8 @@
 """HF Qwen3-VL vision tower (`Qwen3VLVisionModel`, vision `model_type` "qwen3_vl_vision") to
-`VisionEncoder`; `TABLE` maps the names.
+`VisionEncoder`; `TABLE` maps the names (the MoE models' "qwen3_vl_moe_vision" is the same
+class). Qwen3.5's tower (`Qwen3_5VisionModel`, "qwen3_5_vision", and its MoE models'
+"qwen3_5_moe_vision") is the same tower, same names and options, without the DeepStack mergers:
+read by the same table.
 
 The tower is the one block with options, closer to a plain ViT than Qwen2.5-VL's: LayerNorm
 (eps 1e-6) before attention and MLP, a plain `fc1` / GELU (tanh) / `fc2` MLP, no window attention,
@@ -21,8 +24,9 @@ the temporal axis (`hf_qwen2_5_vl._fold_temporal`); videos are not expressed.
 
 The `merger.*` keys (the 2x2 patch merger, a LayerNorm before the merge) and the DeepStack
 `deepstack_merger_list.{k}.*` keys (LayerNorm after the merge) are not part of the encoder: load
-them as `qwen_merger` projectors with `projectors.load_qwen3_vl_merger`. A whole `qwen3_vl`
-checkpoint keeps the tower under `visual.` or `model.visual.`; either is read.
+them as `qwen_merger` projectors with `projectors.load_qwen3_vl_merger`. A whole `qwen3_vl` /
+`qwen3_vl_moe` / `qwen3_5` / `qwen3_5_moe` checkpoint keeps the tower under `visual.` or
+`model.visual.`; either is read.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from ..config import VisionConfig
 from .hf_common import KeyTable, Transform, parse_config, square
 from .hf_qwen2_5_vl import TOWER_PREFIXES, _fold_temporal, axial_rope_theta, tower_keys  # noqa: F401 (loading reads TOWER_PREFIXES)
 
-FAMILY = "HF Qwen3-VL vision"
+FAMILY = "HF Qwen3-VL / Qwen3.5 vision"
+# Whole-model config types: their `vision_config` is the tower's.
+WHOLE_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 IGNORED_PREFIXES = ("merger.", "deepstack_merger_list.")
 ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
@@ -59,19 +65,27 @@ TABLE = KeyTable(
 
 
 def vision_config_of(hf_config_or_dict: Any) -> Any:
-    """The `Qwen3VLVisionConfig` of a vision config, or of a whole `qwen3_vl` config."""
-    from transformers import Qwen3VLConfig, Qwen3VLVisionConfig
+    """The vision config (`Qwen3VLVisionConfig`, `Qwen3_5VisionConfig` or their MoE models')
+    of a vision config, or of a whole `qwen3_vl` / `qwen3_vl_moe` / `qwen3_5` / `qwen3_5_moe` config."""
+    import transformers as tr
 
-    classes = {"qwen3_vl_vision": Qwen3VLVisionConfig, "qwen3_vl": Qwen3VLConfig}
+    classes = {
+        "qwen3_vl_vision": tr.Qwen3VLVisionConfig, "qwen3_vl": tr.Qwen3VLConfig,
+        "qwen3_vl_moe_vision": tr.Qwen3VLMoeVisionConfig, "qwen3_vl_moe": tr.Qwen3VLMoeConfig,
+        "qwen3_5_vision": tr.Qwen3_5VisionConfig, "qwen3_5": tr.Qwen3_5Config,
+        "qwen3_5_moe_vision": tr.Qwen3_5MoeVisionConfig, "qwen3_5_moe": tr.Qwen3_5MoeConfig,
+    }
     c = parse_config(hf_config_or_dict, classes, FAMILY)
-    return c.vision_config if c.model_type == "qwen3_vl" else c
+    return c.vision_config if c.model_type in WHOLE_MODEL_TYPES else c
 
 
 def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
     """Our config for a Qwen3-VL vision tower.
 
     Args:
-        hf_config_or_dict: A `Qwen3VLVisionConfig`, a whole `Qwen3VLConfig`, or either's dict.
+        hf_config_or_dict: A `Qwen3VLVisionConfig`, a whole `Qwen3VLConfig`, or either's dict;
+            likewise the MoE models' and Qwen3.5's (`qwen3_vl_moe`, `qwen3_5`, `qwen3_5_moe` and
+            their `_vision` configs).
 
     Returns:
         The `VisionConfig` (`image_size`: the position table's side in patches; the tower takes
