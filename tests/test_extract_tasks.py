@@ -91,6 +91,23 @@ def test_a_worker_of_other_data_is_refused(tmp_path, images):
         ShardWorker(plan).run(3)
 
 
+def test_a_second_driver_is_refused_naming_the_holder(tmp_path, images, capsys):
+    from vlm_encoder.locks import DirectoryInUseError, DirectoryLock
+
+    config = tiny_config(tmp_path, images, shard_size=SHARD)
+    plan = plan_extraction(config)
+    assert plan.config["device"] == "cpu"  # the device type the fingerprint was taken for: the workers' default
+    holder = DirectoryLock(plan.out, what="extraction").acquire()
+    try:
+        with pytest.raises(DirectoryInUseError, match=f"in use by extraction pid {os.getpid()}"):
+            plan_extraction(config)
+        assert main(["extract-finalize", "--out", str(plan.out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"in use by extraction pid {os.getpid()}" in err
+    finally:
+        holder.release()
+
+
 @pytest.mark.parametrize("kind", ["folder", "parquet"])
 def test_the_plan_decodes_no_image(tmp_path, images, monkeypatch, kind):
     dataset = images

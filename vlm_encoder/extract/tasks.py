@@ -61,7 +61,8 @@ class ExtractPlan:
     Attributes:
         out: The store's folder (where the plan was read from, which may be another mount
             of the folder the driver wrote).
-        config: The run's `ExtractConfig.to_dict()`.
+        config: The run's `ExtractConfig.to_dict()`, its `device` the one the fingerprint was
+            taken for (by default the planning machine's accelerator type: `cpu`, `cuda`, ...).
         fingerprint: The arguments fingerprint every worker must reproduce.
         features: Stored feature name -> `{"shape": [...], "dtype": "float32"}` (per row).
         num_rows: Rows of the dataset.
@@ -243,7 +244,7 @@ def _plan_of(encoding: Encoding) -> ExtractPlan:
     config = encoding.config
     return ExtractPlan(
         out=Path(config.out),
-        config=config.to_dict(),
+        config={**config.to_dict(), "device": config.device or encoding.device.type},  # workers' default
         fingerprint=json.loads(json.dumps(encoding.fingerprint, default=str)),  # as JSON reads it back
         features={k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
                   for k, v in empty.items()},
