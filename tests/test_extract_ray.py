@@ -231,10 +231,14 @@ def test_a_store_into_a_ray_dataset_through_arrow(cluster, sources, tmp_path):
     assert dataset.count() == len(store)
     blocks = ray.get(dataset.to_arrow_refs())
     assert all(isinstance(b, pa.Table) for b in blocks)
-    table = pa.concat_tables(blocks)
-    assert table.column("row_id").to_pylist() == store.row_ids.tolist()
-    cls = np.stack(table.column("layer2.cls").to_numpy(zero_copy_only=False))
-    np.testing.assert_array_equal(cls, store[-1, "cls"][:].numpy())
+    assert pa.concat_tables(blocks).column("row_id").to_pylist() == store.row_ids.tolist()
+    assert pa.concat_tables(blocks).schema.field("layer2.cls").type.shape == (32,)  # a Ray tensor column
+    batch = dataset.take_batch(len(store), batch_format="numpy")  # vectors (n, D), patches (n, N, D)
+    np.testing.assert_array_equal(batch["layer2.cls"], store[-1, "cls"][:].numpy())
+    np.testing.assert_array_equal(batch["layer2.patch"], store[-1, "patch"][:].numpy())
+    store.to_parquet(tmp_path / "feats.parquet", layers=[-1], kinds=["cls"])  # the parquet route
+    read = ray.data.read_parquet(str(tmp_path / "feats.parquet")).take_batch(len(store), batch_format="numpy")
+    np.testing.assert_array_equal(np.stack(read["layer2.cls"]), store[-1, "cls"][:].numpy())
 
 
 def test_engine_options_and_a_missing_ray_are_one_line(tmp_path, images, capsys):

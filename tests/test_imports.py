@@ -77,3 +77,15 @@ def test_the_checker_sees_lazy_and_relative_imports():
     assert "vlm_encoder.projectors" in imports_of("vlm_encoder.vlm.saving")
     assert "vlm_encoder.output" in imports_of("vlm_encoder.projectors.base")
     assert "vlm_encoder.projectors" in imports_of("projectors")
+
+
+def test_the_core_imports_no_engine():
+    """`ray` and `pyspark` are optional extras: importing the package, its extraction API, the
+    engine adapters and the CLI (with every command registered) imports neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vlm_encoder, vlm_encoder.extract, vlm_encoder.extract.engines, vlm_encoder.cli; "
+            "vlm_encoder.cli.build_parser(); print(sorted(m for m in ('ray', 'pyspark') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.strip() == "[]", run.stdout

@@ -24,18 +24,15 @@ data spec must name data every worker can read.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import socket
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ...locks import hold_directory
 from ...specs.options import ConfigMixin, at_least
 from ..config import ExtractConfig
-from .base import require_engine
+from .base import drive, require_engine
 
 if TYPE_CHECKING:
     from ..store import FeatureStore
@@ -76,28 +73,15 @@ class RayEngine(ConfigMixin):
             ValueError: Arguments that differ from those of the store in `config.out`.
             ray.exceptions.RayError: A shard that still failed after `retries`.
         """
-        from ..tasks import LOCK_HINT
-
         require_engine("ray")
-        started = time.perf_counter()
         if self.gpus_per_worker and config.device is None:
             config = config.replace(device="cuda")  # the plan's fingerprint is the workers' device type's
-        with hold_directory(config.out, None, what="extraction", hint=LOCK_HINT, wait=config.wait_lock):
-            plan = _plan(config)
+
+        def map_all(plan: ExtractPlan) -> list[ShardResult]:
             with ray_session(self.address):
-                loop_started = time.perf_counter()
-                results = self.map_shards(plan, range(plan.num_shards), progress=config.progress)
-                extract_seconds = time.perf_counter() - loop_started
-            summary = _finalize(plan)
-        done = [r for r in results if not r.skipped]
-        return dataclasses.replace(
-            summary,
-            rows_this_run=sum(r.rows + r.rows_failed for r in done),
-            shards_this_run=len(done),
-            shards_kept=len(results) - len(done),
-            seconds=time.perf_counter() - started,
-            extract_seconds=extract_seconds,
-        )
+                return self.map_shards(plan, range(plan.num_shards), progress=config.progress)
+
+        return drive(config, map_all)
 
     def map_shards(self, plan: ExtractPlan, indices: Iterable[int], progress: bool = True) -> list[ShardResult]:
         """Run the shards `indices` of `plan` on actors of the Ray session of this process.
@@ -185,8 +169,11 @@ def ray_session(address: str | None = None) -> Iterator[None]:
 
 
 def ray_dataset(store: FeatureStore, layers: list[int] | None = None, kinds: list[str] | None = None) -> Any:
-    """A finished store as a `ray.data.Dataset`: its Arrow table (`FeatureStore.to_hf_dataset`,
-    the same columns as `to_parquet` writes) handed to Ray as is, never through Python lists.
+    """A finished store as a `ray.data.Dataset`, from its Arrow export (`FeatureStore.to_hf_dataset`,
+    the columns `to_parquet` writes) as Ray tensor columns, never through Python lists: each
+    feature is read as one numpy array off the Arrow buffers and wrapped as Ray's Arrow tensor
+    type, so numpy batches hold `(n, D)` / `(n, N, D)` arrays (ragged patches: one `(N_i, D)`
+    array per row).
 
     Args:
         store: The store.
@@ -194,35 +181,14 @@ def ray_dataset(store: FeatureStore, layers: list[int] | None = None, kinds: lis
         kinds: Kinds to include (default all stored).
 
     Returns:
-        A Ray Dataset with `row_id` and one column per feature (vectors as fixed-size lists,
-        matrices as Arrow tensors), in the session of this process (opened if none is).
+        A Ray Dataset with `row_id` and one column per feature (named as the store's keys), in
+        the Ray session of this process (started if none is).
     """
     ray = require_engine("ray")
-    table = store.to_hf_dataset(layers=layers, kinds=kinds).data.table  # a pyarrow.Table
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    columns = store.to_hf_dataset(layers=layers, kinds=kinds).with_format("numpy")[:]  # name -> np.ndarray
+    table = pa.table({name: pa.array(values) if name == "row_id" else ArrowTensorArray.from_numpy(values)
+                      for name, values in columns.items()})
     return ray.data.from_arrow(table)
-
-
-# -------------------------------------------------- the plan and finalize, under the driver's lock
-
-
-def _plan(config: ExtractConfig) -> ExtractPlan:
-    # TEMPORARY until tasks.py commits its unlocked plan/finalize
-    import torch
-
-    from ..runner import _process_state, open_encoding
-    from ..shards import check_fingerprint, read_manifest, remove_stale_temporaries
-    from ..tasks import _plan_of, _write_manifest_skeleton
-
-    device = torch.device(config.device) if config.device else _process_state(None).device
-    plan = _plan_of(open_encoding(config, device, compute_device=torch.device("cpu")))
-    remove_stale_temporaries(config.out)
-    _write_manifest_skeleton(plan)
-    check_fingerprint(plan.out, read_manifest(plan.out), plan.fingerprint)
-    plan.save()
-    return plan
-
-
-def _finalize(plan: ExtractPlan) -> ExtractSummary:
-    from ..tasks import _finalize as finalize
-
-    return finalize(plan, time.perf_counter())
