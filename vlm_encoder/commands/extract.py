@@ -6,6 +6,7 @@
     vlm-encoder extract ... --resolution native --max-patches 576    # or --anyres 336x672,672x336,672x672
     accelerate launch --num_processes 4 -m vlm_encoder.cli extract ...    # one store, no merge
     vlm-encoder extract ... --engine ray --ray-address auto --workers 8    # Ray actors (docs/scale.md)
+    vlm-encoder extract ... --engine spark --spark-master spark://head:7077    # one Spark task per shard
     N=$(vlm-encoder extract ... --out feats/ --plan-only)    # no engine: then `extract-shard --index K`
                                                              # for K < N anywhere, and `extract-finalize`
 
@@ -72,9 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "run `vlm-encoder extract-shard --out DIR --index K` for each K < N (e.g. a Slurm array) "
                              "and `vlm-encoder extract-finalize --out DIR` (docs/scale.md)")
     engine = parser.add_argument_group("engine (docs/scale.md)")
-    engine.add_argument("--engine", choices=("local", "ray"), default="local",
+    engine.add_argument("--engine", choices=("local", "ray", "spark"), default="local",
                         help="local: this process, or the processes of `accelerate launch`; ray: Ray actors, each "
-                             "loading the model once (needs vlm-encoder[ray]) (default local)")
+                             "loading the model once (needs vlm-encoder[ray]); spark: one Spark task per shard, "
+                             "one model per Python worker (needs vlm-encoder[spark]) (default local)")
     engine.add_argument("--workers", type=int, default=None, metavar="N",
                         help="engine workers, each holding one model (default: what the cluster's CPUs, or GPUs "
                              "with --gpus-per-worker, allow); --num-workers is per worker, for decoding")
@@ -86,6 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument("--cpus-per-worker", type=float, default=None, metavar="F",
                         help="CPUs each Ray worker reserves, for its torch threads and --num-workers decoders "
                              "(default 1)")
+    engine.add_argument("--spark-master", default=None, metavar="URL",
+                        help="Spark master: local[N], spark://HOST:7077, yarn, ... (default: the session of "
+                             "spark-submit, else local[--workers], every core without --workers)")
     parser.set_defaults(func=run)
 
 
@@ -152,8 +157,8 @@ def _plan_only(args: argparse.Namespace, config: object) -> int:
     return 0
 
 
-ENGINE_OPTIONS = {"workers": ("ray",), "ray_address": ("ray",), "gpus_per_worker": ("ray",),
-                  "cpus_per_worker": ("ray",)}
+ENGINE_OPTIONS = {"workers": ("ray", "spark"), "ray_address": ("ray",), "gpus_per_worker": ("ray",),
+                  "cpus_per_worker": ("ray",), "spark_master": ("spark",)}
 
 
 def _refuse_engine_options(args: argparse.Namespace) -> None:
@@ -173,4 +178,8 @@ def _engine(args: argparse.Namespace) -> object:
 
         return RayEngine(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker or 0.0,
                          cpus_per_worker=1.0 if args.cpus_per_worker is None else args.cpus_per_worker)
+    if args.engine == "spark":
+        from ..extract.engines.spark import SparkEngine
+
+        return SparkEngine(master=args.spark_master, workers=args.workers)
     raise ValueError(f"unknown engine {args.engine!r}")
