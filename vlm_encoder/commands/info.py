@@ -121,7 +121,7 @@ def describe_model(loaded: Any) -> dict[str, Any]:
             "embed_dim": model.embed_dim,
             "text_tower": model.config.text.to_dict(),
             "text_parameters": sum(p.numel() for p in model.text.parameters()),
-            "logit_scale": float(model.current_logit_scale()),
+            "logit_scale": float(model.current_logit_scale().detach()),
         }
     elif loaded.kind == "vlm":
         lm = model.language_model
