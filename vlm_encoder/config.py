@@ -16,9 +16,9 @@ from .specs.options import ConfigMixin, at_least, check_fields
 from .validation import repeat_number
 
 Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
-PosEmbedKind = Literal["learned", "sincos", "none"]
+PosEmbedKind = Literal["learned", "sincos", "none", "factorized"]
 PoolKind = Literal["cls", "gap", "map", "none"]
-MlpKind = Literal["mlp", "swiglu"]
+MlpKind = Literal["mlp", "swiglu", "gated"]
 ProjectionActivation = Literal["none", "tanh"]
 PosResampleMode = Literal["bicubic", "bilinear"]
 
@@ -37,7 +37,8 @@ class VisionConfig(ConfigMixin):
         depth: Number of transformer blocks `L`.
         num_heads: Attention heads; must divide `width`.
         mlp_dim: Hidden width of each block's MLP (default `4 * width`).
-        mlp_type: `mlp` (Linear, act, Linear) or `swiglu` (packed SwiGLU, as DINOv2-g).
+        mlp_type: `mlp` (Linear, act, Linear), `swiglu` (packed SwiGLU, as DINOv2-g) or `gated`
+            (the same packed gate with `act` instead of SiLU: Gemma 4's GELU-tanh GeGLU).
         act: MLP activation: `gelu` (exact erf), `quick_gelu` (OpenAI CLIP) or `gelu_tanh`
             (SigLIP).
         qkv_bias: Bias on the query/key/value projection.
@@ -46,16 +47,22 @@ class VisionConfig(ConfigMixin):
         num_register_tokens: Learned register tokens inserted after the CLS token
             (DINOv2 with registers); they get no position embedding.
         pos_embed: `learned` 1D table over the patch grid (resampled for other sizes),
-            fixed 2D `sincos`, or `none`. The CLS token's own position embedding, when a
-            checkpoint has one, is folded into the CLS token by the converters.
+            fixed 2D `sincos`, `factorized` (two learned tables of `pos_table_size` rows, one per
+            axis: a patch at row `y`, column `x` gets `column_table[x] + row_table[y]`, Gemma 4;
+            any grid up to that side, looked up, never resampled), or `none`. The CLS token's own
+            position embedding, when a checkpoint has one, is folded into the CLS token by the
+            converters.
+        pos_table_size: `factorized` only: rows of each axis table, the largest grid side the
+            tower takes (default: the larger side of the native grid).
         rope: 2D rotary position embedding of the patch tokens' queries and keys (prefix
             tokens unrotated), on top of `pos_embed` (EVA02 and PE have both; DINOv3 sets
             `pos_embed='none'`): `none`, `eva` (integer positions, timm `eva.py`'s EVA02 / PE)
             or `dinov3` (patch centres in [-1, 1], its training-time jitter off). Recomputed
             for every grid, never resampled. See `layers/rope.py`.
         rope_theta: RoPE frequency base (timm `rope_temperature`, HF `rope_theta`).
-        rope_layout: `half` (rotate the two halves of the head dim) or `interleaved`
-            (adjacent pairs; timm's default for EVA02 / PE).
+        rope_layout: `half` (rotate the two halves of the head dim), `interleaved`
+            (adjacent pairs; timm's default for EVA02 / PE) or `split` (each axis a contiguous half
+            of the head dim, rotating its two quarters: Gemma 4).
         rope_ref_grid: `eva` only: positions are rescaled so that any grid spans this one
             (timm `ref_feat_shape`, the pre-training grid), or `None` (integer positions).
         rope_grid_offset: Added to every RoPE position (PE uses 1).
@@ -73,6 +80,10 @@ class VisionConfig(ConfigMixin):
         mlp_norm: LayerNorm on the MLP's hidden activations before `fc2` (timm `scale_mlp`).
         qk_norm_scope: `head` (the qk-norm over each head's channels) or `width` (over all
             heads' channels of a token at once, before the split: InternViT's `use_qk_norm`).
+        v_norm: RMS-normalise each head's values before attention, without a weight (Gemma 4).
+        sandwich_norm: Normalise each block's attention and MLP outputs before the residual add,
+            as well as their inputs (`x + norm(attn(norm(x)))`; Gemma 4's post-attention and
+            post-feedforward norms), with `norm_type`.
         norm_type: `layernorm` or `rmsnorm` (AIMv2, InternViT-6B): the blocks' `norm1` /
             `norm2`, the qk-norm, `patch_norm`, `norm_pre` and the final norm. The sub-LNs
             (`attn_norm`, `mlp_norm`) and `pooled_norm` stay LayerNorms.
@@ -126,6 +137,7 @@ class VisionConfig(ConfigMixin):
     class_token: bool = True
     num_register_tokens: int = at_least(0, 0)
     pos_embed: PosEmbedKind = "learned"
+    pos_table_size: int | None = at_least(1, None)
     rope: RopeKind = "none"
     rope_theta: float = at_least(1.0, 10000.0)
     rope_layout: RopeLayout = "half"
@@ -138,6 +150,8 @@ class VisionConfig(ConfigMixin):
     attn_norm: bool = False
     mlp_norm: bool = False
     qk_norm_scope: Literal["head", "width"] = "head"
+    v_norm: bool = False
+    sandwich_norm: bool = False
     norm_type: NormKind = "layernorm"
     patch_norm: bool = False
     norm_pre: bool = False
@@ -179,6 +193,12 @@ class VisionConfig(ConfigMixin):
             raise ValueError(
                 f"rope={self.rope!r} needs a head dim (width / num_heads) divisible by 4, got {self.head_dim}"
             )
+        if self.pos_table_size is not None and self.pos_embed != "factorized":
+            raise ValueError(f"pos_table_size applies to pos_embed='factorized' only, got pos_embed={self.pos_embed!r}")
+        if self.pos_embed == "factorized" and self.pos_table_size is None:
+            object.__setattr__(self, "pos_table_size", max(self.grid_size))
+        if self.pos_embed == "factorized" and self.pos_table_size < max(self.grid_size):
+            raise ValueError(f"pos_table_size={self.pos_table_size} is smaller than the native grid {self.grid_size}")
         if self.rope_ref_grid is not None and self.rope != "eva":
             raise ValueError(f"rope_ref_grid applies to rope='eva' only, got rope={self.rope!r}")
         if self.attn_window is not None and self.num_prefix_tokens:

@@ -73,6 +73,10 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         self.pos_embed = (
             nn.Parameter(torch.zeros(1, grid[0] * grid[1], c.width)) if c.pos_embed == "learned" else None
         )
+        # `factorized`: (2, P, D), the column (x) table then the row (y) table (Gemma 4's order).
+        self.pos_embed_axes = (
+            nn.Parameter(torch.zeros(2, c.pos_table_size, c.width)) if c.pos_embed == "factorized" else None
+        )
         self.norm_pre = build_norm(c.norm_type, c.width, c.norm_eps) if c.norm_pre else nn.Identity()
         rates = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also when built on meta
         self.blocks = nn.ModuleList(
@@ -91,6 +95,8 @@ class VisionEncoder(PretrainedMixin, nn.Module):
                 mlp_norm=c.mlp_norm,
                 norm_type=c.norm_type,
                 qk_norm_scope=c.qk_norm_scope,
+                v_norm=c.v_norm,
+                sandwich_norm=c.sandwich_norm,
             )
             for rate in rates
         )
@@ -138,6 +144,8 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         init_linears_and_norms(self, std=0.02)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed_axes is not None:
+            nn.init.trunc_normal_(self.pos_embed_axes, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
@@ -227,10 +235,20 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         can see every write (`.data`, an EMA, a fused optimizer step leave `_version` as it
         was), and resampling costs ~0.2% of a batch-1 forward (docs/guarantees.md). A fixed
         sin-cos table depends on the config only and is cached per grid, device and dtype.
+        A `factorized` table is looked up: the patch at `(y, x)` gets `columns[x] + rows[y]`.
         """
         c = self.config
         if c.pos_embed == "none":
             return None
+        if c.pos_embed == "factorized":
+            h, w = grid
+            if max(h, w) > c.pos_table_size:
+                raise ValueError(
+                    f"patch grid {h}x{w} is larger than the position tables ({c.pos_table_size} rows per axis); "
+                    f"use images of at most {c.pos_table_size * c.input_stride} px a side"
+                )
+            columns, rows = self.pos_embed_axes[0, :w], self.pos_embed_axes[1, :h]  # (w, D), (h, D)
+            return (columns[None, :] + rows[:, None]).reshape(1, h * w, c.width)
         if c.pos_embed == "learned":
             return resample_pos_embed(
                 self.pos_embed,

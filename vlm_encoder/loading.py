@@ -20,12 +20,14 @@ The family is chosen explicitly, never guessed from the weights:
       `qwen3_5_moe`, `qwen3_5_moe_vision`        without DeepStack mergers; likewise)
       `deepseek_v4` with `vision_*` fields    -> `converters.hf_deepseek_v4` (a whole model: its
                                                  vision tower, keys under `vision.`)
+      `gemma4`, `gemma4_vision`               -> `converters.hf_gemma4` (a whole model: its vision
+                                                 tower, keys under `model.vision_tower.`)
       `kimi_k25`, `kimi_k25_vision`           -> `converters.hf_kimi_k25` (a whole model: its vision
                                                  tower, keys under `vision_tower.`, released names)
       `aimv2`, `aimv2_vision_model`           -> `converters.hf_aimv2` (RMSNorm, SwiGLU)
       `internvl_vision`                       -> `converters.hf_internvit`
-      `llava`, `llava_next`, `internvl`       -> the tower named by `vision_config.model_type`,
-                                                 keys under `vision_tower.` / `model.vision_tower.`
+      `llava`, `llava_next`, `internvl`,      -> the tower named by `vision_config.model_type`,
+      `gemma3` (its SigLIP)                      keys under `vision_tower.` / `model.vision_tower.`
   * `open_clip:ARCH` -> `converters.open_clip_vit.load_open_clip(ARCH, checkpoint)`
   * `timm:NAME`      -> `converters.timm_vit.load_timm(NAME, checkpoint)`, or for a model of timm's
                         `eva.py` (EVA02, PE, DINOv3) `converters.timm_eva.load_timm_eva`
@@ -90,11 +92,12 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "aimv2",
     "aimv2_vision_model",
     "internvl_vision",
+    "gemma4_vision",
 )
 # Vision-language models whose vision tower is read on its own (an `internvl` gives its InternViT).
-LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "internvl")
+LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "internvl", "gemma3")
 # Whole VLMs whose vision tower is a family of its own, under its own prefixes.
-QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "deepseek_v4", "kimi_k25")
+QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "deepseek_v4", "gemma4", "kimi_k25")
 # Qwen3-VL's tower under the other names transformers gives it (MoE models, Qwen3.5).
 QWEN3_TOWER_TYPES: tuple[str, ...] = ("qwen3_vl_moe_vision", "qwen3_5_vision", "qwen3_5_moe_vision")
 # Families whose processor resizes each image under a patch budget instead of to one size.
@@ -112,6 +115,13 @@ LLAVA_IGNORED_PREFIXES = (
     "multi_modal_projector.",
     "model.image_newline",
     "image_newline",
+    # Gemma 4's connector and audio side (its tower is under the same prefixes as LLaVA's)
+    "model.embed_vision.",
+    "embed_vision.",
+    "model.audio_tower.",
+    "audio_tower.",
+    "model.embed_audio.",
+    "embed_audio.",
 )
 
 
@@ -237,6 +247,8 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch
 def _converter(model_type: str) -> ModuleType:
     from .converters import hf_aimv2, hf_deepseek_v4, hf_clip, hf_dinov2, hf_metaclip_2, hf_dinov3, hf_internvit, hf_kimi_k25, hf_qwen2_5_vl, hf_qwen3_vl, hf_siglip, hf_siglip2, hf_vit
 
+    from .converters import hf_gemma4
+
     table = {
         "clip": hf_clip,
         "clip_vision_model": hf_clip,
@@ -262,6 +274,8 @@ def _converter(model_type: str) -> ModuleType:
         "internvl_vision": hf_internvit,
         "kimi_k25": hf_kimi_k25,
         "kimi_k25_vision": hf_kimi_k25,
+        "gemma4": hf_gemma4,
+        "gemma4_vision": hf_gemma4,
     }
     return table[model_type]
 
@@ -289,7 +303,7 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         vision_config = config.get("vision_config") or {}
         # HF's LlavaConfig builds a CLIP tower when `vision_config` names no model_type
         # (InternVLConfig an InternViT).
-        default_type = "internvl_vision" if model_type == "internvl" else "clip_vision_model"
+        default_type = {"internvl": "internvl_vision", "gemma3": "siglip_vision_model"}.get(model_type, "clip_vision_model")
         vision_type = vision_config.get("model_type", default_type)
         if vision_type not in ("clip_vision_model", "siglip_vision_model", "internvl_vision"):
             raise _unsupported(vision_type, f"{config_path} vision_config")
@@ -314,6 +328,8 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         # Siglip2ImageProcessor: each image at its own NaFlex size (encode with packing.encode_packed).
         encoder.image_processor = _image_processor(files) or _naflex_processor(encoder.config.patch_size)
         info["max_num_patches"] = encoder.image_processor.config.max_patches
+    elif model_type in ("gemma4", "gemma4_vision"):
+        encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Gemma4ImageProcessor: see there
     elif model_type in ("kimi_k25", "kimi_k25_vision"):
         encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Kimi_K25ImageProcessor: see there
     elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision", *QWEN3_TOWER_TYPES):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..determinism import batch_invariant_call
-from .norm import NormKind, build_norm
+from .norm import NormKind, RMSNorm, build_norm
 from .rope import RopeTable
 
 
@@ -109,11 +109,13 @@ class Attention(nn.Module):
         qk_norm_type: `layernorm` or `rmsnorm` for `q_norm` / `k_norm`.
         qk_norm_scope: `head` (each head's `d` channels) or `width` (all `D` channels of a
             token at once, before the split into heads; InternViT).
+        v_norm: RMS-normalise each head's values, without a weight (`v_norm`; Gemma 4).
     """
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, inner_norm: bool = False,
         norm_eps: float = 1e-6, qk_norm_type: NormKind = "layernorm", qk_norm_scope: str = "head",
+        v_norm: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -125,6 +127,7 @@ class Attention(nn.Module):
         qk_dim = self.head_dim if qk_norm_scope == "head" else dim
         self.q_norm = build_norm(qk_norm_type, qk_dim, norm_eps) if qk_norm else None
         self.k_norm = build_norm(qk_norm_type, qk_dim, norm_eps) if qk_norm else None
+        self.v_norm = RMSNorm(self.head_dim, norm_eps, affine=False) if v_norm else None
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if inner_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
@@ -160,6 +163,8 @@ class Attention(nn.Module):
         elif self.q_norm is not None:  # over the whole width: (B, heads, T, d) -> (B, T, D) and back
             q = self.q_norm(q.transpose(1, 2).reshape(B, T, D)).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
             k = self.k_norm(k.transpose(1, 2).reshape(B, T, D)).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         if rope is not None:
             q, k = rope.rotate(q), rope.rotate(k)
         weights = None

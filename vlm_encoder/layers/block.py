@@ -1,4 +1,5 @@
-"""The pre-norm transformer block: `x + attn(LN(x))`, then `x + mlp(LN(x))`."""
+"""The pre-norm transformer block: `x + attn(LN(x))`, then `x + mlp(LN(x))` (with `sandwich_norm`,
+`x + LN(attn(LN(x)))`, then `x + LN(mlp(LN(x)))`)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ class Block(nn.Module):
         mlp_norm: LayerNorm on the MLP's hidden activations.
         norm_type: `layernorm` or `rmsnorm` for `norm1`, `norm2` and the qk-norm.
         qk_norm_scope: qk-norm per `head` or over the whole `width` (InternViT).
+        v_norm: RMS-normalise each head's values (no weight; Gemma 4).
+        sandwich_norm: Also normalise each branch's output before the residual add
+            (`post_attn_norm`, `post_mlp_norm`; Gemma 4's post-attention / post-feedforward norms).
     """
 
     def __init__(
@@ -76,13 +80,18 @@ class Block(nn.Module):
         mlp_norm: bool = False,
         norm_type: NormKind = "layernorm",
         qk_norm_scope: str = "head",
+        v_norm: bool = False,
+        sandwich_norm: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = build_norm(norm_type, dim, norm_eps)
         self.attn = Attention(
             dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, inner_norm=attn_norm, norm_eps=norm_eps,
-            qk_norm_type=norm_type, qk_norm_scope=qk_norm_scope,
+            qk_norm_type=norm_type, qk_norm_scope=qk_norm_scope, v_norm=v_norm,
         )
+        # Created only when used, so that the state dicts of other towers are unchanged.
+        self.post_attn_norm = build_norm(norm_type, dim, norm_eps) if sandwich_norm else nn.Identity()
+        self.post_mlp_norm = build_norm(norm_type, dim, norm_eps) if sandwich_norm else nn.Identity()
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.norm2 = build_norm(norm_type, dim, norm_eps)
         self.mlp = build_mlp(mlp_type, dim, mlp_dim, act, norm_eps if mlp_norm else None)
@@ -99,6 +108,6 @@ class Block(nn.Module):
         attended, weights = self.attn(
             self.norm1(x), attn_mask=attn_mask, return_weights=return_weights, causal=causal, rope=rope
         )
-        x = x + self.drop_path(self.ls1(attended))
-        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path(self.ls1(self.post_attn_norm(attended)))
+        x = x + self.drop_path(self.ls2(self.post_mlp_norm(self.mlp(self.norm2(x)))))
         return x, weights

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -62,24 +61,29 @@ class Mlp(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Packed SwiGLU (DINOv2 giant): `fc2(silu(a) * b)` with `a, b = fc1(x).chunk(2)`
-    (the gate first), with an optional LayerNorm before `fc2` (`norm_eps`, EVA02-CLIP)."""
+    """Packed gated MLP: `fc2(gate_act(a) * b)` with `a, b = fc1(x).chunk(2)` (the gate first),
+    with an optional LayerNorm before `fc2` (`norm_eps`, EVA02-CLIP). The gate is SiLU (SwiGLU,
+    DINOv2 giant) unless `act` names another (`gated`: GELU-tanh for Gemma 4's GeGLU)."""
 
-    def __init__(self, dim: int, hidden_dim: int, norm_eps: float | None = None) -> None:
+    def __init__(self, dim: int, hidden_dim: int, norm_eps: float | None = None, act: str | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.gate_act = nn.SiLU() if act is None else get_activation(act)
         self.norm = _hidden_norm(hidden_dim, norm_eps)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.fc1(x).chunk(2, dim=-1)  # each (B, T, hidden)
-        return self.fc2(self.norm(F.silu(a) * b))
+        return self.fc2(self.norm(self.gate_act(a) * b))
 
 
 def build_mlp(kind: str, dim: int, hidden_dim: int, act: str, norm_eps: float | None = None) -> nn.Module:
-    """The block MLP for `VisionConfig.mlp_type` (`norm_eps`: a hidden LayerNorm, or `None`)."""
+    """The block MLP for `VisionConfig.mlp_type` (`norm_eps`: a hidden LayerNorm, or `None`):
+    `mlp`, `swiglu` (SiLU gate) or `gated` (the gate through `act`)."""
     if kind == "mlp":
         return Mlp(dim, hidden_dim, act, norm_eps)
     if kind == "swiglu":
         return SwiGLU(dim, hidden_dim, norm_eps)
-    raise ValueError(f"unknown mlp_type {kind!r}; allowed: mlp, swiglu")
+    if kind == "gated":
+        return SwiGLU(dim, hidden_dim, norm_eps, act=act)
+    raise ValueError(f"unknown mlp_type {kind!r}; allowed: mlp, swiglu, gated")

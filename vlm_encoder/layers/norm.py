@@ -17,21 +17,24 @@ class RMSNorm(nn.Module):
     Args:
         dim: Normalised width.
         eps: Added to the mean square.
+        affine: Learn the per-channel `weight`; without it the norm has no parameters (Gemma 4's
+            value norm, `with_scale=False`).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return x.to(dtype) if self.weight is None else self.weight * x.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.dim}, eps={self.eps}" + ("" if self.weight is not None else ", affine=False")
 
 
 def build_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:

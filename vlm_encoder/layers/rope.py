@@ -16,8 +16,9 @@ The variants the references use differ only in the positions and the frequencies
     shift / jitter / rescale augmentations are off (inference).
 
 Both lay the `d / 2` angles out as `[axis0 freqs, axis1 freqs]`, then either `half`
-(`[a, a]`, rotating the two halves of the head dim) or `interleaved` (`[a0, a0, a1, a1, ...]`,
-rotating adjacent pairs). The table is per token, so any token order works: a packed batch
+(`[a, a]`, rotating the two halves of the head dim), `interleaved` (`[a0, a0, a1, a1, ...]`,
+rotating adjacent pairs) or `split` (`[f0, f0, f1, f1]` by axis: each axis owns a contiguous half
+of the head dim and rotates its two quarters, Gemma 4's `apply_multidimensional_rope`). The table is per token, so any token order works: a packed batch
 concatenates per-image tables, and a windowed order (Qwen2.5-VL's merged windows) would be a
 gather of the rows. A new resolution computes a new table (no resampling).
 """
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 RopeKind = Literal["none", "eva", "dinov3"]
-RopeLayout = Literal["half", "interleaved"]
+RopeLayout = Literal["half", "interleaved", "split"]
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,22 @@ class RopeTable:
         cos: `(T, d)` for one sequence, or `(B, T, d)` per batch row (packed sequences).
         sin: Same shape as `cos`.
         interleaved: Rotate adjacent pairs `(x0, x1)` instead of the two halves of `d`.
+        split: Rotate the two quarters of each half of `d` (one half per axis).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     interleaved: bool = False
+    split: bool = False
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate `x` `(B, heads, T, d)`; computed in the table's float32, returned in `x`'s dtype."""
         cos, sin = self.cos.unsqueeze(-3), self.sin.unsqueeze(-3)  # (1 or B, 1, T, d)
         if self.interleaved:  # [x0, x1, x2, x3] -> [-x1, x0, -x3, x2]
             turned = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+        elif self.split:  # [a1, a2, b1, b2] -> [-a2, a1, -b2, b1]
+            a1, a2, b1, b2 = x.chunk(4, dim=-1)
+            turned = torch.cat([-a2, a1, -b2, b1], dim=-1)
         else:  # [x_a, x_b] -> [-x_b, x_a]
             a, b = x.chunk(2, dim=-1)
             turned = torch.cat([-b, a], dim=-1)
@@ -138,6 +144,9 @@ class Rope2d(nn.Module):
             angles = rope_angles(tuple(grid), self.head_dim, self.kind, self.theta, self.offset, self.ref_grid, self.xy, device)
             if self.layout == "half":
                 angles = torch.cat([angles, angles], dim=-1)  # (N, d): [a, a]
+            elif self.layout == "split":
+                first, second = angles.chunk(2, dim=-1)  # (N, d/4) each: one axis
+                angles = torch.cat([first, first, second, second], dim=-1)  # (N, d)
             else:
                 angles = angles.repeat_interleave(2, dim=-1)  # (N, d): [a0, a0, a1, a1, ...]
             if len(self._cache) > 32:
@@ -151,7 +160,7 @@ class Rope2d(nn.Module):
         if num_prefix:
             cos = torch.cat([cos.new_ones(num_prefix, self.head_dim), cos])
             sin = torch.cat([sin.new_zeros(num_prefix, self.head_dim), sin])
-        return RopeTable(cos, sin, interleaved=self.layout == "interleaved")
+        return RopeTable(cos, sin, interleaved=self.layout == "interleaved", split=self.layout == "split")
 
     def packed(self, rows: list[list[tuple[int, tuple[int, int]]]], length: int, num_prefix: int, device: torch.device) -> RopeTable:
         """The table `(P, length, d)` of packed rows: each row lists its images as
@@ -164,7 +173,7 @@ class Rope2d(nn.Module):
                 first = start + num_prefix
                 cos[p, first : first + patch_cos.shape[0]] = patch_cos
                 sin[p, first : first + patch_sin.shape[0]] = patch_sin
-        return RopeTable(cos, sin, interleaved=self.layout == "interleaved")
+        return RopeTable(cos, sin, interleaved=self.layout == "interleaved", split=self.layout == "split")
 
     def extra_repr(self) -> str:
         ref = f", ref_grid={self.ref_grid}" if self.ref_grid else ""

@@ -12,6 +12,7 @@ from .c_abstractor import CAbstractorOptions
 from .config import KindOptions, ProjectorConfig
 from .deepseek_aligner import DeepseekAlignerOptions, load_deepseek_v4_aligner
 from .fusion import FeatureFusion, TokenStream, resample_tokens
+from .gemma_pool import GemmaPoolOptions, load_gemma3_projector, load_gemma4_projector, load_gemma_projector
 from .kind import ProjectorKind, build_mlp
 from .llava import convert_hf_llava_projector, load_llava_mm_projector
 from .mlp import MLPOptions
@@ -25,6 +26,7 @@ __all__ = [
     "CAbstractorOptions",
     "DeepseekAlignerOptions",
     "FeatureFusion",
+    "GemmaPoolOptions",
     "KindOptions",
     "MLPOptions",
     "PixelShuffleOptions",
@@ -40,6 +42,9 @@ __all__ = [
     "convert_hf_llava_projector",
     "list_projectors",
     "load_deepseek_v4_aligner",
+    "load_gemma3_projector",
+    "load_gemma4_projector",
+    "load_gemma_projector",
     "load_idefics3_connector",
     "load_internvl_projector",
     "load_kimi_k25_merger",

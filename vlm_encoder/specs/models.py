@@ -5,7 +5,8 @@
     owner/name             a hub repo id (read through the Hugging Face cache)
     open_clip:ARCH[:TAG]   an open_clip model; TAG is a pretrained tag or a checkpoint file
     timm:NAME              a timm ViT, or an EVA02 / PE / DINOv3 model of timm's `eva.py`, or a
-                           DeepSeek-V4 vision model of its `deepseek_vit.py`
+                           DeepSeek-V4 vision model of its `deepseek_vit.py`, or a Gemma 4 one
+                           of its `gemma4_vit.py`
                            (`NAME.tag` picks timm's pretrained tag)
     preset:NAME            a preset with random weights (seeded), `key=value` overrides of its
                            `VisionConfig`; a bare preset name that is not a directory works too
@@ -247,6 +248,9 @@ def load_model(
 
         load = load_timm_eva if is_eva(spec.name) else load_timm  # timm's registry names the module
         load = load_timm_deepseek if is_deepseek(spec.name) else load
+        from ..converters.hf_gemma4 import is_gemma4, load_timm_gemma4
+
+        load = load_timm_gemma4 if is_gemma4(spec.name) else load
         loaded = LoadedModel(spec, "encoder", load(spec.name, checkpoint),
                              {"family": "timm", "source": spec.text, "name": spec.name, "checkpoint": checkpoint})
     elif spec.scheme == "open_clip":
