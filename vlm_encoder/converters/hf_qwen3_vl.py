@@ -103,16 +103,29 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
         raise ValueError(
             f"{FAMILY}: num_position_embeddings={c.num_position_embeddings} is not a square number; the table is a square grid"
         )
-    patch = square(c.patch_size, "patch_size", FAMILY)
+    return tower_config(
+        patch_size=square(c.patch_size, "patch_size", FAMILY), table_side=side, in_channels=c.in_channels,
+        width=c.hidden_size, depth=c.depth, num_heads=c.num_heads, mlp_dim=c.intermediate_size,
+        act=ACTIVATIONS[c.hidden_act], rope_theta=axial_rope_theta(c, FAMILY),
+        norm_eps=1e-6,  # the reference's LayerNorms are built with eps=1e-6
+    )
+
+
+def tower_config(
+    *, patch_size: int, table_side: int, in_channels: int, width: int, depth: int, num_heads: int, mlp_dim: int,
+    act: str, rope_theta: float, norm_eps: float,
+) -> VisionConfig:
+    """The `VisionConfig` of a Qwen3-VL / Qwen3.5 tower of this shape (transformers' and timm's
+    `qwen3_vit`): `image_size` is the position table's side times the patch."""
     return VisionConfig(
-        image_size=patch * side,
-        patch_size=patch,
-        in_channels=c.in_channels,
-        width=c.hidden_size,
-        depth=c.depth,
-        num_heads=c.num_heads,
-        mlp_dim=c.intermediate_size,
-        act=ACTIVATIONS[c.hidden_act],
+        image_size=patch_size * table_side,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        width=width,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_dim=mlp_dim,
+        act=act,
         qkv_bias=True,
         patch_bias=True,
         class_token=False,
@@ -121,9 +134,9 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
         pos_resample_antialias=False,
         pos_resample_align_corners=True,
         rope="eva",
-        rope_theta=axial_rope_theta(c, FAMILY),
+        rope_theta=rope_theta,
         rope_layout="half",
-        norm_eps=1e-6,  # the reference's LayerNorms are built with eps=1e-6
+        norm_eps=norm_eps,
         final_norm=False,
         pool="none",
     )

@@ -248,6 +248,9 @@ def load_model(
 
         load = load_timm_eva if is_eva(spec.name) else load_timm  # timm's registry names the module
         load = load_timm_deepseek if is_deepseek(spec.name) else load
+        from ..converters.timm_qwen3 import is_qwen3_vit, load_timm_qwen3
+
+        load = load_timm_qwen3 if is_qwen3_vit(spec.name) else load
         from ..converters.hf_gemma4 import is_gemma4, load_timm_gemma4
 
         load = load_timm_gemma4 if is_gemma4(spec.name) else load
