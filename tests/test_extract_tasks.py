@@ -5,6 +5,7 @@ committed shard is skipped; the plan decodes no image; a missing plan is one lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,6 +65,7 @@ def test_shards_in_any_order_by_a_worker_equal_the_local_runner(tmp_path, images
     assert finalize_extraction(tmp_path / "out").complete
     assert checksums(tmp_path / "out") == checksums(reference)
     assert manifest_without_time(tmp_path / "out") == manifest_without_time(reference)
+    assert (tmp_path / "out" / "failures.jsonl").read_bytes() == (reference / "failures.jsonl").read_bytes()
     assert FeatureStore(tmp_path / "out").verify() == []
 
     # A committed shard is skipped, untouched; a corrupt one is redone to the same bytes.
@@ -77,18 +79,36 @@ def test_shards_in_any_order_by_a_worker_equal_the_local_runner(tmp_path, images
     assert checksums(tmp_path / "out") == checksums(reference)
 
 
-def test_a_worker_of_other_data_is_refused(tmp_path, images):
+def test_a_worker_reads_the_planned_rows_and_refuses_other_weights(tmp_path, images):
     folder = tmp_path / "images"
     folder.mkdir()
-    for path in sorted(images.iterdir())[:5]:
+    for path in sorted(images.iterdir())[:12]:
         (folder / path.name).write_bytes(path.read_bytes())
-    plan = plan_extraction(tiny_config(tmp_path, folder, shard_size=SHARD))
-    Image.new("RGB", (20, 20)).save(folder / "new.jpg")
-    with pytest.raises(ValueError, match="differ from the plan.*dataset"):
-        ShardWorker(plan)
-    (folder / "new.jpg").unlink()
-    with pytest.raises(ValueError, match=r"shard index 3 is out of range: the plan has shards 0\.\.0"):
-        ShardWorker(plan).run(3)
+    plan = plan_extraction(tiny_config(tmp_path, folder, shard_size=4))
+    assert plan.row_files and len(list((plan.out / "plan-rows").glob("shard-*.json"))) == 3
+    with pytest.raises(ValueError, match="differ from the plan.*weights_sha256"):
+        ShardWorker(dataclasses.replace(plan, config={**plan.config, "seed": 1}))
+    worker = ShardWorker(plan)
+    with pytest.raises(ValueError, match=r"shard index 3 is out of range: the plan has shards 0\.\.2"):
+        worker.run(3)
+
+    # The store holds the planned rows: a file added later is not one of them; one that changed
+    # or vanished since the plan stops its shard (a rerun finishes once the data is back).
+    Image.new("RGB", (20, 20)).save(folder / "a_new.jpg")  # sorts first: listing again would shift every row
+    original = (folder / "img_005.jpg").read_bytes()
+    (folder / "img_005.jpg").write_bytes(original + b"\0")
+    (folder / "img_008.jpg").unlink()
+    assert worker.run(0).rows == 4
+    with pytest.raises(OSError, match="img_005.jpg changed since the run was planned"):
+        worker.run(1)
+    with pytest.raises(FileNotFoundError, match="img_008.jpg existed when the run was planned and is gone"):
+        worker.run(2)
+    (folder / "img_005.jpg").write_bytes(original)
+    (folder / "img_008.jpg").write_bytes((images / "img_008.jpg").read_bytes())
+    assert [r.rows for r in worker.run_many([0, 1, 2])] == [4, 4, 4]
+    summary = finalize_extraction(plan.out)
+    assert summary.complete and summary.rows_written == 12 and summary.missing_shards == ()
+    assert FeatureStore(plan.out).verify() == []
 
 
 def test_a_second_driver_is_refused_naming_the_holder(tmp_path, images, capsys):

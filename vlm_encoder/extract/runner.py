@@ -242,7 +242,8 @@ class Encoding:
     fingerprint: dict[str, Any]
 
 
-def open_encoding(config: ExtractConfig, device: torch.device, compute_device: torch.device | None = None) -> Encoding:
+def open_encoding(config: ExtractConfig, device: torch.device, compute_device: torch.device | None = None,
+                  source: ImageSource | None = None) -> Encoding:
     """Load the encoder, open the image source (listing it: no image is decoded) and take the
     arguments fingerprint: model (with its weights' hash), features, dtype, preprocessing,
     dataset, shard size, pixel limit, resolution mode and (on the CPU) the GEMM route.
@@ -252,6 +253,7 @@ def open_encoding(config: ExtractConfig, device: torch.device, compute_device: t
         device: The device the shards are encoded on (the fingerprint's CPU GEMM entry).
         compute_device: Where to put the encoder now (default `device`); a driver that only
             plans puts it on the CPU.
+        source: The image rows (default: `config.dataset` opened whole).
     """
     compute_device = compute_device or device
     encoder = build_encoder(config)
@@ -263,7 +265,8 @@ def open_encoding(config: ExtractConfig, device: torch.device, compute_device: t
         policy, budget = native_sizing(encoder, config.max_patches)  # SigLIP2: its NaFlex processor's rule
         prepare = ImagePreparer(processor, config.mode, encoder.config.input_stride, budget, tiling, policy)
         features = VariablePlan(features, config.mode, tiling, encoder.config.input_stride)
-    source = open_image_source(config.dataset, split=config.split, image_column=config.image_column)
+    if source is None:
+        source = open_image_source(config.dataset, split=config.split, image_column=config.image_column)
     fingerprint = {
         "model": describe_model(config, encoder),
         "layers": list(config.layers),

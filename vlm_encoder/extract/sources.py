@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -187,12 +188,80 @@ class BuiltinImageSource:
         }
 
 
-ImageSource = FileListSource | DatasetSource | BuiltinImageSource
+class PlannedFileSource:
+    """The rows of a folder or list-file source as the plan recorded them (`tasks.plan_extraction`
+    writes each shard's paths, names and byte sizes to `rows_dir/shard-K.json`), so a worker
+    reads only the rows of its shards instead of listing and `stat`ing the whole source.
+
+    Args:
+        rows_dir: The plan's folder of per-shard row lists.
+        num_rows: Rows of the source.
+        shard_size: Rows per shard.
+        description: The source's `describe()` at planning time (the plan's fingerprint).
+    """
+
+    def __init__(self, rows_dir: Path, num_rows: int, shard_size: int, description: dict[str, Any]) -> None:
+        self.rows_dir = rows_dir
+        self.num_rows = num_rows
+        self.shard_size = shard_size
+        self.description = description
+        self.spec = description.get("spec", str(rows_dir))
+        self._shards: dict[int, list[list[Any]]] = {}
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def _row(self, row: int) -> list[Any]:
+        shard, offset = divmod(row, self.shard_size)
+        if shard not in self._shards:
+            path = self.rows_dir / f"shard-{shard:05d}.json"
+            try:
+                self._shards[shard] = json.loads(path.read_text())["rows"]
+            except (OSError, ValueError, KeyError) as err:
+                raise OSError(f"{path} cannot be read ({err}); plan the run again with --plan-only") from None
+        return self._shards[shard][offset]
+
+    def read(self, row: int) -> str:
+        """The path of row `row`.
+
+        Raises:
+            FileNotFoundError: The file existed at planning time and is gone now.
+            OSError: The file's size changed since the plan (the store would mix contents).
+        """
+        path, _, size = self._row(row)
+        if size >= 0:
+            now = _file_size(path)
+            if now < 0:
+                raise _gone(self.spec, path, "when the run was planned")
+            if now != size:
+                raise OSError(f"dataset {self.spec!r}: {path} changed since the run was planned ({size} bytes then, "
+                              f"{now} now); restore it, or plan again into another --out")
+        return path
+
+    def name(self, row: int) -> str:
+        return self._row(row)[1]
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.description)
 
 
-def _gone(spec: str, path: str) -> FileNotFoundError:
+def write_planned_rows(source: FileListSource, rows_dir: Path, shard_size: int) -> None:
+    """Write each shard's rows of `source` (path, name, byte size) for `PlannedFileSource`."""
+    from ..pretrained import write_atomic
+
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    for shard, start in enumerate(range(0, len(source), shard_size)):
+        stop = min(start + shard_size, len(source))
+        rows = [[source.paths[r], source.name(r), source.sizes[r]] for r in range(start, stop)]
+        write_atomic(rows_dir / f"shard-{shard:05d}.json", json.dumps({"shard": shard, "rows": rows}).encode())
+
+
+ImageSource = FileListSource | DatasetSource | BuiltinImageSource | PlannedFileSource
+
+
+def _gone(spec: str, path: str, since: str = "when the run started") -> FileNotFoundError:
     return FileNotFoundError(
-        f"dataset {spec!r}: {path} existed when the run started and is gone now; the dataset "
+        f"dataset {spec!r}: {path} existed {since} and is gone now; the dataset "
         "changed or its storage went away during the run. Restore it and run the same command again."
     )
 

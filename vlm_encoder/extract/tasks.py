@@ -20,6 +20,7 @@ array) and the Ray / Spark adapters are callers of these three.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -48,8 +49,10 @@ from .shards import (
     valid_sidecar,
     write_json_atomic,
 )
+from .sources import FileListSource, PlannedFileSource, write_planned_rows
 
 PLAN_NAME = "plan.json"
+ROWS_DIR = "plan-rows"  # a file source's rows per shard (`sources.PlannedFileSource`)
 PLAN_FORMAT = "vlm_encoder.extract_plan/1"
 LOCK_HINT = "pass --wait-lock to wait for it, or choose another --out"
 
@@ -69,6 +72,8 @@ class ExtractPlan:
         shard_size: Rows per shard: shard `k` holds rows `[k*S, (k+1)*S)`.
         num_blocks: Blocks of the encoder.
         ragged: Patches are stored per image with their grid (native / anyres resolution).
+        row_files: The plan wrote each shard's rows (path, name, size) to `out/plan-rows/`, so
+            a worker reads only its shards' rows (folders and list files).
     """
 
     out: Path
@@ -79,6 +84,7 @@ class ExtractPlan:
     shard_size: int
     num_blocks: int
     ragged: bool = False
+    row_files: bool = False
 
     @property
     def num_shards(self) -> int:
@@ -103,6 +109,7 @@ class ExtractPlan:
             "num_shards": self.num_shards,
             "num_blocks": self.num_blocks,
             "ragged": self.ragged,
+            "row_files": self.row_files,
         }
 
     def save(self) -> None:
@@ -132,7 +139,8 @@ class ExtractPlan:
         try:
             return cls(out=out, config=data["config"], fingerprint=data["fingerprint"], features=data["features"],
                        num_rows=int(data["num_rows"]), shard_size=int(data["shard_size"]),
-                       num_blocks=int(data["num_blocks"]), ragged=bool(data.get("ragged", False)))
+                       num_blocks=int(data["num_blocks"]), ragged=bool(data.get("ragged", False)),
+                       row_files=bool(data.get("row_files", False)))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path} is incomplete ({type(err).__name__}: {err}); plan again with --plan-only") from None
 
@@ -234,6 +242,9 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
     with hold_directory(config.out, None, what="extraction plan", hint=LOCK_HINT, wait=config.wait_lock):
         _write_manifest_skeleton(plan)
         check_fingerprint(plan.out, read_manifest(plan.out), plan.fingerprint)
+        if isinstance(encoding.source, FileListSource):  # before the plan that names them
+            write_planned_rows(encoding.source, plan.out / ROWS_DIR, plan.shard_size)
+            plan = dataclasses.replace(plan, row_files=True)
         plan.save()
     return plan
 
@@ -304,7 +315,11 @@ class ShardWorker:
         config = plan.extract_config(**changes)
         if _encoding is None:
             torch_device = torch.device(config.device) if config.device else _process_state(None).device
-            _encoding = open_encoding(config, torch_device)
+            source = None
+            if plan.row_files:  # only this worker's shards' rows are read, not the whole folder or list
+                source = PlannedFileSource(plan.out / ROWS_DIR, plan.num_rows, plan.shard_size,
+                                           plan.fingerprint["dataset"])
+            _encoding = open_encoding(config, torch_device, source=source)
         else:
             _encoding.config = config
         diffs = fingerprint_differences(plan.fingerprint, json.loads(json.dumps(_encoding.fingerprint, default=str)))
