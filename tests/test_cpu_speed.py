@@ -133,3 +133,40 @@ def test_pixels_are_cast_to_the_encoders_dtype(model_dtype, pixel_dtype):
         same = encoder(px.to(pixel_dtype).to(model_dtype), layers=(-1,))
     assert out.patches(-1).dtype == model_dtype
     assert torch.equal(out.patches(-1), same.patches(-1))
+
+
+@pytest.mark.parametrize("act,fused", [("gelu", "none"), ("gelu_tanh", "tanh"), ("quick_gelu", None)])
+def test_gelu_is_fused_into_fc1_and_exact(act, fused):
+    encoder = tiny(act=act)
+    fast = fast_cpu(encoder)
+    fc1 = fast.blocks[0].mlp.fc1
+    assert isinstance(fc1, PackedLinear) and fc1.gelu == fused
+    assert isinstance(fast.blocks[0].mlp.act, nn.Identity) == (fused is not None)
+    assert list(fast.state_dict()) == list(encoder.state_dict())
+    px = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        plain, ours = encoder(px, layers="all"), fast(px, layers="all")
+    assert all((plain.patches(i) - ours.patches(i)).abs().max() <= 1e-5 for i in range(encoder.num_blocks))
+    fast(px).patches(-1).sum().backward()  # the training path applies the GELU too
+    assert encoder.blocks[0].mlp.fc1.weight.grad is not None
+
+
+def test_bf16_matmuls_keep_the_residual_stream_in_fp32():
+    # matmul_dtype=bf16: GEMMs in bf16, residual / norms in fp32 (autocast's rule): closer to fp32
+    # than a bf16 model, fp32 block outputs, fp32 weights untouched, batch-invariant.
+    encoder = tiny(image_size=56, width=96, num_heads=4, depth=4)
+    mixed = fast_cpu(encoder, matmul_dtype=torch.bfloat16)
+    bf16_model = fast_cpu(tiny(image_size=56, width=96, num_heads=4, depth=4).to(torch.bfloat16))
+    assert all(p.dtype == torch.float32 for p in encoder.parameters())
+    px = torch.randn(4, 3, 56, 56)
+    with torch.inference_mode(), batch_invariance("off"):
+        ref, ours, low = encoder(px).patches(-1), mixed(px).patches(-1), bf16_model(px).patches(-1).float()
+        assert ours.dtype == torch.float32
+        err, low_err = (ours - ref).abs().max(), (low - ref).abs().max()
+        assert err <= 0.02 * ref.abs().max() and err < 0.25 * low_err
+        assert all(torch.equal(ours[i], mixed(px[i : i + 1]).patches(-1)[0]) for i in range(4))
+    assert mixed.blocks[0].attn.qkv.matmul_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        fast_cpu(encoder, matmul_dtype=torch.float16)
+    grads = mixed(px[:1]).patches(-1)  # with gradients: the plain float32 path, equal to the encoder
+    assert (grads - encoder(px[:1]).patches(-1)).abs().max() <= 1e-5

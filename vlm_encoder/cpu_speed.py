@@ -18,6 +18,16 @@ What it keeps:
 - training: a call that needs gradients, a non-CPU tensor or a dtype other than float32 /
   bfloat16 takes `F.linear`, so the returned module trains and moves like the original.
 
+Two fusions and one option:
+- an exact-GELU or tanh-GELU MLP (`layers.mlp.Mlp`) computes its activation inside `fc1`'s GEMM
+  (a oneDNN post-op: one pass over the hidden activations less).
+- `matmul_dtype=torch.bfloat16` on a float32 model runs every linear as oneDNN's bf16 GEMM (AMX or
+  avx512_bf16 where the CPU has them) on weights packed in bf16 once, and nothing else: as under
+  `torch.autocast("cpu", torch.bfloat16)`, a linear's output is bfloat16 while the residual stream,
+  norms and their weights stay float32, which is what keeps the error near autocast's (a bf16
+  model, `module.to(torch.bfloat16)`, is faster and ~4x less accurate: numbers in
+  `benchmarks/results/cpu_fast_path.md`).
+
 Example:
     >>> fast = fast_cpu(encoder)          # same parameters, linears swapped
     >>> with torch.inference_mode():
@@ -31,6 +41,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers.mlp import Mlp
 
 PACK_ROWS_HINT = 1024  # rows oneDNN is told to expect when packing (fixed: the pack never depends on a batch)
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
@@ -50,44 +62,63 @@ class PackedLinear(nn.Module):
 
     Args:
         linear: The layer to wrap; its parameters are shared, not copied.
+        matmul_dtype: `torch.bfloat16` runs a float32 call as a bf16 GEMM and returns bfloat16
+            (autocast's rule); `None` computes in the weight's dtype.
+        gelu: `"none"` (exact) or `"tanh"`: a GELU applied to the output (fused into the GEMM on
+            the fast path), or `None`.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, matmul_dtype: torch.dtype | None = None, gelu: str | None = None) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._pack: tuple | None = None  # (key, packed weight): an opaque mkldnn tensor, never saved
+        self.matmul_dtype = matmul_dtype
+        self.gelu = gelu
+        self._pack: tuple | None = None  # (key, packed weight, bias): an opaque mkldnn tensor, never saved
 
-    def _packed(self) -> torch.Tensor:
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+    def _packed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.weight, self.bias
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), dtype,
+               None if b is None else (b.data_ptr(), b._version))
         if self._pack is None or self._pack[0] != key:
-            self._pack = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS_HINT))
-        return self._pack[1]
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), PACK_ROWS_HINT)
+            self._pack = (key, packed, None if b is None else b.detach().to(dtype))
+        return self._pack[1], self._pack[2]
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.matmul_dtype and x.dtype != self.weight.dtype:  # a bf16 output of a previous linear
+            x = x.to(self.weight.dtype)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`(..., in_features) -> (..., out_features)`, as `nn.Linear`."""
+        """`(..., in_features) -> (..., out_features)`, as `nn.Linear` (then GELU when fused)."""
         w = self.weight
+        dtype = self.matmul_dtype if self.matmul_dtype is not None and w.dtype == torch.float32 else w.dtype
         if (
             x.device.type != "cpu"
             or w.device.type != "cpu"
-            or x.dtype != w.dtype
+            or x.dtype not in (w.dtype, dtype)
             or w.dtype not in _FAST_DTYPES
             or (self.bias is not None and self.bias.dtype != w.dtype)
             or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         ):
-            return F.linear(x, w, self.bias)
-        bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed(), bias, "none", [], "")
+            return self._plain(x)
+        packed, bias = self._packed(dtype)
+        if self.gelu is None:
+            return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "gelu", [], self.gelu)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        extra = "" if self.matmul_dtype is None else f", matmul_dtype={self.matmul_dtype}"
+        extra += "" if self.gelu is None else f", gelu={self.gelu!r}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
 
 
-def fast_cpu(module: nn.Module, enabled: bool = True) -> nn.Module:
+def fast_cpu(module: nn.Module, enabled: bool = True, matmul_dtype: torch.dtype | None = None) -> nn.Module:
     """`module` with every `nn.Linear` running oneDNN's prepacked GEMM on the CPU.
 
     The returned module is a copy of the module tree sharing every parameter and buffer with
@@ -99,24 +130,33 @@ def fast_cpu(module: nn.Module, enabled: bool = True) -> nn.Module:
     Args:
         module: Any model (an encoder, a text tower, a `ContrastiveModel`).
         enabled: `False` returns `module` itself (the plain path), so callers can pass a flag.
+        matmul_dtype: `torch.bfloat16`: a float32 model's linears run as bf16 GEMMs returning
+            bfloat16, everything else stays float32 (autocast's precision, see the module
+            docstring); `None` (default): each linear computes in its weight's dtype.
 
     Returns:
         The fast module, or `module` when disabled or when torch lacks oneDNN.
     """
+    if matmul_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"matmul_dtype must be None, torch.float32 or torch.bfloat16, not {matmul_dtype}")
     if not enabled or not fast_cpu_available():
         return module
-    return _swap(module, {})
+    return _swap(module, {}, None if matmul_dtype == torch.float32 else matmul_dtype)
 
 
-def _swap(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+def _swap(module: nn.Module, memo: dict[int, nn.Module], matmul_dtype: torch.dtype | None) -> nn.Module:
     if id(module) in memo:  # a module used twice stays one module
         return memo[id(module)]
     if type(module) is nn.Linear:  # subclasses (e.g. quantised linears) keep their own forward
-        new: nn.Module = PackedLinear(module)
+        new: nn.Module = PackedLinear(module, matmul_dtype)
     else:
         new = copy.copy(module)
         new._parameters = dict(module._parameters)
         new._buffers = dict(module._buffers)
-        new._modules = {name: None if child is None else _swap(child, memo) for name, child in module._modules.items()}
+        new._modules = {name: None if child is None else _swap(child, memo, matmul_dtype)
+                        for name, child in module._modules.items()}
+        if type(module) is Mlp and type(module.fc1) is nn.Linear and type(module.act) is nn.GELU:
+            new._modules["fc1"] = PackedLinear(module.fc1, matmul_dtype, gelu=module.act.approximate)
+            new._modules["act"] = nn.Identity()  # fused into fc1 (no parameters: state_dict unchanged)
     memo[id(module)] = new
     return new
