@@ -105,6 +105,19 @@ def test_qwen3_vl_image_tokens_and_deepstack_features_match(qwen3_vl):
         close("qwen3_vl deepstack mergers", ours.flatten(0, 1), torch.cat(ref), f"deepstack feature {j}")
 
 
+def test_qwen3_vl_save_and_load_round_trip(qwen3_vl, tmp_path):
+    """`save_pretrained` / `from_pretrained` keep the DeepStack projectors, the M-RoPE positions and
+    the LM (transformers' Qwen3-VL model without its tower): the same logits, bitwise."""
+    vlm = VisionLanguageModel.from_qwen3_vl(qwen3_vl[1])
+    images = torch.randn(1, 3, *SIZE)
+    ids, mask = _prompts(vlm.num_image_tokens(SIZE))
+    vlm.save_pretrained(tmp_path / "vlm")
+    again = VisionLanguageModel.from_pretrained(tmp_path / "vlm")
+    assert again.positions == "mrope" and again.deepstack_layers == (0, 1) and again.language_model.model.visual is None
+    with torch.no_grad():
+        assert torch.equal(again(ids[:1], images, attention_mask=mask[:1]).logits, vlm(ids[:1], images, attention_mask=mask[:1]).logits)
+
+
 # ------------------------------------------------------------------ LLaVA-style
 D_LLM, WIDTH = 32, 32
 

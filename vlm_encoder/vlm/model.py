@@ -734,7 +734,8 @@ class VisionLanguageModel(nn.Module):
             path: The directory, or a hub repo id (`push_to_hub`'s; read through the hub cache).
             language_model: The LM, for a model saved with `language_model=False` (or to use
                 another one): a module, or a directory read by `AutoModelForCausalLM`
-                (never with remote code). Default: the saved `language_model/`.
+                (never with remote code; a `positions='mrope'` model's by
+                `AutoModelForImageTextToText`, its tower dropped). Default: the saved `language_model/`.
             dtype: Cast everything to this dtype (default: the LM's dtype).
             device: Where to put the model (with `device_map`: the towers and the projector).
             device_map: Placement of a language model read from a directory, passed to

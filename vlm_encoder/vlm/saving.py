@@ -134,7 +134,10 @@ def load_vlm(
         options = {"dtype": dtype} if dtype is not None else {}
         if device_map is not None:  # transformers places it (through accelerate), built on `meta`
             options["device_map"] = device_map
-        language_model = AutoModelForCausalLM.from_pretrained(lm_path, trust_remote_code=False, **options)
+        if config.get("positions") == "mrope":  # a Qwen3-VL model saved without its tower (from_qwen3_vl)
+            language_model = _load_multimodal_lm(lm_path, options)
+        else:
+            language_model = AutoModelForCausalLM.from_pretrained(lm_path, trust_remote_code=False, **options)
     dtype = dtype or language_model.get_input_embeddings().weight.dtype
     num_encoders = config.get("num_encoders", 1)
     if isinstance(num_encoders, bool) or not isinstance(num_encoders, int) or num_encoders < 1:
@@ -187,3 +190,15 @@ def load_vlm(
     if model.image_newline is not None:
         model.image_newline.data = model.image_newline.data.to(target)
     return model.eval()
+
+
+def _load_multimodal_lm(lm_path: Path, options: dict[str, Any]) -> nn.Module:
+    """The LM of a model with `positions='mrope'`: transformers' whole Qwen-VL model
+    (`AutoModelForImageTextToText`), saved without its vision tower (`from_qwen3_vl` removes it).
+    transformers builds the tower anyway (randomly initialised, with its missing-weights warning);
+    it is dropped at once."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(lm_path, trust_remote_code=False, **options)
+    model.model.visual = None
+    return model
