@@ -14,8 +14,10 @@ from .deepseek_aligner import DeepseekAlignerOptions, load_deepseek_v4_aligner
 from .fusion import FeatureFusion, TokenStream, resample_tokens
 from .gemma_pool import GemmaPoolOptions, load_gemma3_projector, load_gemma4_projector, load_gemma_projector
 from .kind import ProjectorKind, build_mlp
+from .llama4_adapter import load_llama4_connector, load_llama4_projector
 from .llava import convert_hf_llava_projector, load_llava_mm_projector
 from .mlp import MLPOptions
+from .mlp_pool import MLPPoolOptions, load_perception_lm_connector, load_perception_lm_projector
 from .pixel_shuffle import PixelShuffleOptions, load_idefics3_connector, load_internvl_projector
 from .pool import PoolOptions
 from .qwen_merger import QwenMergerOptions, load_kimi_k25_merger, load_qwen2_5_vl_merger, load_qwen3_vl_merger
@@ -29,6 +31,7 @@ __all__ = [
     "GemmaPoolOptions",
     "KindOptions",
     "MLPOptions",
+    "MLPPoolOptions",
     "PixelShuffleOptions",
     "PoolOptions",
     "Projector",
@@ -48,7 +51,11 @@ __all__ = [
     "load_idefics3_connector",
     "load_internvl_projector",
     "load_kimi_k25_merger",
+    "load_llama4_connector",
+    "load_llama4_projector",
     "load_llava_mm_projector",
+    "load_perception_lm_connector",
+    "load_perception_lm_projector",
     "load_qwen2_5_vl_merger",
     "load_qwen3_vl_merger",
     "projector_class",
