@@ -8,7 +8,7 @@ import torch
 import transformers as tf
 
 from vlm_encoder import ContrastiveModel, VisionConfig, VisionEncoder
-from vlm_encoder.converters.hf_clip_text import load_hf_clip_contrastive
+from vlm_encoder.converters.hf_clip_text import load_contrastive
 from vlm_encoder.export import ExportError, save_hf_clip_model, to_hf_clip_model
 from vlm_encoder.text import TextConfig, TextEncoder
 
@@ -51,7 +51,7 @@ def test_round_trip_bitwise_and_outputs(tmp_path):
     ours = _model()
     save_hf_clip_model(ours, tmp_path / "clip")
     _compare(ours, tf.CLIPModel.from_pretrained(tmp_path / "clip").eval())
-    back = load_hf_clip_contrastive(tmp_path / "clip")
+    back = load_contrastive(tmp_path / "clip")
     want = ours.state_dict()
     assert back.state_dict().keys() == want.keys()
     for key, value in back.state_dict().items():

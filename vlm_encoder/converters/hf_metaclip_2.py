@@ -18,7 +18,6 @@ model's `TextConfig.tokenizer` names the checkpoint's own tokenizer files, which
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -133,12 +132,8 @@ def load_contrastive(
         ValueError: Not a `metaclip_2` config.
         WeightsError: Weights that do not fit (named).
     """
-    from ..contrastive import ContrastiveModel
-    from ..encoder import VisionEncoder
-    from ..loading import _image_processor, read_config_file, read_weights
+    from ..loading import read_config_file
     from ..specs.files import SourceFiles
-    from ..text import TextEncoder
-    from ..weights import build_and_load, naming
 
     files = SourceFiles(os.fspath(source), revision)
     config = read_config_file(files.get("config.json"))
@@ -149,20 +144,5 @@ def load_contrastive(
             files.get(name, required=False)
     vision_config = config_from_hf(parsed, projection=False)
     text_config = text_config_from_hf(parsed, None if tokenizer_config is None else tokenizer_config.parent)
-    tensors, _, weights = read_weights(files, checkpoint, lambda key: True)
-    where = str(checkpoint) if checkpoint is not None else f"{files.source} ({', '.join(weights)})"
-    with naming(where):
-        state = convert_contrastive_state_dict(tensors)
-        # HF exponentiates the stored scale unclamped; ours clamps at ln 100, so the clamp is
-        # raised to a checkpoint's own scale when it lies above (trained CLIPs sit at ln 100).
-        clamp = max(math.log(100.0), float(state["logit_scale"]))
-        model = build_and_load(
-            lambda: ContrastiveModel(VisionEncoder(vision_config), TextEncoder(text_config), parsed.projection_dim,
-                                     max_logit_scale=clamp),
-            state,
-            source=f"{where} (metaclip_2 converted)",
-        )
-    processor = _image_processor(files)
-    if processor is not None:
-        model.vision.image_processor = processor
-    return model.eval()
+    return hf_clip_text.build_contrastive(files, vision_config, text_config, parsed.projection_dim,
+                                          convert_contrastive_state_dict, "metaclip_2", checkpoint)

@@ -89,7 +89,7 @@ def hf_clip_state_dict(model: Any) -> dict[str, torch.Tensor]:
 def save_hf_clip_model(model: Any, directory: str | os.PathLike) -> Path:
     """Write `model` (a `ContrastiveModel`) as an HF `CLIPModel` directory (`config.json` +
     `model.safetensors`), loadable by `CLIPModel.from_pretrained` and by
-    `converters.hf_clip_text.load_hf_clip_contrastive`.
+    `converters.hf_clip_text.load_contrastive`.
 
     Raises:
         ExportError: An option a `CLIPModel` cannot hold (named).

@@ -41,7 +41,7 @@ FORMS = (
 WHAT_IS_NEEDED = {
     "vision": "a model with an image tower: " + FORMS,
     "contrastive": "a contrastive image-text model: a ContrastiveModel save_pretrained directory (what `train` "
-    "exports), a MetaCLIP 2 (metaclip_2) directory or hub id, or open_clip:ARCH[:TAG]",
+    "exports), an HF CLIP (clip) or MetaCLIP 2 (metaclip_2) directory or hub id, or open_clip:ARCH[:TAG]",
     "any": FORMS,
 }
 OUR_TYPES: dict[str, ModelKind] = {
@@ -52,7 +52,10 @@ OUR_TYPES: dict[str, ModelKind] = {
 }
 VLM_CONFIG_NAME = "vlm_config.json"
 # Hugging Face model types read as a whole `ContrastiveModel` (both towers), by their converter.
-HF_CONTRASTIVE_TYPES: tuple[str, ...] = ("metaclip_2",)
+HF_CONTRASTIVE_TYPES: tuple[str, ...] = ("clip", "metaclip_2")
+# Of those, the types whose image tower `load_encoder` converts with its projection: the tower
+# alone (`need="vision"`) is read as an encoder, without building the text tower.
+HF_TOWER_TYPES: tuple[str, ...] = ("clip",)
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,7 @@ def load_model(
                 info["text_tower"] = f"not loaded ({err})"
                 loaded = LoadedModel(spec, "encoder", load_open_clip(spec.name, tag), info)
     else:
-        loaded = _load_directory(spec, kind, checkpoint, revision)
+        loaded = _load_directory(spec, kind, need, checkpoint, revision)
     if loaded.vision is not None:
         loaded.vision.source_info = loaded.info
         if patch_remainder is not None and spec.scheme != "preset":
@@ -312,14 +315,23 @@ def _preset(name: str, overrides: Mapping[str, Any] | None, seed: int, checkpoin
     return encoder.eval()
 
 
-def _load_directory(spec: ModelSpec, kind: ModelKind, checkpoint: str | None, revision: str | None) -> LoadedModel:
+def _load_directory(
+    spec: ModelSpec, kind: ModelKind, need: Need, checkpoint: str | None, revision: str | None
+) -> LoadedModel:
     info: dict[str, Any] = {"source": spec.text}
-    if kind == "contrastive" and _hf_contrastive_type(spec, revision) is not None:
-        from ..converters import hf_metaclip_2
-
-        model = hf_metaclip_2.load_contrastive(spec.name, checkpoint=checkpoint, revision=revision)
-        info.update(family="metaclip_2", model_type="metaclip_2", checkpoint=checkpoint)
-    elif kind == "contrastive":
+    hf_type = _hf_contrastive_type(spec, revision) if kind == "contrastive" else None
+    if hf_type in HF_TOWER_TYPES and need == "vision":
+        return _load_directory(spec, "encoder", need, checkpoint, revision)
+    if hf_type in HF_TOWER_TYPES and need == "any":
+        try:
+            return _load_hf_contrastive(spec, hf_type, checkpoint, revision, info)
+        except ValueError as err:  # a text tower TextEncoder does not express: describe the image tower
+            loaded = _load_directory(spec, "encoder", need, checkpoint, revision)
+            loaded.info["text_tower"] = f"not loaded ({err})"
+            return loaded
+    if hf_type is not None:
+        return _load_hf_contrastive(spec, hf_type, checkpoint, revision, info)
+    if kind == "contrastive":
         from ..contrastive import ContrastiveModel
 
         model = ContrastiveModel.from_pretrained(spec.name, revision=revision, checkpoint=checkpoint)
@@ -340,6 +352,18 @@ def _load_directory(spec: ModelSpec, kind: ModelKind, checkpoint: str | None, re
         model = load_encoder_files(spec.name, checkpoint=checkpoint, revision=revision)
         info = model.source_info
     return LoadedModel(spec, kind, model.eval(), info)
+
+
+def _load_hf_contrastive(
+    spec: ModelSpec, hf_type: str, checkpoint: str | None, revision: str | None, info: dict[str, Any]
+) -> LoadedModel:
+    """Both towers of an HF contrastive checkpoint (`HF_CONTRASTIVE_TYPES`), by its converter."""
+    from ..converters import hf_clip_text, hf_metaclip_2
+
+    load = {"clip": hf_clip_text.load_contrastive, "metaclip_2": hf_metaclip_2.load_contrastive}[hf_type]
+    model = load(spec.name, checkpoint=checkpoint, revision=revision)
+    info.update(family=hf_type, model_type=hf_type, checkpoint=checkpoint)
+    return LoadedModel(spec, "contrastive", model.eval(), info)
 
 
 def _hf_contrastive_type(spec: ModelSpec, revision: str | None) -> str | None:
