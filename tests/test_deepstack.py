@@ -1,6 +1,6 @@
 """DeepStack in `VisionLanguageModel`: a tiny random Qwen3-VL saved by transformers (every weight
 jittered) and loaded with `from_qwen3_vl` gives the reference's logits and greedy generation
-(left-padded batch, a non-square image); DeepStack on a LLaVA-style Llama adds each tapped layer's
+(left-padded batch, a non-square image), as do Qwen3.5 (no DeepStack) and Qwen3-VL-MoE; DeepStack on a LLaVA-style Llama adds each tapped layer's
 tokens after decoder layer 0, 1, ... exactly at the image positions, with any projector kind;
 save / load round trip; the stage-1 example trains with DeepStack and its loss falls."""
 
@@ -103,6 +103,42 @@ def test_qwen3_vl_image_tokens_and_deepstack_features_match(qwen3_vl):
     close("qwen3_vl merger", features.flatten(0, 1), torch.cat(out.pooler_output), "image tokens")
     for j, (ours, ref) in enumerate(zip(deep, out.deepstack_features)):
         close("qwen3_vl deepstack mergers", ours.flatten(0, 1), torch.cat(ref), f"deepstack feature {j}")
+
+
+QWEN3_5_TEXT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
+    vocab_size=64, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2,
+    linear_key_head_dim=8, linear_value_head_dim=8,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5},
+)
+MOE_TEXT = {**TEXT, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "decoder_sparse_step": 1}
+
+
+@pytest.mark.parametrize("family", [pytest.param("qwen3_5", marks=pytest.mark.slow), "qwen3_vl_moe"])  # qwen3_5 ~7 s
+def test_qwen3_5_and_moe_checkpoints_match_transformers(family, tmp_path):
+    """The same loader on Qwen3.5 (its tower without DeepStack mergers, a hybrid linear-attention
+    LM) and on Qwen3-VL's MoE model (with DeepStack): logits and greedy generation."""
+    torch.manual_seed(0)
+    ids_config = dict(image_token_id=IMAGE, video_token_id=63, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    if family == "qwen3_5":
+        vision = {k: v for k, v in VISION.items() if k != "deepstack_visual_indexes"}
+        model = transformers.Qwen3_5ForConditionalGeneration(transformers.Qwen3_5Config(vision_config=vision, text_config=QWEN3_5_TEXT, **ids_config))
+    else:
+        config = transformers.Qwen3VLMoeConfig(vision_config=VISION, text_config=MOE_TEXT, **ids_config)
+        model = transformers.Qwen3VLMoeForConditionalGeneration(config)
+    reference = perturb(model, seed=1)
+    reference.save_pretrained(tmp_path)
+    vlm = VisionLanguageModel.from_qwen3_vl(tmp_path)
+    assert vlm.deepstack_layers == (() if family == "qwen3_5" else (0, 1))
+    images = torch.randn(2, 3, *SIZE)
+    ids, mask = _prompts(vlm.num_image_tokens(SIZE))
+    inputs = _reference_inputs(images, ids, mask)
+    with torch.no_grad():
+        expected, got = reference(**inputs).logits, vlm(ids, images, attention_mask=mask).logits
+    valid = mask.bool()
+    close(f"{family} logits", got[valid], expected[valid], "logits at the real tokens", atol=1e-4)
+    new_ref = reference.generate(**inputs, max_new_tokens=4, do_sample=False)[:, ids.shape[1]:]
+    assert torch.equal(vlm.generate(ids, images, attention_mask=mask, max_new_tokens=4, do_sample=False), new_ref)
 
 
 def test_qwen3_vl_save_and_load_round_trip(qwen3_vl, tmp_path):

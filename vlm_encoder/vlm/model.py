@@ -834,7 +834,8 @@ class VisionLanguageModel(nn.Module):
     @classmethod
     def from_qwen3_vl(cls, path: str | os.PathLike, **options: Any) -> VisionLanguageModel:
         """Load a transformers `Qwen3VLForConditionalGeneration` checkpoint directory (`path`,
-        with the `options` of `from_llava`: `dtype`, `device`, constructor options).
+        with the `options` of `from_llava`: `dtype`, `device`, constructor options); its MoE
+        model's (`qwen3_vl_moe`) and Qwen3.5's (`qwen3_5`, `qwen3_5_moe`: no DeepStack) likewise.
 
         The tower becomes a `VisionEncoder`, its merger the `qwen_merger` projector on the last
         block, its DeepStack mergers `deepstack_projectors` on `deepstack_visual_indexes`; the
@@ -844,7 +845,7 @@ class VisionLanguageModel(nn.Module):
         (mean = std = 0.5); the same images and prompt give the same logits and generation.
 
         Raises:
-            ValueError: Not a Qwen3-VL checkpoint, or a tower variant the encoder does not express.
+            ValueError: Not a Qwen3-VL / Qwen3.5 checkpoint, or a tower variant the encoder does not express.
         """
         from .qwen3_vl import load_hf_qwen3_vl
 

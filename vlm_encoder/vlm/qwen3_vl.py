@@ -1,5 +1,6 @@
-"""Loading a transformers Qwen3-VL checkpoint (`Qwen3VLForConditionalGeneration`) as a
-`VisionLanguageModel` with DeepStack:
+"""Loading a transformers Qwen3-VL checkpoint (`Qwen3VLForConditionalGeneration`, or its MoE
+model's) as a `VisionLanguageModel` with DeepStack, and a Qwen3.5 one (`Qwen3_5...`, the same
+tower without DeepStack mergers):
 
 * the vision tower -> `VisionEncoder` (`converters.hf_qwen3_vl`), its main merger -> the
   `qwen_merger` projector on the last block, each `deepstack_merger_list[j]` -> a `qwen_merger`
@@ -38,10 +39,16 @@ def load_hf_qwen3_vl(
     from ..projectors import load_qwen3_vl_merger
     from ..weights import load_state_dict_strict
 
+    families = {
+        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
+        "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
+        "qwen3_5_moe": transformers.Qwen3_5MoeForConditionalGeneration,
+    }
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if not isinstance(config, transformers.Qwen3VLConfig):
-        raise ValueError(f"{path}: model_type={config.model_type!r}, expected 'qwen3_vl' (Qwen3VLForConditionalGeneration)")
-    hf_model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+    if config.model_type not in families:
+        raise ValueError(f"{path}: model_type={config.model_type!r}, expected one of {', '.join(families)}")
+    hf_model = families[config.model_type].from_pretrained(
         path, trust_remote_code=False, **({"dtype": dtype} if dtype is not None else {})
     )
     visual = hf_model.model.visual
@@ -55,9 +62,10 @@ def load_hf_qwen3_vl(
 
     merge = vision.spatial_merge_size
     projector = load_qwen3_vl_merger(part("merger."), scale_factor=merge)
+    taps = tuple(getattr(vision, "deepstack_visual_indexes", None) or ())  # Qwen3.5: none
     deepstack = [
         load_qwen3_vl_merger(part(f"deepstack_merger_list.{j}."), scale_factor=merge, norm_after_merge=True)
-        for j in range(len(vision.deepstack_visual_indexes))
+        for j in range(len(taps))
     ]
     # The LM is the whole model without its tower: transformers' decoder, M-RoPE and generate.
     hf_model.model.visual = None
@@ -70,7 +78,7 @@ def load_hf_qwen3_vl(
         hf_model,
         image_token_id=config.image_token_id,
         feature_layers=(-1,),
-        deepstack_layers=tuple(vision.deepstack_visual_indexes),
+        deepstack_layers=taps,
         deepstack_projectors=deepstack,
         positions="mrope",
         **kwargs,
