@@ -18,6 +18,7 @@ from .llama4_adapter import load_llama4_connector, load_llama4_projector
 from .llava import convert_hf_llava_projector, load_llava_mm_projector
 from .mlp import MLPOptions
 from .mlp_pool import MLPPoolOptions, load_perception_lm_connector, load_perception_lm_projector
+from .molmo_pool import MolmoPoolOptions, load_molmo2_adapter, load_molmo2_connector
 from .pixel_shuffle import PixelShuffleOptions, load_idefics3_connector, load_internvl_projector
 from .pool import PoolOptions
 from .qwen_merger import QwenMergerOptions, load_kimi_k25_merger, load_qwen2_5_vl_merger, load_qwen3_vl_merger
@@ -32,6 +33,7 @@ __all__ = [
     "KindOptions",
     "MLPOptions",
     "MLPPoolOptions",
+    "MolmoPoolOptions",
     "PixelShuffleOptions",
     "PoolOptions",
     "Projector",
@@ -54,6 +56,8 @@ __all__ = [
     "load_llama4_connector",
     "load_llama4_projector",
     "load_llava_mm_projector",
+    "load_molmo2_adapter",
+    "load_molmo2_connector",
     "load_perception_lm_connector",
     "load_perception_lm_projector",
     "load_qwen2_5_vl_merger",
