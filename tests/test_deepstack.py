@@ -90,6 +90,10 @@ def test_qwen3_vl_logits_and_greedy_generation_match_transformers(qwen3_vl):
     new_ref = reference.generate(**inputs, max_new_tokens=6, do_sample=False)[:, ids.shape[1]:]
     new = vlm.generate(ids, images, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(new, new_ref), (new, new_ref)
+    # Beam search repeats each sample's rows: the DeepStack features follow them.
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2)
+    new_ref = reference.generate(**inputs, **beams)[:, ids.shape[1]:]
+    assert torch.equal(vlm.generate(ids, images, attention_mask=mask, **beams), new_ref)
 
 
 def test_qwen3_vl_image_tokens_and_deepstack_features_match(qwen3_vl):

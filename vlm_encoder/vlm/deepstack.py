@@ -58,6 +58,9 @@ def deepstack_hooks(
     `(n, d_llm)` to its output at the `n` true positions of `visual_pos_masks` `(B, L)`, on its
     first call only (the prompt's forward).
 
+    A batch `r` times the mask's (generate's `num_beams` / `num_return_sequences`, which repeat
+    each sample's rows in place) gets each sample's features `r` times.
+
     Raises:
         ValueError: The first call of a tapped layer is on a sequence of another shape than the mask.
     """
@@ -76,11 +79,17 @@ def deepstack_hooks(
                 return output
             fired = True
             hidden = output[0] if isinstance(output, tuple) else output  # (B, L, d)
-            if hidden.shape[:2] != mask.shape:
+            here, add = mask, embeds
+            repeats, rest = divmod(hidden.shape[0], mask.shape[0])
+            if rest or not repeats or hidden.shape[1] != mask.shape[1]:
                 raise ValueError(
                     f"DeepStack: decoder layer {j} ran on {tuple(hidden.shape[:2])} tokens, the image mask is {tuple(mask.shape)}"
                 )
-            hidden = _add_at(hidden, mask.to(hidden.device), embeds)
+            if repeats > 1:  # generate's beams / num_return_sequences: each sample's rows repeated in place
+                per_sample = embeds.split(mask.sum(dim=1).tolist())
+                here = mask.repeat_interleave(repeats, dim=0)
+                add = torch.cat([tokens for tokens in per_sample for _ in range(repeats)])
+            hidden = _add_at(hidden, here.to(hidden.device), add)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
