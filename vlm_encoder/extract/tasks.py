@@ -236,16 +236,22 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         ValueError: `config.out` holds a store of other arguments (each difference named).
         DirectoryInUseError: Another run holds `config.out`.
     """
+    with hold_directory(config.out, None, what="extraction plan", hint=LOCK_HINT, wait=config.wait_lock):
+        return _plan_locked(config)
+
+
+def _plan_locked(config: ExtractConfig) -> ExtractPlan:
+    """`plan_extraction` for a caller that holds the lock of `config.out` (an engine's driver,
+    which holds it from the plan to the summary)."""
     device = torch.device(config.device) if config.device else _process_state(None).device
     encoding = open_encoding(config, device, compute_device=torch.device("cpu"))
     plan = _plan_of(encoding)
-    with hold_directory(config.out, None, what="extraction plan", hint=LOCK_HINT, wait=config.wait_lock):
-        _write_manifest_skeleton(plan)
-        check_fingerprint(plan.out, read_manifest(plan.out), plan.fingerprint)
-        if isinstance(encoding.source, FileListSource):  # before the plan that names them
-            write_planned_rows(encoding.source, plan.out / ROWS_DIR, plan.shard_size)
-            plan = dataclasses.replace(plan, row_files=True)
-        plan.save()
+    _write_manifest_skeleton(plan)
+    check_fingerprint(plan.out, read_manifest(plan.out), plan.fingerprint)
+    if isinstance(encoding.source, FileListSource):  # before the plan that names them
+        write_planned_rows(encoding.source, plan.out / ROWS_DIR, plan.shard_size)
+        plan = dataclasses.replace(plan, row_files=True)
+    plan.save()
     return plan
 
 

@@ -51,21 +51,14 @@ def drive(config: ExtractConfig, map_shards: Callable[[ExtractPlan], list[ShardR
         DirectoryInUseError: Another run holds `config.out` (one line naming it).
         ValueError: Arguments that differ from those of the store in `config.out`.
     """
-    import torch
-
     from ...locks import hold_directory
-    from ..runner import _process_state, open_encoding
-    from ..shards import check_fingerprint, read_manifest, remove_stale_temporaries
-    from ..tasks import LOCK_HINT, _finalize, _plan_of, _write_manifest_skeleton
+    from ..shards import remove_stale_temporaries
+    from ..tasks import LOCK_HINT, _finalize, _plan_locked
 
     started = time.perf_counter()
     with hold_directory(config.out, None, what="extraction", hint=LOCK_HINT, wait=config.wait_lock):
-        device = torch.device(config.device) if config.device else _process_state(None).device
-        plan = _plan_of(open_encoding(config, device, compute_device=torch.device("cpu")))
-        remove_stale_temporaries(plan.out)  # of killed runs' writers
-        _write_manifest_skeleton(plan)
-        check_fingerprint(plan.out, read_manifest(plan.out), plan.fingerprint)
-        plan.save()
+        remove_stale_temporaries(config.out)  # of killed runs' writers
+        plan = _plan_locked(config)  # plan_extraction's body: this driver holds the lock throughout
         loop_started = time.perf_counter()
         results = map_shards(plan)
         extract_seconds = time.perf_counter() - loop_started
