@@ -70,15 +70,25 @@ def _ours(encoder: VisionEncoder, images: torch.Tensor):
         return encoder((images - 0.5) / 0.5, layers="all")  # the processor's mean = std = 0.5
 
 
+def clip_bounds(model: torch.nn.Module, seed: int = 2) -> torch.nn.Module:
+    """Finite clamp bounds on every clippable linear (as the E2B / E4B checkpoints), tight enough
+    to clip: inputs to +-[1, 2], outputs to +-[0.2, 0.6], each bound its own."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            bound = name.rsplit(".", 1)[-1]
+            if bound in hf_gemma4.CLAMP_BUFFERS:
+                low, high = (1.0, 2.0) if bound.startswith("input") else (0.2, 0.6)
+                value = low + (high - low) * torch.rand((), generator=generator)
+                buffer.fill_(-value if bound.endswith("min") else value)
+    return model
+
+
 @pytest.fixture(scope="module")
 def hf_tower(tmp_path_factory):
-    """A saved `Gemma4VisionModel` (standardize on, clipped linears with transformers' infinite bounds)."""
+    """A saved `Gemma4VisionModel` with standardize and clipped linears (finite bounds that clip)."""
     torch.manual_seed(0)
-    reference = perturb(Gemma4VisionModel(Gemma4VisionConfig(**VISION, standardize=True, use_clipped_linears=True)))
-    with torch.no_grad():  # jittering moved the infinite bounds nowhere; keep them infinite, as saved
-        for name, buffer in reference.named_buffers():
-            if name.rsplit(".", 1)[-1] in hf_gemma4.CLAMP_BUFFERS:
-                buffer.fill_(float("inf") if name.endswith("max") else -float("inf"))
+    reference = clip_bounds(perturb(Gemma4VisionModel(Gemma4VisionConfig(**VISION, standardize=True, use_clipped_linears=True))))
     directory = tmp_path_factory.mktemp("gemma4_vision")
     reference.save_pretrained(directory)
     return reference, directory
@@ -86,12 +96,12 @@ def hf_tower(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gemma4_whole(tmp_path_factory):
-    """A saved whole `Gemma4ForConditionalGeneration` with a standardizing tower."""
+    """A saved whole `Gemma4ForConditionalGeneration` with a standardizing tower and clipped linears."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     torch.manual_seed(0)
-    model = perturb(Gemma4ForConditionalGeneration(
-        Gemma4Config(text_config=TEXT, vision_config=dict(VISION, standardize=True), audio_config=None)))
+    vision = dict(VISION, standardize=True, use_clipped_linears=True)
+    model = clip_bounds(perturb(Gemma4ForConditionalGeneration(Gemma4Config(text_config=TEXT, vision_config=vision, audio_config=None))))
     directory = tmp_path_factory.mktemp("gemma4")
     model.save_pretrained(directory)
     return model, directory
@@ -123,6 +133,7 @@ def test_config_maps_the_tower():
     assert (config.rope, config.rope_xy, config.rope_layout, config.rope_theta) == ("eva", True, "split", 100.0)
     assert config.qk_norm and config.v_norm and config.sandwich_norm and not config.final_norm
     assert (config.norm_type, config.mlp_type, config.act, config.qkv_bias) == ("rmsnorm", "gated", "gelu_tanh", False)
+    assert not config.clipped_linears and hf_gemma4.config_from_hf(Gemma4VisionConfig(**VISION, use_clipped_linears=True)).clipped_linears
     with pytest.raises(ValueError, match="num_key_value_heads=1"):
         hf_gemma4.config_from_hf(Gemma4VisionConfig(**{**VISION, "num_key_value_heads": 1}))
     with pytest.raises(ValueError, match="head_dim=8"):
@@ -142,6 +153,9 @@ def test_new_vision_config_fields_are_checked():
     plain = set(VisionEncoder(VisionConfig(**base)).state_dict())
     gemma = set(VisionEncoder(VisionConfig(**base, sandwich_norm=True, v_norm=True, mlp_type="gated")).state_dict())
     assert {k.rsplit(".", 1)[0] for k in gemma - plain} == {"blocks.0.post_attn_norm", "blocks.0.post_mlp_norm"}  # v_norm: none
+    clipped = VisionEncoder(VisionConfig(**base, clipped_linears=True, mlp_type="gated")).state_dict()
+    assert clipped["blocks.0.attn.qkv.in_min"].shape == (3,) and clipped["blocks.0.mlp.fc1.out_max"].shape == (2,)
+    assert clipped["blocks.0.attn.proj.in_max"].isinf().all()  # no clamp until loaded
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -168,7 +182,37 @@ def test_early_stop_matches(hf_tower):
     close("gemma4 hf early stop", out.patches(0), expected[0], "block 0")
 
 
-def test_converter_is_strict_and_refuses_finite_clamps(hf_tower):
+def test_the_clamp_bounds_count(hf_tower):
+    """The tiny tower's bounds do clip: lifting them changes every layer."""
+    _, directory = hf_tower
+    encoder = load_encoder(directory)
+    images = torch.rand(1, 3, 24, 48)
+    clipped = _ours(encoder, images)
+    with torch.no_grad():
+        for name, buffer in encoder.named_buffers():
+            if name.rsplit(".", 1)[-1] in ("in_min", "in_max", "out_min", "out_max"):
+                buffer.fill_(float("inf") if name.endswith("max") else -float("inf"))
+    free = _ours(encoder, images)
+    assert all((clipped.patches(i) - free.patches(i)).abs().max() > 1e-2 for i in range(2))
+
+
+def test_images_of_their_own_sizes_pack(hf_tower):
+    """Gemma 4's variable resolution: images at their own grids, packed into one sequence, equal
+    each image alone (`encode_packed`; the factorized tables and `split` RoPE rows per image)."""
+    from vlm_encoder.packing import encode_packed
+
+    encoder = load_encoder(hf_tower[1])
+    images = [torch.rand(3, 24, 48), torch.rand(3, 36, 12), torch.rand(3, 60, 60)]
+    with torch.no_grad():
+        packed = encode_packed(encoder, [(image - 0.5) / 0.5 for image in images], layers=(0, -1))
+        for image, out in zip(images, packed):
+            alone = _ours(encoder, image[None])
+            assert out.grid_size == alone.grid_size
+            for layer in (0, -1):
+                torch.testing.assert_close(out.patches(layer), alone.patches(layer), atol=1e-5, rtol=0)
+
+
+def test_converter_is_strict(hf_tower):
     state = hf_tower[0].state_dict()
     del state["encoder.layers.1.mlp.up_proj.linear.weight"]
     with pytest.raises(WeightsError, match="up_proj"):
@@ -178,8 +222,8 @@ def test_converter_is_strict_and_refuses_finite_clamps(hf_tower):
     with pytest.raises(WeightsError, match="self_attn.extra"):
         hf_gemma4.convert_state_dict(state)
     state = hf_tower[0].state_dict()
-    state["encoder.layers.0.mlp.down_proj.output_max"] = torch.tensor(3.0)
-    with pytest.raises(WeightsError, match="finite clamp bounds .*down_proj.output_max"):
+    del state["encoder.layers.0.self_attn.k_proj.output_max"]
+    with pytest.raises(WeightsError, match="missing the keys encoder.layers.0.self_attn.k_proj.output_max"):
         hf_gemma4.convert_state_dict(state)
 
 
@@ -193,13 +237,13 @@ def _timm_reference(name: str, tmp_path: Path):
     model = timm.create_model(name, pretrained=False, **TIMM_TINY)
     with torch.no_grad():
         model.get_parameter(f"{'encoder.' if hasattr(model, 'encoder') else ''}patch_embed.position_embedding_table").fill_(1.0)
-    perturb(model)
+    clip_bounds(perturb(model))  # the 167m (E2B / E4B) arch has clipped linears
     path = tmp_path / "gemma4_timm.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model, path
 
 
-@pytest.mark.parametrize("name", ["gemma4_vit_570m_enc", "gemma4_vit_167m"])  # encoder (standardize), classifier
+@pytest.mark.parametrize("name", ["gemma4_vit_570m_enc", "gemma4_vit_167m"])  # encoder (standardize), classifier (clipped)
 def test_every_layer_matches_timm(name, tmp_path):
     reference, path = _timm_reference(name, tmp_path)
     encoder = hf_gemma4.load_timm_gemma4(name, str(path), **TIMM_TINY)

@@ -44,6 +44,11 @@ class VisionConfig(ConfigMixin):
         qkv_bias: Bias on the query/key/value projection.
         patch_bias: Bias on the patch-embedding convolution (CLIP has none).
         class_token: Prepend a learned CLS token.
+        num_class_tokens: With `class_token`, how many class tokens lead the sequence (RADIO:
+            one per teacher, 3 in C-RADIOv4); the first is the CLS (`cls()`, `pool='cls'`), all
+            of them come out apart as `EncoderOutput.class_tokens` when there are several.
+        summary_idxs: Which class tokens form the summary (RADIO's `summary_idxs`), returned as
+            `EncoderOutput.summary_tokens`; empty: no summary.
         num_register_tokens: Learned register tokens inserted after the CLS token
             (DINOv2 with registers); they get no position embedding.
         pos_embed: `learned` 1D table over the patch grid (resampled for other sizes),
@@ -84,6 +89,9 @@ class VisionConfig(ConfigMixin):
         sandwich_norm: Normalise each block's attention and MLP outputs before the residual add,
             as well as their inputs (`x + norm(attn(norm(x)))`; Gemma 4's post-attention and
             post-feedforward norms), with `norm_type`.
+        clipped_linears: Every block Linear (`qkv`, `proj`, `fc1`, `fc2`) clamps its input and its
+            output to bounds it holds, per fused part (`layers.ClippedLinear`; Gemma 4 E2B / E4B's
+            `use_clipped_linears`); the bounds are infinite until loaded.
         norm_type: `layernorm` or `rmsnorm` (AIMv2, InternViT-6B): the blocks' `norm1` /
             `norm2`, the qk-norm, `patch_norm`, `norm_pre` and the final norm. The sub-LNs
             (`attn_norm`, `mlp_norm`) and `pooled_norm` stay LayerNorms.
@@ -117,6 +125,10 @@ class VisionConfig(ConfigMixin):
         pos_resample_align_corners: Resample with torch's `align_corners=True` (the corner
             patches of both grids coincide: Qwen3-VL's bilinear table, not antialiased) instead
             of half-pixel centres.
+        pos_resample_crop: Resample the (square) learned table to a square of the input grid's
+            larger side, then keep its top-left `h x w` rows (RADIO's cropped position
+            embedding, CPE; its table covers `image_size` = the largest image it takes) instead
+            of resampling it to `h x w` directly.
         patch_remainder: What a side that is not a multiple of the patch stride gets:
             `error` (default), or `drop`, where the convolution ignores the last pixels as
             the references silently do (needed for checkpoints such as SigLIP so400m/14 at
@@ -135,6 +147,8 @@ class VisionConfig(ConfigMixin):
     qkv_bias: bool = True
     patch_bias: bool = True
     class_token: bool = True
+    num_class_tokens: int = at_least(1, 1)
+    summary_idxs: tuple[int, ...] = at_least(0, ())
     num_register_tokens: int = at_least(0, 0)
     pos_embed: PosEmbedKind = "learned"
     pos_table_size: int | None = at_least(1, None)
@@ -152,6 +166,7 @@ class VisionConfig(ConfigMixin):
     qk_norm_scope: Literal["head", "width"] = "head"
     v_norm: bool = False
     sandwich_norm: bool = False
+    clipped_linears: bool = False
     norm_type: NormKind = "layernorm"
     patch_norm: bool = False
     norm_pre: bool = False
@@ -171,6 +186,7 @@ class VisionConfig(ConfigMixin):
     pos_resample_antialias: bool = True
     pos_resample_mode: PosResampleMode = "bicubic"
     pos_resample_align_corners: bool = False
+    pos_resample_crop: bool = False
     patch_remainder: Literal["error", "drop"] = "error"
 
     def __post_init__(self) -> None:
@@ -187,6 +203,18 @@ class VisionConfig(ConfigMixin):
             raise ValueError(f"width={self.width} must be divisible by map_num_heads={self.map_num_heads}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool='cls' needs class_token=True; use 'gap', 'map' or 'none' without a CLS token")
+        if self.num_class_tokens > 1 and not self.class_token:
+            raise ValueError(f"num_class_tokens={self.num_class_tokens} needs class_token=True")
+        if any(i >= self.num_class_tokens for i in self.summary_idxs) or (self.summary_idxs and not self.class_token):
+            raise ValueError(
+                f"summary_idxs {self.summary_idxs} must index the class tokens (num_class_tokens="
+                f"{self.num_class_tokens if self.class_token else 0})"
+            )
+        if self.pos_resample_crop and (self.pos_embed != "learned" or self.grid_size[0] != self.grid_size[1]):
+            raise ValueError(
+                f"pos_resample_crop needs a square learned table (pos_embed='learned', square image_size), "
+                f"got pos_embed={self.pos_embed!r}, image_size={self.image_size}"
+            )
         if self.pos_embed == "sincos" and self.width % 4:
             raise ValueError(f"pos_embed='sincos' needs width divisible by 4, got width={self.width}")
         if self.rope != "none" and self.head_dim % 4:
@@ -248,4 +276,4 @@ class VisionConfig(ConfigMixin):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + self.num_register_tokens
+        return int(self.class_token) * self.num_class_tokens + self.num_register_tokens

@@ -65,7 +65,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         patch_in = self.stem.out_channels if self.stem is not None else c.in_channels
         self.patch_embed = PatchEmbed(patch_in, c.width, c.patch_size, bias=c.patch_bias)
         self.patch_norm = build_norm(c.norm_type, c.width, c.norm_eps) if c.patch_norm else nn.Identity()
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.class_token else None
+        self.cls_token = nn.Parameter(torch.zeros(1, c.num_class_tokens, c.width)) if c.class_token else None
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, c.num_register_tokens, c.width)) if c.num_register_tokens else None
         )
@@ -97,6 +97,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
                 qk_norm_scope=c.qk_norm_scope,
                 v_norm=c.v_norm,
                 sandwich_norm=c.sandwich_norm,
+                clipped_linears=c.clipped_linears,
             )
             for rate in rates
         )
@@ -235,6 +236,8 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         can see every write (`.data`, an EMA, a fused optimizer step leave `_version` as it
         was), and resampling costs ~0.2% of a batch-1 forward (docs/guarantees.md). A fixed
         sin-cos table depends on the config only and is cached per grid, device and dtype.
+        With `config.pos_resample_crop` (RADIO's CPE) the table is resampled to a square of the
+        grid's larger side and its top-left `h x w` rows are kept.
         A `factorized` table is looked up: the patch at `(y, x)` gets `columns[x] + rows[y]`.
         """
         c = self.config
@@ -250,14 +253,20 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             columns, rows = self.pos_embed_axes[0, :w], self.pos_embed_axes[1, :h]  # (w, D), (h, D)
             return (columns[None, :] + rows[:, None]).reshape(1, h * w, c.width)
         if c.pos_embed == "learned":
-            return resample_pos_embed(
+            # RADIO's CPE (`pos_resample_crop`): resample to a square of the larger side, then crop
+            h, w = grid
+            side = max(h, w) if c.pos_resample_crop else None
+            table = resample_pos_embed(
                 self.pos_embed,
                 c.grid_size,
-                grid,
+                (side, side) if side else grid,
                 antialias=c.pos_resample_antialias,
                 mode=c.pos_resample_mode,
                 align_corners=c.pos_resample_align_corners,
             )
+            if side and (h, w) != (side, side):
+                table = table.reshape(1, side, side, c.width)[:, :h, :w].reshape(1, h * w, c.width)
+            return table
         param = self.patch_embed.proj.weight
         key = (tuple(grid), c.width, param.device, param.dtype)
         if key not in self._pos_cache:
@@ -289,7 +298,7 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         return self.patch_norm(x), grid
 
     def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Image `(B, C, H, W)` to input tokens `(B, T, D)` (CLS, registers, patches) and grid."""
+        """Image `(B, C, H, W)` to input tokens `(B, T, D)` (class token(s), registers, patches) and grid."""
         x, grid = self.patchify(pixel_values)  # (B, N, D)
         pos = self.position_embedding(grid)
         if pos is not None:
@@ -371,17 +380,24 @@ class VisionEncoder(PretrainedMixin, nn.Module):
         pooled: torch.Tensor | None,
         norm: bool,
     ) -> EncoderOutput:
+        c = self.config
         n_prefix = self.num_prefix_tokens
         has_cls = self.cls_token is not None
-        n_reg = self.config.num_register_tokens
-        patches, cls, regs = [], [], []
+        n_cls = c.num_class_tokens if has_cls else 0
+        n_reg = c.num_register_tokens
+        summary = list(c.summary_idxs)
+        patches, cls, regs, classes, summaries = [], [], [], [], []
         for i in wanted:
             tokens = self.norm(captured[i]) if norm else captured[i]  # (B, T, D)
             patches.append(tokens[:, n_prefix:])
             if has_cls:
                 cls.append(tokens[:, 0])
+            if n_cls > 1:
+                classes.append(tokens[:, :n_cls])  # (B, C, D)
+            if summary:
+                summaries.append(tokens[:, summary])  # (B, S, D)
             if n_reg:
-                regs.append(tokens[:, int(has_cls) : n_prefix])
+                regs.append(tokens[:, n_cls:n_prefix])
         return EncoderOutput(
             layers=wanted,
             patch_tokens=tuple(patches),
@@ -391,6 +407,8 @@ class VisionEncoder(PretrainedMixin, nn.Module):
             pooled=pooled,
             attentions=tuple(attentions[i] for i in wanted) if attentions is not None else None,
             num_blocks=self.num_blocks,
+            class_tokens=tuple(classes) if n_cls > 1 else None,
+            summary_tokens=tuple(summaries) if summary else None,
         )
 
     def pooled_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ The family is chosen explicitly, never guessed from the weights:
       `kimi_k25`, `kimi_k25_vision`           -> `converters.hf_kimi_k25` (a whole model: its vision
                                                  tower, keys under `vision_tower.`, released names)
       `aimv2`, `aimv2_vision_model`           -> `converters.hf_aimv2` (RMSNorm, SwiGLU)
+      `radio`                                 -> `converters.hf_radio` (C-RADIO v3 / v4: class tokens,
+                                                 summary_idxs, CPE positions)
       `internvl_vision`                       -> `converters.hf_internvit`
       `llava`, `llava_next`, `internvl`,      -> the tower named by `vision_config.model_type`,
       `gemma3` (its SigLIP)                      keys under `vision_tower.` / `model.vision_tower.`
@@ -92,6 +94,7 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "aimv2",
     "aimv2_vision_model",
     "internvl_vision",
+    "radio",
     "gemma4_vision",
 )
 # Vision-language models whose vision tower is read on its own (an `internvl` gives its InternViT).
@@ -249,6 +252,8 @@ def _converter(model_type: str) -> ModuleType:
 
     from .converters import hf_gemma4
 
+    from .converters import hf_radio
+
     table = {
         "clip": hf_clip,
         "clip_vision_model": hf_clip,
@@ -274,6 +279,7 @@ def _converter(model_type: str) -> ModuleType:
         "internvl_vision": hf_internvit,
         "kimi_k25": hf_kimi_k25,
         "kimi_k25_vision": hf_kimi_k25,
+        "radio": hf_radio,
         "gemma4": hf_gemma4,
         "gemma4_vision": hf_gemma4,
     }
@@ -330,6 +336,8 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         info["max_num_patches"] = encoder.image_processor.config.max_patches
     elif model_type in ("gemma4", "gemma4_vision"):
         encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Gemma4ImageProcessor: see there
+    elif model_type == "radio":
+        encoder.image_processor = _converter(model_type).image_processor(config)  # no RADIO processor in transformers
     elif model_type in ("kimi_k25", "kimi_k25_vision"):
         encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Kimi_K25ImageProcessor: see there
     elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision", *QWEN3_TOWER_TYPES):
@@ -396,6 +404,8 @@ def _config_options(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[s
 def _convert_options(model_type: str, vision_config: VisionConfig) -> dict[str, Any]:
     """What a converter needs beyond the keys: Kimi K2.5 permutes each head's query and key
     channels (its head count), in the released layout (a whole `kimi_k25`) or transformers'."""
+    if model_type == "radio":
+        return _converter(model_type).convert_options(vision_config)  # class tokens, LayerScale fill
     if model_type in ("kimi_k25", "kimi_k25_vision"):
         return {"num_heads": vision_config.num_heads, "layout": "released" if model_type == "kimi_k25" else "transformers"}
     return {}

@@ -25,6 +25,10 @@ class EncoderOutput:
         attentions: One `(B, heads, T, T)` attention-probability tensor per requested layer
             when asked for (`T` counts the prefix tokens first), else `None`.
         num_blocks: Depth of the encoder, to resolve negative indices in the helpers.
+        class_tokens: With several class tokens (RADIO: one per teacher), one `(B, C, D)` tensor
+            per requested layer, all of them in order (`cls_tokens` is the first); else `None`.
+        summary_tokens: One `(B, S, D)` tensor per requested layer, the class tokens the
+            config's `summary_idxs` select (RADIO's summary is `.flatten(1)` of it), or `None`.
     """
 
     layers: tuple[int, ...]
@@ -35,6 +39,8 @@ class EncoderOutput:
     pooled: torch.Tensor | None
     attentions: tuple[torch.Tensor, ...] | None
     num_blocks: int
+    class_tokens: tuple[torch.Tensor, ...] | None = None
+    summary_tokens: tuple[torch.Tensor, ...] | None = None
 
     def _position(self, layer: int) -> int:
         resolved = layer + self.num_blocks if layer < 0 else layer
@@ -55,6 +61,12 @@ class EncoderOutput:
             raise ValueError("this encoder has no CLS token (e.g. SigLIP); use `pooled` or `patches()`")
         return self.cls_tokens[self._position(layer)]
 
+    def summary(self, layer: int = -1) -> torch.Tensor:
+        """Summary tokens `(B, S, D)` of `layer` (RADIO: the class tokens `summary_idxs` picks)."""
+        if self.summary_tokens is None:
+            raise ValueError("this encoder has no summary tokens (VisionConfig.summary_idxs is empty)")
+        return self.summary_tokens[self._position(layer)]
+
     def patch_grid(self, layer: int = -1) -> torch.Tensor:
         """Patch tokens of `layer` as a feature map `(B, D, h, w)`."""
         tokens = self.patches(layer)
@@ -73,10 +85,13 @@ class EncoderOutput:
         return torch.cat([self.patches(layer) for layer in chosen], dim=-1)
 
     def tokens(self, layer: int = -1) -> torch.Tensor:
-        """All tokens of `layer` `(B, T, D)` in the encoder's order: CLS, registers, patches."""
+        """All tokens of `layer` `(B, T, D)` in the encoder's order: CLS (or every class token),
+        registers, patches."""
         pos = self._position(layer)
         parts = []
-        if self.cls_tokens is not None:
+        if self.class_tokens is not None:
+            parts.append(self.class_tokens[pos])
+        elif self.cls_tokens is not None:
             parts.append(self.cls_tokens[pos].unsqueeze(1))
         if self.register_tokens is not None:
             parts.append(self.register_tokens[pos])
@@ -85,7 +100,7 @@ class EncoderOutput:
 
 
 # Which fields hold tensors (pytree children) and which are static (the pytree context).
-_TENSOR_FIELDS = ("patch_tokens", "cls_tokens", "register_tokens", "pooled", "attentions")
+_TENSOR_FIELDS = ("patch_tokens", "cls_tokens", "register_tokens", "pooled", "attentions", "class_tokens", "summary_tokens")
 _STATIC_FIELDS = ("layers", "grid_size", "num_blocks")
 
 

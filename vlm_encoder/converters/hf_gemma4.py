@@ -25,9 +25,9 @@ patches `(c, py, px)` (`batch_patchify(channels_last=False)`) and passes the sam
 so each table reshapes `input_proj` its own reference's way. Both scale `[0, 1]` pixels by
 `2 (x - 0.5)` inside the model: our processor normalises with mean = std = 0.5, the same numbers.
 
-Clipped linears (`use_clipped_linears`: clamp buffers on every projection) are read only while
-every bound is infinite (transformers' init); finite bounds (the E2B / E4B checkpoints) are
-refused by name: the block has no clamps.
+Clipped linears (`use_clipped_linears`, the E2B / E4B towers: every projection clamps its input
+and output to bounds of its own) are `clipped_linears`: our fused `qkv` keeps the q / k / v
+bounds apart, `fc1` the gate's and the value's (`layers.ClippedLinear`).
 
 Not the tower: the pooler (`k x k` average by position, `* sqrt(width)`), the `std_bias` /
 `std_scale` standardisation and the `embed_vision` projection are the connector, the `gemma_pool`
@@ -83,6 +83,24 @@ def _patch_weight(channels_last: bool):
     return fold
 
 
+def _bounds(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Our `(parts,)` clamp bounds from each part's four scalar buffers, in order: the parts'
+    `input_min`, then their `input_max`, `output_min`, `output_max`."""
+    parts = len(values) // 4
+    return tuple(torch.stack([v.reshape(()) for v in values[b * parts : (b + 1) * parts]]) for b in range(4))
+
+
+def _clamps(ours: str, theirs: tuple[str, ...]) -> Transform:
+    """The clamp bounds of our `ours` Linear from the reference's `theirs` clippable linears
+    (present only with `use_clipped_linears`)."""
+    return Transform(
+        tuple(f"{ours}.{b}" for b in ("in_min", "in_max", "out_min", "out_max")),
+        tuple(f"{t}.{b}" for b in CLAMP_BUFFERS for t in theirs),
+        _bounds,
+        optional=True,
+    )
+
+
 def _table(patch: str, layer: str, names: Mapping[str, str], channels_last: bool) -> KeyTable:
     """A family layout: `names` gives the reference's module of each of our block parts."""
     attn, mlp = f"{layer}.{names['attn']}", f"{layer}.mlp"
@@ -108,6 +126,10 @@ def _table(patch: str, layer: str, names: Mapping[str, str], channels_last: bool
                 _gated,
             ),
             Transform(("blocks.{i}.mlp.fc2.weight", "blocks.{i}.mlp.fc2.bias"), (f"{mlp}.down_proj.linear.weight",), _with_zero_bias),
+            _clamps("blocks.{i}.attn.qkv", tuple(f"{attn}.{p}_proj" for p in "qkv")),
+            _clamps("blocks.{i}.attn.proj", (f"{attn}.o_proj",)),
+            _clamps("blocks.{i}.mlp.fc1", (f"{mlp}.gate_proj", f"{mlp}.up_proj")),
+            _clamps("blocks.{i}.mlp.fc2", (f"{mlp}.down_proj",)),
         ),
     )
 
@@ -141,7 +163,7 @@ def vision_config_of(hf_config_or_dict: Any) -> Any:
 
 
 def _fields(*, patch: int, width: int, depth: int, heads: int, head_dim: int, kv_heads: int, mlp_dim: int,
-            act: str, eps: float, theta: float, table: int, pooling: int) -> dict[str, Any]:
+            act: str, eps: float, theta: float, table: int, pooling: int, clipped: bool) -> dict[str, Any]:
     """The `VisionConfig` of a Gemma 4 tower, after refusing what the block does not express."""
     if kv_heads != heads:
         raise ValueError(f"{FAMILY}: num_key_value_heads={kv_heads} differs from num_attention_heads={heads} (grouped attention)")
@@ -153,6 +175,7 @@ def _fields(*, patch: int, width: int, depth: int, heads: int, head_dim: int, kv
         mlp_dim=mlp_dim, mlp_type="gated", act=act, qkv_bias=False, patch_bias=False, class_token=False,
         pos_embed="factorized", pos_table_size=table, rope="eva", rope_theta=theta, rope_layout="split", rope_xy=True,
         qk_norm=True, v_norm=True, sandwich_norm=True, norm_type="rmsnorm", norm_eps=eps, final_norm=False, pool="none",
+        clipped_linears=clipped,
     )
 
 
@@ -179,20 +202,8 @@ def config_from_hf(hf_config_or_dict: Any) -> VisionConfig:
         patch=c.patch_size, width=c.hidden_size, depth=c.num_hidden_layers, heads=c.num_attention_heads,
         head_dim=head_dim, kv_heads=c.num_key_value_heads, mlp_dim=c.intermediate_size,
         act=activation(c.hidden_activation, FAMILY), eps=c.rms_norm_eps, theta=float(rope.get("rope_theta", 100.0)),
-        table=c.position_embedding_size, pooling=c.pooling_kernel_size,
+        table=c.position_embedding_size, pooling=c.pooling_kernel_size, clipped=c.use_clipped_linears,
     ))
-
-
-def _drop_clamps(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights without the clipped linears' clamp buffers, which must all be infinite."""
-    clamps = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] in CLAMP_BUFFERS}
-    finite = sorted(k for k, v in clamps.items() if torch.isfinite(v).any())
-    if finite:
-        raise WeightsError(
-            f"{FAMILY}: finite clamp bounds of clipped linears (use_clipped_linears, the E2B / E4B towers) are not "
-            f"expressed by VisionEncoder: {', '.join(finite[:4])}" + (f", ... ({len(finite) - 4} more)" if len(finite) > 4 else "")
-        )
-    return {k: v for k, v in state_dict.items() if k not in clamps}
 
 
 def _tower(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -212,9 +223,9 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
             left to the connector.
 
     Raises:
-        WeightsError: A missing or unknown key, or finite clamp bounds.
+        WeightsError: A missing or unknown key.
     """
-    return HF_TABLE.convert(_drop_clamps(_tower(state_dict)), FAMILY)
+    return HF_TABLE.convert(_tower(state_dict), FAMILY)
 
 
 # ---------------------------------------------------------------------------- timm
@@ -244,7 +255,7 @@ def config_from_timm(model: nn.Module) -> VisionConfig:
         patch=ph, width=enc.embed_dim, depth=len(enc.blocks), heads=block.attn.num_heads, head_dim=block.attn.head_dim,
         kv_heads=block.attn.num_kv_heads, mlp_dim=block.mlp.gate_proj.linear.out_features, act="gelu_tanh",
         eps=block.norm1.eps, theta=float(enc.rotary_emb.rope_theta), table=enc.patch_embed.position_embedding_size,
-        pooling=enc.pooling_kernel_size,
+        pooling=enc.pooling_kernel_size, clipped=enc.use_clipped_linears,
     ))
 
 
@@ -253,12 +264,12 @@ def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     the classifier's `norm` / `head` and the encoder's `std_bias` / `std_scale` are left out.
 
     Raises:
-        WeightsError: A missing or unknown key, or finite clamp bounds.
+        WeightsError: A missing or unknown key.
     """
     if any(k.startswith("encoder.") for k in state_dict):
         state_dict = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
     tower = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
-    return TIMM_TABLE.convert(_drop_clamps(tower), f"{FAMILY} (timm)")
+    return TIMM_TABLE.convert(tower, f"{FAMILY} (timm)")
 
 
 def load_timm_gemma4(name: str, checkpoint: str | None = None, **timm_kwargs: Any) -> VisionEncoder:
@@ -276,7 +287,7 @@ def load_timm_gemma4(name: str, checkpoint: str | None = None, **timm_kwargs: An
 
     Raises:
         WeightsNotCached: `checkpoint=None` and timm cannot get the weights.
-        WeightsError: The checkpoint does not fit, or has finite clamp bounds.
+        WeightsError: The checkpoint does not fit.
     """
     import timm
     import timm.data

@@ -2,6 +2,7 @@
 
 from .attention import Attention, SegmentMask, WindowMask, attention_weights
 from .block import Block, DropPath, LayerScale
+from .clipped import ClippedLinear
 from .init import init_linears_and_norms
 from .map_head import AttentionPoolHead
 from .mlp import Mlp, SwiGLU, build_mlp, get_activation
@@ -16,6 +17,7 @@ __all__ = [
     "attention_weights",
     "AttentionPoolHead",
     "Block",
+    "ClippedLinear",
     "DropPath",
     "LayerScale",
     "Mlp",

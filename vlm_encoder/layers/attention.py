@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..determinism import batch_invariant_call
+from .clipped import build_linear
 from .norm import NormKind, RMSNorm, build_norm
 from .rope import RopeTable
 
@@ -110,17 +111,19 @@ class Attention(nn.Module):
         qk_norm_scope: `head` (each head's `d` channels) or `width` (all `D` channels of a
             token at once, before the split into heads; InternViT).
         v_norm: RMS-normalise each head's values, without a weight (`v_norm`; Gemma 4).
+        clipped: `qkv` and `proj` are `ClippedLinear`s (bounds per q / k / v; Gemma 4 E2B / E4B).
     """
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, inner_norm: bool = False,
         norm_eps: float = 1e-6, qk_norm_type: NormKind = "layernorm", qk_norm_scope: str = "head",
         v_norm: bool = False,
+        clipped: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = build_linear(dim, 3 * dim, qkv_bias, clipped, parts=3)
         # Created only when used, so that the state dicts of other towers are unchanged.
         # qk-norm per head (EVA02, DINOv3) or over all heads at once (InternViT: `qk_norm_scope='width'`).
         self.qk_norm_scope = qk_norm_scope
@@ -129,7 +132,7 @@ class Attention(nn.Module):
         self.k_norm = build_norm(qk_norm_type, qk_dim, norm_eps) if qk_norm else None
         self.v_norm = RMSNorm(self.head_dim, norm_eps, affine=False) if v_norm else None
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if inner_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = build_linear(dim, dim, True, clipped)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_weights: bool = False,

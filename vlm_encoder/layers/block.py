@@ -62,6 +62,7 @@ class Block(nn.Module):
         v_norm: RMS-normalise each head's values (no weight; Gemma 4).
         sandwich_norm: Also normalise each branch's output before the residual add
             (`post_attn_norm`, `post_mlp_norm`; Gemma 4's post-attention / post-feedforward norms).
+        clipped_linears: Every Linear of the block is a `ClippedLinear` (Gemma 4 E2B / E4B).
     """
 
     def __init__(
@@ -82,19 +83,20 @@ class Block(nn.Module):
         qk_norm_scope: str = "head",
         v_norm: bool = False,
         sandwich_norm: bool = False,
+        clipped_linears: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = build_norm(norm_type, dim, norm_eps)
         self.attn = Attention(
             dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, inner_norm=attn_norm, norm_eps=norm_eps,
-            qk_norm_type=norm_type, qk_norm_scope=qk_norm_scope, v_norm=v_norm,
+            qk_norm_type=norm_type, qk_norm_scope=qk_norm_scope, v_norm=v_norm, clipped=clipped_linears,
         )
         # Created only when used, so that the state dicts of other towers are unchanged.
         self.post_attn_norm = build_norm(norm_type, dim, norm_eps) if sandwich_norm else nn.Identity()
         self.post_mlp_norm = build_norm(norm_type, dim, norm_eps) if sandwich_norm else nn.Identity()
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.norm2 = build_norm(norm_type, dim, norm_eps)
-        self.mlp = build_mlp(mlp_type, dim, mlp_dim, act, norm_eps if mlp_norm else None)
+        self.mlp = build_mlp(mlp_type, dim, mlp_dim, act, norm_eps if mlp_norm else None, clipped_linears)
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

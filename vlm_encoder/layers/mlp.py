@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .clipped import build_linear
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """OpenAI CLIP's GELU approximation `x * sigmoid(1.702 x)`."""
@@ -47,14 +49,15 @@ class Mlp(nn.Module):
 
     Args:
         norm_eps: Epsilon of a LayerNorm on the hidden activations, or `None` for none.
+        clipped: `fc1` / `fc2` are `ClippedLinear`s.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", norm_eps: float | None = None) -> None:
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", norm_eps: float | None = None, clipped: bool = False) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = build_linear(dim, hidden_dim, True, clipped)
         self.act = get_activation(act)
         self.norm = _hidden_norm(hidden_dim, norm_eps)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = build_linear(hidden_dim, dim, True, clipped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.norm(self.act(self.fc1(x))))
@@ -63,27 +66,32 @@ class Mlp(nn.Module):
 class SwiGLU(nn.Module):
     """Packed gated MLP: `fc2(gate_act(a) * b)` with `a, b = fc1(x).chunk(2)` (the gate first),
     with an optional LayerNorm before `fc2` (`norm_eps`, EVA02-CLIP). The gate is SiLU (SwiGLU,
-    DINOv2 giant) unless `act` names another (`gated`: GELU-tanh for Gemma 4's GeGLU)."""
+    DINOv2 giant) unless `act` names another (`gated`: GELU-tanh for Gemma 4's GeGLU). `clipped`:
+    `fc1` (bounds per gate / value) and `fc2` are `ClippedLinear`s."""
 
-    def __init__(self, dim: int, hidden_dim: int, norm_eps: float | None = None, act: str | None = None) -> None:
+    def __init__(
+        self, dim: int, hidden_dim: int, norm_eps: float | None = None, act: str | None = None, clipped: bool = False
+    ) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.fc1 = build_linear(dim, 2 * hidden_dim, True, clipped, parts=2)
         self.gate_act = nn.SiLU() if act is None else get_activation(act)
         self.norm = _hidden_norm(hidden_dim, norm_eps)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = build_linear(hidden_dim, dim, True, clipped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.fc1(x).chunk(2, dim=-1)  # each (B, T, hidden)
         return self.fc2(self.norm(self.gate_act(a) * b))
 
 
-def build_mlp(kind: str, dim: int, hidden_dim: int, act: str, norm_eps: float | None = None) -> nn.Module:
-    """The block MLP for `VisionConfig.mlp_type` (`norm_eps`: a hidden LayerNorm, or `None`):
-    `mlp`, `swiglu` (SiLU gate) or `gated` (the gate through `act`)."""
+def build_mlp(
+    kind: str, dim: int, hidden_dim: int, act: str, norm_eps: float | None = None, clipped: bool = False
+) -> nn.Module:
+    """The block MLP for `VisionConfig.mlp_type` (`norm_eps`: a hidden LayerNorm, or `None`;
+    `clipped`: `ClippedLinear`s): `mlp`, `swiglu` (SiLU gate) or `gated` (the gate through `act`)."""
     if kind == "mlp":
-        return Mlp(dim, hidden_dim, act, norm_eps)
+        return Mlp(dim, hidden_dim, act, norm_eps, clipped)
     if kind == "swiglu":
-        return SwiGLU(dim, hidden_dim, norm_eps)
+        return SwiGLU(dim, hidden_dim, norm_eps, clipped=clipped)
     if kind == "gated":
-        return SwiGLU(dim, hidden_dim, norm_eps, act=act)
+        return SwiGLU(dim, hidden_dim, norm_eps, act=act, clipped=clipped)
     raise ValueError(f"unknown mlp_type {kind!r}; allowed: mlp, swiglu, gated")

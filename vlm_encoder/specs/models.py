@@ -6,7 +6,8 @@
     open_clip:ARCH[:TAG]   an open_clip model; TAG is a pretrained tag or a checkpoint file
     timm:NAME              a timm ViT, or an EVA02 / PE / DINOv3 model of timm's `eva.py`, or a
                            DeepSeek-V4 vision model of its `deepseek_vit.py`, or a Gemma 4 one
-                           of its `gemma4_vit.py`
+                           of its `gemma4_vit.py`, or a C-RADIO backbone (`naflexvit_*_radio_v3/v4`,
+                           `vit_*_radio_v3/v4`)
                            (`NAME.tag` picks timm's pretrained tag)
     preset:NAME            a preset with random weights (seeded), `key=value` overrides of its
                            `VisionConfig`; a bare preset name that is not a directory works too
@@ -257,6 +258,9 @@ def load_model(
         from ..converters.hf_gemma4 import is_gemma4, load_timm_gemma4
 
         load = load_timm_gemma4 if is_gemma4(spec.name) else load
+        from ..converters.timm_radio import is_radio, load_timm_radio
+
+        load = load_timm_radio if is_radio(spec.name) else load  # C-RADIO: naflexvit_* / vit_*_radio_v3/v4
         loaded = LoadedModel(spec, "encoder", load(spec.name, checkpoint),
                              {"family": "timm", "source": spec.text, "name": spec.name, "checkpoint": checkpoint})
     elif spec.scheme == "open_clip":
