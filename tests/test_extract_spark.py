@@ -11,6 +11,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
 import tarfile
 import threading
@@ -79,7 +80,8 @@ def store_files(out: Path) -> dict[str, object]:
     for path in sorted(out.glob("shard-*.json")):
         files[path.name] = {k: v for k, v in json.loads(path.read_text()).items() if k != "writer"}
     files["failures.jsonl"] = (out / "failures.jsonl").read_text()
-    files["manifest.json"] = {k: v for k, v in json.loads((out / "manifest.json").read_text()).items() if k != "created"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    files["manifest.json"] = {k: v for k, v in manifest.items() if k != "created"}
     return files
 
 
@@ -147,18 +149,28 @@ def _busy_python_worker(deadline: float) -> int | None:
     return None
 
 
-def test_a_task_whose_worker_is_killed_is_retried_with_the_same_bytes(spark, tmp_path):
-    """SIGKILL of a Python worker while it runs a shard: Spark retries the task (local[2,2]) and
-    the store equals the local runner's."""
-    images = tmp_path / "large"
-    images.mkdir()
-    rng = np.random.default_rng(1)
+LARGE = {"max_pixels": None, "shard_size": 2, "select": ("cls", "pooled")}  # 6 shards of 2 large images
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory) -> tuple[Path, Path]:
+    """12 images large enough that decoding keeps a worker busy a while, and their local store."""
     from PIL import Image
 
-    for i in range(12):  # large enough that decoding keeps a worker busy for a while
+    root = tmp_path_factory.mktemp("large")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
         Image.fromarray(rng.integers(0, 256, (700 + 17 * i, 900, 3), dtype=np.uint8)).save(images / f"{i:02d}.jpg")
-    options = {"max_pixels": None, "shard_size": 2, "select": ("cls", "pooled")}
-    reference = run_extraction(tiny_config(tmp_path, images, out="local", **options))
+    assert run_extraction(tiny_config(root, images, out="local", **LARGE)).complete
+    return images, root / "local"
+
+
+def test_a_task_whose_worker_is_killed_is_retried_with_the_same_bytes(spark, large, tmp_path):
+    """SIGKILL of a Python worker while it runs a shard: Spark retries the task (local[2,2]) and
+    the store equals the local runner's."""
+    images, reference = large
     context = spark.sparkContext
     killed: list[int] = []
 
@@ -172,7 +184,7 @@ def test_a_task_whose_worker_is_killed_is_retried_with_the_same_bytes(spark, tmp
     context.setJobGroup("killed-worker", "a Python worker is killed during this job")
     killer.start()
     try:
-        summary = SparkEngine().run(tiny_config(tmp_path, images, out="spark", **options))
+        summary = SparkEngine().run(tiny_config(tmp_path, images, **LARGE))
     finally:
         killer.join()
         context.setLocalProperty("spark.jobGroup.id", None)
@@ -180,8 +192,94 @@ def test_a_task_whose_worker_is_killed_is_retried_with_the_same_bytes(spark, tmp
     tracker = context.statusTracker()
     stages = [s for j in tracker.getJobIdsForGroup("killed-worker") for s in tracker.getJobInfo(j).stageIds]
     assert sum(tracker.getStageInfo(s).numFailedTasks for s in stages) == 1
-    assert summary.complete and summary.shards_this_run == reference.shards_this_run == 6
-    assert store_files(tmp_path / "spark") == store_files(tmp_path / "local")
+    assert summary.complete and summary.shards_this_run == 6
+    assert store_files(tmp_path / "out") == store_files(reference)
+
+
+def _committed(out: Path) -> dict[str, tuple[int, int]]:
+    """Committed shard files (a sidecar written) -> (inode, mtime): a rewrite changes both."""
+    found = {}
+    for sidecar in out.glob("shard-*.json"):
+        stat = sidecar.with_suffix(".safetensors").stat()
+        found[sidecar.with_suffix(".safetensors").name] = (stat.st_ino, stat.st_mtime_ns)
+    return found
+
+
+@pytest.mark.slow  # two Spark sessions started by the command (~40 s)
+def test_a_killed_driver_then_the_same_command_keeps_committed_shards(large, tmp_path):
+    """`vlm-encoder extract --engine spark --workers 2` (its own local[2] session) SIGKILLed after
+    its first commits; the same command keeps them, does the rest, and equals the local store."""
+    images, reference = large
+    out = tmp_path / "out"
+    from PIL import Image
+
+    command = [sys.executable, "-m", "vlm_encoder.cli", *cli_args(images, out, "--engine", "spark", "--workers", "2",
+               "--shard-size", "2", "--select", "cls,pooled", "--num-workers", "0")]
+    command[command.index("--max-pixels") + 1] = str(Image.MAX_IMAGE_PIXELS)  # LARGE's default, as in its fingerprint
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYSPARK_PYTHON", None)  # the engine runs its workers with this interpreter itself
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out.exists() and _committed(out)):
+            assert first.poll() is None, first.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the driver committed no shard in 180 s"
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    for _ in range(200):  # its JVM and Python workers end with it (the JVM exits when its stdin closes)
+        if not _group_alive(first.pid):
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(first.pid, signal.SIGKILL)
+        pytest.fail("the killed driver's JVM or Python workers outlived it by 20 s")
+    kept = _committed(out)
+    assert 1 <= len(kept) < 6, kept
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "12 rows written, 0 failed, of 12 (complete)" in rerun.stdout
+    assert f"{len(kept)} shards kept" in rerun.stdout
+    assert {name: v for name, v in _committed(out).items() if name in kept} == kept
+    assert store_files(out) == store_files(reference)
+
+
+
+@pytest.mark.slow  # spark-submit starts its own JVM and session (~40 s)
+def test_spark_submit_runs_a_driver_script_in_its_session(large, tmp_path):
+    """Under `spark-submit`, `SparkEngine().run` uses the session spark-submit set up (its
+    --master), and the store equals the local runner's."""
+    images, reference = large
+    script = tmp_path / "extract_job.py"
+    config = dict(tiny_config(tmp_path, images, **LARGE).to_dict(), out=str(tmp_path / "out"))
+    script.write_text(
+        "from pyspark.sql import SparkSession\n"
+        "from vlm_encoder.extract import ExtractConfig\n"
+        "from vlm_encoder.extract.engines import SparkEngine\n"
+        f"print(SparkEngine().run(ExtractConfig.from_dict({config!r})))\n"
+        "print('master', SparkSession.getActiveSession().sparkContext.master)\n"
+    )
+    submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    run = subprocess.run([str(submit), "--master", "local[2]", "--conf", "spark.driver.host=127.0.0.1",
+                          "--conf", "spark.driver.bindAddress=127.0.0.1", "--conf", "spark.ui.enabled=false",
+                          str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "12 rows written, 0 failed, of 12 (complete)" in run.stdout and "master local[2]" in run.stdout
+    assert store_files(tmp_path / "out") == store_files(reference)
+
+
+def _group_alive(group: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[3]) == group and fields[0] != "Z":
+                return True
+    return False
 
 
 def test_cli_engine_spark_and_a_second_driver_refused(spark, data, tmp_path, capsys):

@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(default 1)")
     engine.add_argument("--spark-master", default=None, metavar="URL",
                         help="Spark master: local[N], spark://HOST:7077, yarn, ... (default: the session of "
-                             "spark-submit, else local[--workers], every core without --workers)")
+                             "spark-submit, else local[N,4] with N = --workers, every core without it)")
     parser.set_defaults(func=run)
 
 

@@ -1,6 +1,6 @@
 """`SparkEngine`: an extraction's shards as Spark tasks, one model per Python worker.
 
-    summary = SparkEngine(workers=2).run(config)                   # local[2] on this machine
+    summary = SparkEngine(workers=2).run(config)                   # local[2,4] on this machine
     summary = SparkEngine(master="spark://head:7077").run(config)  # a standalone cluster
     vlm-encoder extract ... --engine spark --workers 2             # or --spark-master URL
     spark-submit --master yarn job.py      # job.py calls SparkEngine().run(config): see docs/scale.md
@@ -21,10 +21,11 @@ executors with resource scheduling (`spark.task.resource.gpu.amount`), each task
 the GPU Spark assigned it.
 
 Session: an active SparkSession of this process, or the one `spark-submit` set up, is used as
-is and left open; otherwise a session on `master` (default `local[workers]`) is started and
-stopped afterwards. A local session binds to 127.0.0.1 and runs its Python workers with this
-interpreter. Executors need this package and the store's folder at the same path (a shared
-filesystem); the data spec must name data every executor can read.
+is and left open; otherwise a session on `master` (default `local[workers,4]`: a task may fail 3
+times, as on a cluster, where `spark.task.maxFailures` is 4) is started and stopped afterwards.
+A local session binds to 127.0.0.1 and runs its Python workers with this interpreter.
+Executors need this package and the store's folder at the same path (a shared filesystem); the
+data spec must name data every executor can read.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 
 APP_NAME = "vlm-encoder extract"
 LOOPBACK = "127.0.0.1"
+LOCAL_ATTEMPTS = 4  # of a task, in the default local master: Spark's default on a cluster (local mode's is 1)
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,8 @@ class SparkEngine(ConfigMixin):
     Attributes:
         master: Spark master URL (`local[4]`, `local[4,2]`, `spark://HOST:7077`, `yarn`, ...).
             Default: the active session of this process or the one `spark-submit` set up,
-            else `local[workers]`.
-        workers: Task slots of the default local master (`local[N]`; default every core).
+            else `local[workers,4]`.
+        workers: Task slots of the default local master (`local[N,4]`; default every core).
             A cluster's executors decide their own width (`spark.executor.cores`).
     """
 
@@ -161,8 +163,8 @@ def _task_device(device: str | None) -> str | None:
 def spark_session(master: str | None = None, workers: int | None = None, progress: bool = True
                   ) -> Iterator[SparkSession]:
     """The SparkSession to run on (see the module docstring): the active one or `spark-submit`'s
-    (left open), else a new one on `master` (default `local[workers]`, every core without
-    `workers`), stopped on exit. A local session binds to 127.0.0.1.
+    (left open), else a new one on `master` (default `local[workers,4]`, every core without
+    `workers`; 4 attempts per task), stopped on exit. A local session binds to 127.0.0.1.
 
     Raises:
         EngineUnavailable: pyspark is not installed.
@@ -182,7 +184,7 @@ def spark_session(master: str | None = None, workers: int | None = None, progres
                              f"{asked} (omit --spark-master and --workers)")
         yield session
         return
-    master = master or f"local[{workers or '*'}]"
+    master = master or f"local[{workers or '*'},{LOCAL_ATTEMPTS}]"
     builder = SparkSession.builder.appName(APP_NAME).master(master)
     if not progress:
         builder = builder.config("spark.ui.showConsoleProgress", "false")
