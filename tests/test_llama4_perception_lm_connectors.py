@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from parity_helpers import close, perturb
+from vlm_encoder.converters.hf_connectors import load_llama4_connector, load_perception_lm_connector
 from vlm_encoder.converters.timm_eva import encoder_from_timm_eva
 from vlm_encoder.projectors import (
     Projector,
-    load_llama4_connector,
     load_llama4_projector,
-    load_perception_lm_connector,
     load_perception_lm_projector,
 )
 from vlm_encoder.weights import WeightsError

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from parity_helpers import close, perturb
-from vlm_encoder.projectors import Projector, load_molmo2_adapter, load_molmo2_connector
+from vlm_encoder.converters.hf_connectors import load_molmo2_connector
+from vlm_encoder.projectors import Projector, load_molmo2_adapter
 from vlm_encoder.projectors.molmo_pool import pooling_index
 from vlm_encoder.weights import WeightsError
 

@@ -14,11 +14,11 @@ from .deepseek_aligner import DeepseekAlignerOptions, load_deepseek_v4_aligner
 from .fusion import FeatureFusion, TokenStream, resample_tokens
 from .gemma_pool import GemmaPoolOptions, load_gemma3_projector, load_gemma4_projector, load_gemma_projector
 from .kind import ProjectorKind, build_mlp
-from .llama4_adapter import load_llama4_connector, load_llama4_projector
+from .llama4_adapter import load_llama4_projector
 from .llava import convert_hf_llava_projector, load_llava_mm_projector
 from .mlp import MLPOptions
-from .mlp_pool import MLPPoolOptions, load_perception_lm_connector, load_perception_lm_projector
-from .molmo_pool import MolmoPoolOptions, load_molmo2_adapter, load_molmo2_connector
+from .mlp_pool import MLPPoolOptions, load_perception_lm_projector
+from .molmo_pool import MolmoPoolOptions, load_molmo2_adapter
 from .pixel_shuffle import PixelShuffleOptions, load_idefics3_connector, load_internvl_projector
 from .pool import PoolOptions
 from .qwen_merger import QwenMergerOptions, load_kimi_k25_merger, load_qwen2_5_vl_merger, load_qwen3_vl_merger
@@ -53,12 +53,9 @@ __all__ = [
     "load_idefics3_connector",
     "load_internvl_projector",
     "load_kimi_k25_merger",
-    "load_llama4_connector",
     "load_llama4_projector",
     "load_llava_mm_projector",
     "load_molmo2_adapter",
-    "load_molmo2_connector",
-    "load_perception_lm_connector",
     "load_perception_lm_projector",
     "load_qwen2_5_vl_merger",
     "load_qwen3_vl_merger",

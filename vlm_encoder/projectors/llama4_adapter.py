@@ -13,11 +13,11 @@ That is `pixel_shuffle` with `order='offset_major'`, `norm=False`, `num_linear=3
 (its MLP is Linear, GELU, Linear, GELU, Linear), when `projector_input_dim ==
 projector_output_dim == vision_output_dim` (the released checkpoints: 4096), which the loader
 checks. Token budget: `(h/2) * (w/2)` per tile (Llama-4-Scout: 336 px, patch 14 -> 24 x 24 -> 144).
+From a whole checkpoint directory: `converters.hf_connectors.load_llama4_connector`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -68,33 +68,3 @@ def load_llama4_projector(state_dict: Mapping[str, torch.Tensor], scale_factor: 
     )
     names = {"fc1.weight": "body.mlp.0.weight", "fc2.weight": "body.mlp.2.weight", "linear_1.weight": "body.mlp.4.weight"}
     return _load(projector, {names[k]: v for k, v in state.items()}, source)
-
-
-def load_llama4_connector(source: str | os.PathLike, *, revision: str | None = None) -> Projector:
-    """The connector of a whole Llama 4 checkpoint (a directory or hub repo id): the shuffle
-    ratio from its `config.json`, the three weights from the shards that hold them.
-
-    Raises:
-        ValueError: A `model_type` other than `llama4`.
-        FileNotFoundError: Missing files (a hub id not cached offline says so).
-        WeightsError: The connector's keys are not exactly the reference's.
-    """
-    from ..loading import CONFIG_FILE, read_config_file, read_weights
-    from ..specs.files import SourceFiles
-    from ..weights import naming
-
-    files = SourceFiles(os.fspath(source), revision)
-    config = read_config_file(files.get(CONFIG_FILE))
-    if config.get("model_type") != "llama4":
-        raise ValueError(f"{files.source}: model_type={config.get('model_type')!r} is not a Llama 4 VLM; expected 'llama4'")
-    from transformers import Llama4Config
-
-    ratio = float(Llama4Config.from_dict(config).vision_config.pixel_shuffle_ratio)
-    scale_factor = round(1 / ratio)
-    if scale_factor * ratio != 1:
-        raise ValueError(f"{files.source}: pixel_shuffle_ratio={ratio} is not 1/s for an integer s")
-    prefixes = (ADAPTER_PREFIX, PROJECTOR_PREFIX)
-    tensors, _, read = read_weights(files, None, lambda key: key.startswith(prefixes))
-    with naming(f"{files.source} ({', '.join(read)})"):
-        state = {k.split(".", 1)[1] if k.startswith(PROJECTOR_PREFIX) else k[len(ADAPTER_PREFIX):]: v for k, v in tensors.items()}
-        return load_llama4_projector(state, scale_factor)

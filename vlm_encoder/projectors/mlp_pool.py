@@ -8,11 +8,11 @@ for `projector_pooling_ratio == 1`). The order differs from `pool` (pool, then M
 sits between them, so the two do not commute. A non-square grid is pooled to
 `(h // r, w // r)` (the reference accepts square grids only). Token budget: `(h // r) * (w // r)`
 (Perception-LM-1B/3B/8B: 448 px, patch 14 -> 32 x 32, r = 2 -> 256 tokens per tile).
+From a whole checkpoint directory: `converters.hf_connectors.load_perception_lm_connector`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -106,28 +106,3 @@ def load_perception_lm_projector(state_dict: Mapping[str, torch.Tensor], pooling
     )
     names = {"linear_1": "body.mlp.0", "linear_2": "body.mlp.2"}
     return _load(projector, {f"{names[k.split('.')[0]]}.{k.split('.')[1]}": v for k, v in state.items()}, source)
-
-
-def load_perception_lm_connector(source: str | os.PathLike, *, revision: str | None = None) -> Projector:
-    """The connector of a whole PerceptionLM checkpoint (a directory or hub repo id):
-    `projector_pooling_ratio` from its `config.json`, the projector's weights from the shards
-    that hold them.
-
-    Raises:
-        ValueError: A `model_type` other than `perception_lm`.
-        FileNotFoundError: Missing files (a hub id not cached offline says so).
-        WeightsError: The connector's keys are not exactly the reference's.
-    """
-    from ..loading import CONFIG_FILE, read_config_file, read_weights
-    from ..specs.files import SourceFiles
-    from ..weights import naming
-
-    files = SourceFiles(os.fspath(source), revision)
-    config = read_config_file(files.get(CONFIG_FILE))
-    if config.get("model_type") != "perception_lm":
-        raise ValueError(f"{files.source}: model_type={config.get('model_type')!r} is not a PerceptionLM; expected 'perception_lm'")
-    ratio = config.get("projector_pooling_ratio", 1)
-    tensors, _, read = read_weights(files, None, lambda key: key.startswith(PROJECTOR_PREFIXES))
-    with naming(f"{files.source} ({', '.join(read)})"):
-        state = {k[len(next(p for p in PROJECTOR_PREFIXES if k.startswith(p))):]: v for k, v in tensors.items()}
-        return load_perception_lm_projector(state, int(ratio))

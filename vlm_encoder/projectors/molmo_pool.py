@@ -21,12 +21,12 @@ transformers' `Molmo2Model.get_image_features` + `Molmo2Adapter`, read exactly:
 patches of all crops (Molmo2's multi-crop layout: low-res image first, then the overlapping
 crops), as the reference. Token budget per grid: `ceil(h / p_h) * ceil(w / p_w)` (Molmo2-8B:
 378 px, patch 14 -> 27 x 27 -> 14 x 14 = 196 per crop with 2 x 2 windows).
+From a whole checkpoint directory: `converters.hf_connectors.load_molmo2_connector`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -227,46 +227,3 @@ def load_molmo2_adapter(
     )
     renamed = {f"{_NAMES[key.rsplit('.', 1)[0]]}.{key.rsplit('.', 1)[1]}": v for key, v in state.items()}
     return _load(projector, renamed, source)
-
-
-def load_molmo2_connector(source: str | os.PathLike, *, revision: str | None = None) -> Projector:
-    """The adapter of a whole Molmo2 checkpoint (a directory or hub repo id): heads and layers
-    from its `config.json`'s `adapter_config`, `pooling_size` from `preprocessor_config.json`
-    (Molmo2ImageProcessor's `[2, 2]` without one), the weights from the shards that hold them.
-
-    Returns:
-        The projector; its input streams are the tower's `vision_feature_layer` layers, in the
-        config's order (`vision_feature_layers` gives them).
-
-    Raises:
-        ValueError: A `model_type` other than `molmo2`, or an activation other than SiLU.
-        FileNotFoundError: Missing files (a hub id not cached offline says so).
-        WeightsError: The adapter's keys are not exactly the reference's.
-    """
-    from ..loading import CONFIG_FILE, PREPROCESSOR_FILE, read_config_file, read_weights
-    from ..specs.files import SourceFiles
-    from ..weights import naming
-
-    files = SourceFiles(os.fspath(source), revision)
-    config = read_config_file(files.get(CONFIG_FILE))
-    if config.get("model_type") != "molmo2":
-        raise ValueError(f"{files.source}: model_type={config.get('model_type')!r} is not a Molmo2; expected 'molmo2'")
-    adapter = molmo2_adapter_config(config)
-    if adapter.hidden_act != "silu":
-        raise ValueError(f"{files.source}: adapter hidden_act={adapter.hidden_act!r}; only 'silu' (Molmo2's SwiGLU) is supported")
-    processor = files.get(PREPROCESSOR_FILE, required=False)
-    pool_size = tuple((read_config_file(processor) if processor else {}).get("pooling_size", (2, 2)))
-    adapter_keys = tuple(f"{p}{m}." for p in ADAPTER_PREFIXES for m in ("image_pooling_2d", "image_projector"))
-    tensors, _, read = read_weights(files, None, lambda key: key.startswith(adapter_keys))
-    with naming(f"{files.source} ({', '.join(read)})"):
-        state = {k[len(next(p for p in ADAPTER_PREFIXES if k.startswith(p))):]: v for k, v in tensors.items()}
-        return load_molmo2_adapter(
-            state, num_layers=len(adapter.vision_feature_layer), num_heads=adapter.num_attention_heads, pool_size=pool_size
-        )
-
-
-def molmo2_adapter_config(config: Mapping) -> object:
-    """transformers' `Molmo2AdapterConfig` of a whole Molmo2 `config.json` (released key names read)."""
-    from transformers import Molmo2Config
-
-    return Molmo2Config.from_dict(dict(config)).adapter_config
