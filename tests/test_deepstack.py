@@ -250,6 +250,26 @@ def test_deepstack_trains_with_the_projector_and_refuses_what_does_not_fit():
         VisionLanguageModel(encoder, main, lm, IMAGE, positions="mrope")
 
 
+def test_deepstack_gradients_under_gradient_checkpointing_of_the_lm():
+    """With the LM training under (non-reentrant) gradient checkpointing, the recomputed layers
+    give the DeepStack projectors and the LM the gradients of a plain backward pass."""
+    vlm = _llava_style()
+    vlm.set_trainable(language_model=True)
+    ids = torch.tensor([[1, 2, *[IMAGE] * 4, 3], [4, *[IMAGE] * 4, 5, 6]])
+    images = torch.randn(2, 3, 16, 16)
+    grads = []
+    for checkpointing in (True, False):
+        lm = vlm.language_model
+        if checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_disable()
+        vlm.zero_grad()
+        vlm.train()(ids, images, labels=ids.clone()).loss.backward()
+        grads.append([p.grad.clone() for p in vlm.parameters() if p.requires_grad])
+    assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(*grads))
+
+
 # ------------------------------------------------------------ stage-1 example
 def _stage1_module():
     path = Path(__file__).resolve().parents[1] / "examples" / "llava_stage1.py"
