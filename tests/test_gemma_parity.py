@@ -123,6 +123,7 @@ def gemma3_whole(tmp_path_factory):
     model = perturb(Gemma3ForConditionalGeneration(config))
     directory = tmp_path_factory.mktemp("gemma3")
     model.save_pretrained(directory)
+    transformers.Gemma3ImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
     return model, directory
 
 
@@ -278,6 +279,18 @@ def test_gemma4_image_tokens_match_get_image_features(gemma4_whole, size):
     assert tokens.shape == (2, size[0] * size[1] // (PATCH * K) ** 2, TEXT["hidden_size"])
     for b in range(2):
         close(f"gemma4 connector {size}", tokens[b], expected[b], f"image {b}")
+
+
+def test_gemma3_processor_is_its_siglip_processor(gemma3_whole):
+    """The saved `Gemma3ImageProcessor` becomes ours: the same pixels (torchvision backend)."""
+    import numpy as np
+    from PIL import Image
+
+    encoder = load_encoder(gemma3_whole[1])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    expected = transformers.Gemma3ImageProcessor.from_pretrained(gemma3_whole[1])(image, return_tensors="pt").pixel_values
+    assert (encoder.image_processor.config.size, encoder.image_processor.config.interpolation) == ((32, 32), "bilinear")
+    torch.testing.assert_close(encoder.image_processor([image]), expected, atol=1e-5, rtol=0)
 
 
 def test_gemma3_siglip_tower_and_image_tokens_match_get_image_features(gemma3_whole):

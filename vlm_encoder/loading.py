@@ -342,6 +342,8 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Kimi_K25ImageProcessor: see there
     elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision", *QWEN3_TOWER_TYPES):
         pass  # Qwen2VLImageProcessor (aspect-keeping smart_resize) is not expressed: the default processor
+    elif model_type == "gemma3":
+        encoder.image_processor = _gemma3_processor(files)
     elif model_type != VisionEncoder.model_type:  # our own format read its processor_config.json
         encoder.image_processor = _image_processor(files)
     encoder.source_info = info
@@ -432,6 +434,26 @@ def _naflex_processor(patch_size: int) -> Any:
     from .processing import ImageProcessor
 
     return ImageProcessor.from_hf_config({"image_processor_type": "Siglip2ImageProcessor", "patch_size": patch_size})
+
+
+def _gemma3_processor(files: SourceFiles) -> Any:
+    """A `gemma3` checkpoint's `Gemma3ImageProcessor` as the SigLIP processor it is (resize to
+    `size`, bilinear by default; mean = std = 0.5), or `None` without a `preprocessor_config.json`.
+
+    Raises:
+        ValueError: Pan-and-scan crops switched on (not expressed).
+    """
+    from .processing import ImageProcessor
+
+    path = files.get(PREPROCESSOR_FILE, required=False)
+    if path is None:
+        return None
+    data = read_config_file(path)
+    if data.get("do_pan_and_scan"):
+        raise ValueError(f"{path}: Gemma 3's pan-and-scan crops (do_pan_and_scan=true) are not expressed")
+    siglip = {k: v for k, v in data.items() if not k.startswith(("pan_and_scan", "do_pan_and_scan"))}
+    siglip = {"resample": 2, **siglip, "image_processor_type": "SiglipImageProcessor"}  # Gemma3: BILINEAR default
+    return ImageProcessor.from_hf_config(siglip)
 
 
 def _image_processor(files: SourceFiles) -> Any:
