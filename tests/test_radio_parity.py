@@ -149,9 +149,9 @@ def test_strict(radio):
     state = dict(reference.state_dict())
     state["radio_model.adaptors.clip.weight"] = torch.zeros(1)
     with pytest.raises(WeightsError, match="adaptors"):
-        hf_radio.convert_state_dict(state)
+        hf_radio.convert_state_dict(state, num_class_tokens=3, layerscale_value=1.0)
     state = {k: v for k, v in reference.state_dict().items() if k != "encoder.layer.1.norm1.weight"}
-    converted = hf_radio.convert_state_dict(state)
+    converted = hf_radio.convert_state_dict(state, num_class_tokens=3, layerscale_value=1.0)
     assert "blocks.1.norm1.weight" not in converted and "blocks.1.norm1.bias" in converted  # load_state_dict_strict names it
     with pytest.raises(ValueError, match="video_temporal_patch_size"):
         hf_radio.config_from_hf({**reference.config.to_dict(), "video_temporal_patch_size": 2})

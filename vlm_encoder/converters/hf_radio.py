@@ -176,7 +176,8 @@ def _pack(tower: dict[str, torch.Tensor], num_class_tokens: int, layerscale_valu
     prefix = out.pop("embeddings.cls_register_token", None)
     if prefix is None:
         raise WeightsError(f"{FAMILY} checkpoint is missing the keys embeddings.cls_register_token")
-    out["cls_token"] = prefix[:num_class_tokens].reshape(1, num_class_tokens, -1)
+    if num_class_tokens:
+        out["cls_token"] = prefix[:num_class_tokens].reshape(1, num_class_tokens, -1)
     if prefix.shape[0] > num_class_tokens:
         out["register_tokens"] = prefix[num_class_tokens:].reshape(1, prefix.shape[0] - num_class_tokens, -1)
     for key in [k for k in out if k.endswith(".attention.q_proj.weight")]:
@@ -193,7 +194,7 @@ def _pack(tower: dict[str, torch.Tensor], num_class_tokens: int, layerscale_valu
 
 
 def convert_state_dict(
-    state_dict: Mapping[str, torch.Tensor], num_class_tokens: int = 3, layerscale_value: float = 1.0
+    state_dict: Mapping[str, torch.Tensor], *, num_class_tokens: int, layerscale_value: float
 ) -> dict[str, torch.Tensor]:
     """Our state dict from an HF RADIO checkpoint.
 
@@ -217,7 +218,8 @@ def convert_state_dict(
 
 def convert_options(vision_config: VisionConfig) -> dict[str, Any]:
     """The `convert_state_dict` options a loaded config gives."""
-    return {"num_class_tokens": vision_config.num_class_tokens, "layerscale_value": vision_config.layer_scale_init}
+    return {"num_class_tokens": vision_config.num_class_tokens if vision_config.class_token else 0,
+            "layerscale_value": vision_config.layer_scale_init}
 
 
 def image_processor(hf_config: Mapping[str, Any]) -> Any:
