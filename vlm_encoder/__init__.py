@@ -20,6 +20,7 @@ from .processing import ImageProcessor
 from .presets import PRESETS, create_encoder, list_presets, preset_config
 from .text import TextConfig, TextEncoder
 from .vlm import VisionLanguageModel, expand_image_tokens
+from .vision_side import VisionSide, load_vision_side
 from .weights import WeightsError
 
 __version__ = "0.1.0"
@@ -42,6 +43,8 @@ __all__ = [
     "encode_anyres",
     "preset_config",
     "VisionLanguageModel",
+    "VisionSide",
+    "load_vision_side",
     "expand_image_tokens",
     "ClipLoss",
     "ContrastiveModel",

@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from ..encoder import VisionEncoder
+from ..vision_side import VISION_SIDE_TYPES
 from .options import add_model_arguments, model_options
 
 
@@ -102,6 +103,9 @@ def _text(d: dict[str, Any]) -> str:
         lines.append(f"preprocessing: {pre}")
     if src.get("random_weights"):
         lines.append("weights:       RANDOM (a preset without a checkpoint)")
+    if src.get("model_type") in VISION_SIDE_TYPES:
+        lines.append("vision side:   vlm_encoder.load_vision_side(source) loads this tower with its connector: "
+                     ".image_tokens(pixels) are the image tokens its language model receives")
     lines += extra
     lines.append("config:        " + json.dumps(d["config"], sort_keys=True))
     return "\n".join(lines)

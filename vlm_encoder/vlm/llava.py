@@ -51,35 +51,7 @@ def load_hf_llava(
         raise ValueError(f"{path}: projector_hidden_act={config.projector_hidden_act!r}; only 'gelu' (mlp2x_gelu) is supported")
     converter = towers[vision_type]
     encoder = VisionEncoder(converter.config_from_hf(config.vision_config))
-    hf_layers = config.vision_feature_layer
-    hf_layers = [hf_layers] if isinstance(hf_layers, int) else list(hf_layers)
-    feature_layers = tuple(hf_layer_to_block(k, encoder.num_blocks) for k in hf_layers)
-    strategy = config.vision_feature_select_strategy
-    if strategy == "default" and encoder.cls_token is None:
-        raise ValueError(
-            f"{path}: vision_feature_select_strategy='default' drops the first token, but the {vision_type} tower "
-            "has no CLS token (transformers would drop a patch); only 'full' is supported for it"
-        )
-    feature_select = "patch" if strategy == "default" or encoder.cls_token is None else "cls_patch"
-    anyres = None
-    budget_tiles = None
-    if family == "llava_onevision":
-        aspect = str(config.vision_aspect_ratio)
-        if not re.fullmatch(r"anyres_max_[1-9]\d*", aspect):
-            raise ValueError(f"{path}: vision_aspect_ratio={aspect!r}; only 'anyres_max_N' is supported")
-        budget_tiles = int(aspect[len("anyres_max_") :])
-    if family in ("llava_next", "llava_onevision"):
-        if feature_select != "patch":
-            raise ValueError(
-                f"{path}: vision_feature_select_strategy='full' keeps the CLS token of the {vision_type} tower, "
-                "which cannot be laid out on the tile grid; only 'default' is supported for it"
-            )
-        anyres = LlavaNextAnyres(
-            tile_size=config.vision_config.image_size,
-            pinpoints=config.image_grid_pinpoints,
-            budget_tiles=budget_tiles,
-            multi_image="base" if family == "llava_onevision" else "tiles",
-        )
+    feature_layers, feature_select, anyres = llava_vision_options(path, family, config, encoder)
 
     hf_model = model_class.from_pretrained(
         path, trust_remote_code=False, **({"dtype": dtype} if dtype is not None else {})
@@ -127,3 +99,44 @@ def load_hf_llava(
     return model.to(device=device).eval()
 
 
+def llava_vision_options(
+    path: str | os.PathLike, family: str, config: Any, encoder: VisionEncoder
+) -> tuple[tuple[int, ...], str, LlavaNextAnyres | None]:
+    """What a LLaVA config says about its vision side: the encoder blocks the projector reads
+    (`vision_feature_layer`), `feature_select` (`vision_feature_select_strategy`) and the
+    tiling of LLaVA-NeXT / LLaVA-OneVision (`None` for LLaVA).
+
+    Raises:
+        ValueError: A strategy, aspect policy or layer that is not supported.
+    """
+    vision_type = config.vision_config.model_type
+    hf_layers = config.vision_feature_layer
+    hf_layers = [hf_layers] if isinstance(hf_layers, int) else list(hf_layers)
+    feature_layers = tuple(hf_layer_to_block(k, encoder.num_blocks) for k in hf_layers)
+    strategy = config.vision_feature_select_strategy
+    if strategy == "default" and encoder.cls_token is None:
+        raise ValueError(
+            f"{path}: vision_feature_select_strategy='default' drops the first token, but the {vision_type} tower "
+            "has no CLS token (transformers would drop a patch); only 'full' is supported for it"
+        )
+    feature_select = "patch" if strategy == "default" or encoder.cls_token is None else "cls_patch"
+    anyres = None
+    budget_tiles = None
+    if family == "llava_onevision":
+        aspect = str(config.vision_aspect_ratio)
+        if not re.fullmatch(r"anyres_max_[1-9]\d*", aspect):
+            raise ValueError(f"{path}: vision_aspect_ratio={aspect!r}; only 'anyres_max_N' is supported")
+        budget_tiles = int(aspect[len("anyres_max_") :])
+    if family in ("llava_next", "llava_onevision"):
+        if feature_select != "patch":
+            raise ValueError(
+                f"{path}: vision_feature_select_strategy='full' keeps the CLS token of the {vision_type} tower, "
+                "which cannot be laid out on the tile grid; only 'default' is supported for it"
+            )
+        anyres = LlavaNextAnyres(
+            tile_size=config.vision_config.image_size,
+            pinpoints=config.image_grid_pinpoints,
+            budget_tiles=budget_tiles,
+            multi_image="base" if family == "llava_onevision" else "tiles",
+        )
+    return feature_layers, feature_select, anyres
