@@ -56,8 +56,9 @@ SOFT_TOKENS_SIDE = 16  # our native size: 16 x 16 soft tokens (timm's default 76
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor):
     """Our fused `qkv` and qk-norms, the attention scale 1 folded into the query norm (`sqrt(d)`,
-    undone by our `1/sqrt(d)`)."""
-    return torch.cat([q, k, v]), q_norm * q_norm.shape[0] ** 0.5, k_norm
+    undone by our `1/sqrt(d)`; in float32, so that a bfloat16 checkpoint is rounded once, by the
+    final cast, not by the product)."""
+    return torch.cat([q, k, v]), q_norm.float() * q_norm.shape[0] ** 0.5, k_norm
 
 
 def _with_zero_bias(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

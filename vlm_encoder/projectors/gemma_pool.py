@@ -116,8 +116,7 @@ def load_gemma3_projector(state_dict: Mapping[str, torch.Tensor], kernel_size: i
     projector = build_projector(
         "gemma_pool", int(weight.shape[0]), int(weight.shape[1]), bias=False, kernel_size=kernel_size, norm_eps=norm_eps
     )
-    ones = torch.ones((), dtype=torch.float32)
-    norm = (ones + state["mm_soft_emb_norm.weight"].float()).to(weight.dtype)  # Gemma3RMSNorm's (1 + w)
+    norm = 1.0 + state["mm_soft_emb_norm.weight"].float()  # Gemma3RMSNorm's (1 + w), in float32 as it computes it
     return _load(projector, {"body.norm.weight": norm, "body.proj.weight": weight.t().contiguous()}, source)
 
 
