@@ -93,6 +93,13 @@ def test_processor_normalises_as_the_input_conditioner(radio):
     assert processor.config.mean == pytest.approx((0.4, 0.5, 0.45)) and processor.config.std == pytest.approx((0.25, 0.3, 0.2))
 
 
+def test_info_names_the_class_tokens(radio, capsys):
+    _, _, directory = radio
+    assert main(["info", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "prefix tokens: 3 class tokens (summary [0, 2]) + 2 registers" in out and "family:        radio" in out
+
+
 def test_packed_equals_each_image_and_transformers_packed(radio):
     """`encode_packed` over images of three sizes: each image's tokens as encoding it alone, and
     as transformers' packed forward (flattened patches + `image_grid_hw`)."""

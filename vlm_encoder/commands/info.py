@@ -43,7 +43,10 @@ def describe(encoder: VisionEncoder) -> dict[str, Any]:
         preprocessing: Any = dataclasses.asdict(processor_config)
     else:
         preprocessing = None if processor is None else repr(processor)
-    prefix = ["CLS"] * int(c.class_token) + [f"{c.num_register_tokens} registers"] * bool(c.num_register_tokens)
+    classes = "CLS" if c.num_class_tokens == 1 else f"{c.num_class_tokens} class tokens"
+    if c.summary_idxs:
+        classes += f" (summary {list(c.summary_idxs)})"
+    prefix = [classes] * int(c.class_token) + [f"{c.num_register_tokens} registers"] * bool(c.num_register_tokens)
     return {
         "source": dict(encoder.source_info),
         "blocks": encoder.num_blocks,
