@@ -52,20 +52,24 @@ def test_llava(tmp_path):
     _check("llava", side, ours, expected, (pixels.shape[2] // config.vision_config.patch_size,) * 2)
 
 
-def test_llava_onevision_anyres(tmp_path):
-    from test_llava_onevision_parity import SIZES, hf_processor, images, save_tiny_onevision
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_llava_anyres(family, tmp_path):
+    """Every tile through the tower and connector, then unpadding, the budget and the newlines."""
+    import test_llava_next_parity as next_
+    import test_llava_onevision_parity as onevision
 
-    reference = save_tiny_onevision(tmp_path)
+    module = next_ if family == "llava_next" else onevision
+    reference = (next_.save_tiny_llava_next if family == "llava_next" else onevision.save_tiny_onevision)(tmp_path)
     side = load_vision_side(tmp_path)
-    assert side.family == "llava_onevision" and side.anyres.budget_tiles == 2
-    processed = hf_processor()(images(), return_tensors="pt")
+    assert side.family == family and side.anyres is not None and side.image_newline is not None
+    processed = module.hf_processor()(module.images(), return_tensors="pt")
     with torch.no_grad():
         expected = reference.model.get_image_features(processed["pixel_values"], processed["image_sizes"]).pooler_output
         ours = side.anyres_image_tokens(processed["pixel_values"], processed["image_sizes"])
-    assert len(ours) == len(expected) == len(SIZES)
+    assert len(ours) == len(expected) == len(module.SIZES)
     for i, (a, b) in enumerate(zip(ours, expected)):
         assert a.shape == b.shape
-        close("vision side llava_onevision", a, b, f"image {i}")
+        close(f"vision side {family}", a, b, f"image {i}")
 
 
 def test_qwen2_5_vl(tmp_path):
@@ -158,3 +162,29 @@ def test_info_names_the_vision_side(gemma3_whole, capsys):  # noqa: F811
 
     assert main(["info", str(gemma3_whole[1])]) == 0
     assert "vision side:   vlm_encoder.load_vision_side(source)" in capsys.readouterr().out
+
+
+@pytest.fixture
+def empty_cache(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("load", ["vision_side", "llama4", "perception_lm", "molmo2"])
+def test_real_hub_ids_fail_offline_in_one_line(load, empty_cache):
+    from vlm_encoder.converters import hf_connectors
+
+    name, loader = {
+        "vision_side": ("Qwen/Qwen2.5-VL-7B-Instruct", load_vision_side),
+        "llama4": ("meta-llama/Llama-4-Scout-17B-16E-Instruct", hf_connectors.load_llama4_connector),
+        "perception_lm": ("facebook/Perception-LM-1B", hf_connectors.load_perception_lm_connector),
+        "molmo2": ("allenai/Molmo2-8B", hf_connectors.load_molmo2_connector),
+    }[load]
+    with pytest.raises(FileNotFoundError) as err:
+        loader(name)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{name}: config.json not in the Hugging Face cache"), message
