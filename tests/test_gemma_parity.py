@@ -281,6 +281,24 @@ def test_gemma4_image_tokens_match_get_image_features(gemma4_whole, size):
         close(f"gemma4 connector {size}", tokens[b], expected[b], f"image {b}")
 
 
+def test_gemma4_padded_batch_of_two_sizes_matches_each_image_alone(gemma4_whole):
+    """The reference's variable-resolution batch: images of different grids padded to one patch
+    count (positions -1), as its processor hands them; ours encodes each image at its own size."""
+    model, directory = gemma4_whole
+    encoder, projector = load_encoder(directory), load_gemma_projector(directory)
+    images = [torch.rand(1, 3, 24, 48), torch.rand(1, 3, 36, 12)]  # 6x12 and 9x3 patches
+    pieces = [_patches(image) for image in images]
+    longest = max(flat.shape[1] for flat, _ in pieces)
+    flat = torch.cat([torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[1])) for f, _ in pieces])
+    positions = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, longest - p.shape[1]), value=-1) for _, p in pieces])
+    with torch.no_grad():
+        expected = model.get_image_features(flat, positions).pooler_output
+        for b, image in enumerate(images):
+            grid = (image.shape[2] // PATCH, image.shape[3] // PATCH)
+            tokens = projector(encoder((image - 0.5) / 0.5).patches(-1), grid)
+            close("gemma4 connector padded batch", tokens[0], expected[b], f"image {b}")
+
+
 def test_gemma3_processor_is_its_siglip_processor(gemma3_whole):
     """The saved `Gemma3ImageProcessor` becomes ours: the same pixels (torchvision backend)."""
     import numpy as np
