@@ -100,11 +100,16 @@ def test_qwen3_vl(tmp_path):
     reference.model.visual.load_state_dict(tower.state_dict())
     reference.save_pretrained(tmp_path)
     side = load_vision_side(tmp_path)
+    assert side.deepstack_layers == tuple(tower.config.deepstack_visual_indexes) == (0, 1)
     images = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        expected = reference.model.get_image_features(*_qwen_inputs(images, PATCH, MERGE, TEMPORAL)).pooler_output
+        out = reference.model.get_image_features(*_qwen_inputs(images, PATCH, MERGE, TEMPORAL))
         ours = side.image_tokens(images)
-    _check("qwen3_vl", side, ours, expected, (8, 12))
+        tokens, deep = side.deepstack_tokens(images)
+    _check("qwen3_vl", side, ours, out.pooler_output, (8, 12))
+    assert torch.equal(tokens, ours) and len(deep) == len(out.deepstack_features) == 2
+    for j, (a, b) in enumerate(zip(deep, out.deepstack_features)):
+        _check(f"qwen3_vl deepstack {j}", side, a, b, (8, 12))
 
 
 @pytest.mark.parametrize("form", ["saved", "released"])

@@ -10,7 +10,7 @@ Families (by `config.json`'s `model_type`):
 |---|---|---|---|
 | `llava`, `llava_next`, `llava_onevision` | `mlp2x_gelu` (`multi_modal_projector`) | `vision_feature_layer` (CLS dropped for `default`) | no |
 | `qwen2_5_vl` | `qwen_merger` (RMSNorm) | last | no (the tower has none) |
-| `qwen3_vl`, `qwen3_vl_moe`, `qwen3_5`, `qwen3_5_moe` | `qwen_merger` (LayerNorm); DeepStack mergers not included | last | no (none) |
+| `qwen3_vl`, `qwen3_vl_moe`, `qwen3_5`, `qwen3_5_moe` | `qwen_merger` (LayerNorm); Qwen3-VL's DeepStack mergers as `deepstack_connectors` | last (DeepStack: `deepstack_visual_indexes`) | no (none) |
 | `kimi_k25` | `qwen_merger` (LayerNorm) | last | yes |
 | `deepseek_v4` | `deepseek_aligner` | last | yes (the aligner reads the final-normed layer) |
 | `gemma3` | `gemma_pool` | last | yes (SigLIP's `post_layernorm`) |
@@ -49,6 +49,9 @@ class VisionSide(nn.Module):
         family: The checkpoint's `model_type`.
         anyres: LLaVA-NeXT / OneVision tiling (`anyres_image_tokens`); `None` otherwise.
         image_newline: Their learned newline token `(D_llm,)`.
+        deepstack_layers: Qwen3-VL: the blocks whose DeepStack mergers feed the LLM's first
+            decoder layers (`deepstack_visual_indexes`).
+        deepstack_connectors: One connector per entry of `deepstack_layers`.
     """
 
     def __init__(
@@ -62,6 +65,8 @@ class VisionSide(nn.Module):
         family: str = "",
         anyres: Any = None,
         image_newline: torch.Tensor | None = None,
+        deepstack_layers: Sequence[int] = (),
+        deepstack_connectors: Sequence[Projector] = (),
     ) -> None:
         super().__init__()
         if feature_select not in ("patch", "cls_patch"):
@@ -72,6 +77,10 @@ class VisionSide(nn.Module):
         self.layers, self.norm, self.feature_select, self.family = tuple(layers), norm, feature_select, family
         self.anyres = anyres
         self.image_newline = None if image_newline is None else nn.Parameter(image_newline, requires_grad=False)
+        if len(deepstack_layers) != len(deepstack_connectors):
+            raise ValueError(f"{len(deepstack_layers)} DeepStack layers for {len(deepstack_connectors)} connectors")
+        self.deepstack_layers = tuple(deepstack_layers)
+        self.deepstack_connectors = nn.ModuleList(deepstack_connectors)
         self.tile_side = 0
         if anyres is not None:
             from .vlm.model import VisionLanguageModel
@@ -101,6 +110,24 @@ class VisionSide(nn.Module):
         if self.feature_select == "patch":
             return self.connector([out.patches(l) for l in self.layers], grid_size=out.grid_size)
         return self.connector([torch.cat([out.cls(l).unsqueeze(1), out.patches(l)], dim=1) for l in self.layers])
+
+    def deepstack_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Qwen3-VL: `image_tokens` and the DeepStack features from one pass of the tower.
+
+        Args:
+            pixel_values: Normalised images `(B, C, H, W)` of one size.
+
+        Returns:
+            The image tokens `(B, T, D_llm)` and one `(B, T, D_llm)` tensor per entry of
+            `deepstack_layers` (what the reference adds to the LLM's hidden states at the image
+            positions after decoder layer 0, 1, ...); no DeepStack: an empty list.
+        """
+        param = next(self.encoder.parameters())
+        layers = tuple(dict.fromkeys((*self.layers, *self.deepstack_layers)))
+        out = self.encoder(pixel_values.to(param.dtype), layers=layers, norm=self.norm)
+        tokens = self.connector([out.patches(l) for l in self.layers], grid_size=out.grid_size)
+        deep = [proj(out.patches(l), grid_size=out.grid_size) for proj, l in zip(self.deepstack_connectors, self.deepstack_layers)]
+        return tokens, deep
 
     def anyres_image_tokens(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | Sequence) -> list[torch.Tensor]:
         """LLaVA-NeXT / OneVision: each image's assembled tokens (base tile, unpadded tile grid,
@@ -163,7 +190,7 @@ def load_vision_side(source: str | os.PathLike, *, revision: str | None = None) 
     if model_type in LLAVA_TYPES:
         connector, options = _llava(files, config, encoder)
     elif model_type in QWEN_TYPES:
-        connector = _qwen_merger(files, config, model_type)
+        connector, options = _qwen_merger(files, config, model_type)
     elif model_type == "kimi_k25":
         from .converters import hf_kimi_k25
 
@@ -179,11 +206,13 @@ def load_vision_side(source: str | os.PathLike, *, revision: str | None = None) 
     return VisionSide(encoder, connector.eval(), family=model_type, **options).eval()
 
 
-def _tensors(files: Any, prefixes: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors under the first of `prefixes` that the weights hold, without it."""
+def _tensors(files: Any, prefixes: tuple[str, ...], parts: tuple[str, ...] = ("",)) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors under `prefix + part` for the first of `prefixes` that the weights hold (only
+    the shards holding them are read), without the prefix."""
     from .loading import read_weights
 
-    tensors, _, read = read_weights(files, None, lambda key: key.startswith(prefixes))
+    wanted = tuple(p + part for p in prefixes for part in parts)
+    tensors, _, read = read_weights(files, None, lambda key: key.startswith(wanted))
     prefix = next((p for p in prefixes if any(k.startswith(p) for k in tensors)), prefixes[0])
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, f"{files.source} ({', '.join(read)})"
 
@@ -218,13 +247,18 @@ def _llava(files: Any, config: dict[str, Any], encoder: VisionEncoder) -> tuple[
     return connector, dict(layers=layers, feature_select=feature_select, anyres=anyres, image_newline=newline)
 
 
-def _qwen_merger(files: Any, config: dict[str, Any], model_type: str) -> Projector:
+def _qwen_merger(files: Any, config: dict[str, Any], model_type: str) -> tuple[Projector, dict[str, Any]]:
     from .projectors import load_qwen2_5_vl_merger, load_qwen3_vl_merger
     from .weights import naming
 
-    merge = int((config.get("vision_config") or {}).get("spatial_merge_size", 2))
-    state, where = _tensors(files, ("model.visual.merger.", "visual.merger."))
+    vision = config.get("vision_config") or {}
+    merge = int(vision.get("spatial_merge_size", 2))
+    state, where = _tensors(files, ("model.visual.", "visual."), ("merger.", "deepstack_merger_list."))
+    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
     with naming(where):
         if model_type == "qwen2_5_vl":
-            return load_qwen2_5_vl_merger(state, scale_factor=merge)
-        return load_qwen3_vl_merger(state, scale_factor=merge)
+            return load_qwen2_5_vl_merger(part("merger."), scale_factor=merge), {}
+        taps = tuple(vision.get("deepstack_visual_indexes") or ())  # Qwen3.5: none
+        deepstack = [load_qwen3_vl_merger(part(f"deepstack_merger_list.{j}."), scale_factor=merge, norm_after_merge=True)
+                     for j in range(len(taps))]
+        return load_qwen3_vl_merger(part("merger."), scale_factor=merge), dict(deepstack_layers=taps, deepstack_connectors=deepstack)
