@@ -313,3 +313,32 @@ def test_real_timm_names_fail_offline_in_one_line(name, empty_cache, capsys):
     lines = captured.err.splitlines()
     assert len(lines) == 1 and not captured.out, captured.err
     assert f"timm pretrained weights for {name!r}" in lines[0] and "checkpoint" in lines[0]
+
+
+def test_extract_stores_the_summary(radio, tmp_path):
+    """`extract --select summary`: each image's summary tokens `(S, D)` per layer, as the encoder
+    gives them; an encoder without `summary_idxs` refuses the kind in one line."""
+    from PIL import Image
+
+    from vlm_encoder import FeatureStore
+    from vlm_encoder.extract import ExtractConfig, run_extraction
+
+    _, _, directory = radio
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(20, 28, 3) * 255).byte().numpy()).save(images / f"{i}.png")
+    config = ExtractConfig(model=str(directory), dataset=str(images), out=tmp_path / "out", layers=(0, -1),
+                           select=("summary", "patch"), shard_size=2, batch_size=2, num_workers=0, progress=False)
+    run_extraction(config)
+    store = FeatureStore(tmp_path / "out")
+    encoder = load_encoder(str(directory))
+    row = store.get(1)
+    pixels = encoder.image_processor(Image.open(images / "1.png"))  # (1, C, H, W)
+    with torch.no_grad():
+        out = encoder(pixels, layers=(0, -1))
+    assert row["layer1.summary"].shape == (2, 32)
+    close("radio extract", row["layer0.summary"], out.summary(0)[0], "stored summary, layer 0")
+    close("radio extract", row["layer1.summary"], out.summary(-1)[0], "stored summary, last layer")
+    assert main(["extract", "--model", "preset:vit_tiny_patch16_224", "--dataset", str(images), "--out",
+                 str(tmp_path / "none"), "--select", "summary", "--no-progress"]) == 2

@@ -11,10 +11,10 @@ import torch
 from ..specs.options import ConfigMixin, at_least, check_fields
 from .resolution import parse_pinpoints
 
-# What can be stored per image: per requested layer `cls` `(D,)`, `patch` `(N, D)` and
-# `registers` `(R, D)`; once per image `pooled` `(D,)` and `embeds` `(E,)` (the projection of
+# What can be stored per image: per requested layer `cls` `(D,)`, `patch` `(N, D)`,
+# `registers` `(R, D)` and `summary` `(S, D)` (the class tokens `summary_idxs` picks: RADIO); once per image `pooled` `(D,)` and `embeds` `(E,)` (the projection of
 # pooled, CLIP's image features; equal to pooled without a projection).
-LAYER_KINDS: tuple[str, ...] = ("cls", "patch", "registers")
+LAYER_KINDS: tuple[str, ...] = ("cls", "patch", "registers", "summary")
 IMAGE_KINDS: tuple[str, ...] = ("pooled", "embeds")
 KINDS: tuple[str, ...] = LAYER_KINDS + IMAGE_KINDS
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

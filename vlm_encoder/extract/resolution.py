@@ -107,8 +107,8 @@ class VariablePlan:
     """
 
     def __init__(self, plan: Any, mode: str, anyres: AnyresConfig | None, stride: int) -> None:
-        if mode == "anyres" and "registers" in plan.select:
-            raise ValueError("select 'registers' is not available with --anyres; choose from cls, patch, pooled, embeds")
+        if mode == "anyres" and {"registers", "summary"} & set(plan.select):
+            raise ValueError("select 'registers' / 'summary' is not available with --anyres; choose from cls, patch, pooled, embeds")
         self.plan = plan
         self.mode = mode
         self.anyres = anyres
@@ -145,6 +145,8 @@ class VariablePlan:
                 features[f"layer{block}.patch"] = patches[block]
             if "registers" in plan.select:
                 features[f"layer{block}.registers"] = out.register_tokens[out.layers.index(block)][0]
+            if "summary" in plan.select:
+                features[f"layer{block}.summary"] = out.summary(block)[0]
         if "pooled" in plan.select:
             features["pooled"] = out.pooled[0]
         if "embeds" in plan.select:

@@ -85,7 +85,8 @@ class FeaturePlan:
     """Which encoder call gives the requested features, and how each is named in a shard.
 
     Names: `layer{block}.cls` `(n, D)`, `layer{block}.patch` `(n, N, D)`,
-    `layer{block}.registers` `(n, R, D)` with the block index resolved (non-negative);
+    `layer{block}.registers` `(n, R, D)`, `layer{block}.summary` `(n, S, D)` with the block
+    index resolved (non-negative);
     `pooled` `(n, D)` and `embeds` `(n, E)`.
     """
 
@@ -98,6 +99,8 @@ class FeaturePlan:
             raise ValueError("select 'cls' needs a CLS token; this encoder has none (e.g. SigLIP): use pooled or patch")
         if "registers" in select and not c.num_register_tokens:
             raise ValueError("select 'registers' needs register tokens; this encoder has none")
+        if "summary" in select and not c.summary_idxs:
+            raise ValueError("select 'summary' needs summary tokens (RADIO's summary_idxs); this encoder has none")
         if set(select) & set(IMAGE_KINDS) and c.pool == "none":
             raise ValueError("select 'pooled' / 'embeds' need a pooled output; this encoder has pool='none'")
         needs_last = bool(set(select) & set(IMAGE_KINDS)) and encoder.num_blocks - 1 not in self.blocks
@@ -114,6 +117,8 @@ class FeaturePlan:
                 features[f"layer{block}.patch"] = out.patches(block)
             if "registers" in self.select:
                 features[f"layer{block}.registers"] = out.register_tokens[out.layers.index(block)]
+            if "summary" in self.select:
+                features[f"layer{block}.summary"] = out.summary(block)
         if "pooled" in self.select:
             features["pooled"] = out.pooled
         if "embeds" in self.select:

@@ -188,7 +188,7 @@ class FeatureStore:
 
     @property
     def keys(self) -> list[str]:
-        """Feature names: `layer{block}.{cls,patch,registers}`, `pooled`, `embeds`."""
+        """Feature names: `layer{block}.{cls,patch,registers,summary}`, `pooled`, `embeds`."""
         return list(self.manifest["features"])
 
     @property
@@ -284,7 +284,7 @@ class FeatureStore:
 
         Args:
             layer: Block index (negatives from the end), `None` for pooled / embeds.
-            kind: `cls`, `patch`, `registers`, `pooled` or `embeds`.
+            kind: `cls`, `patch`, `registers`, `summary`, `pooled` or `embeds`.
             labels: Per dataset row id (indexable or a function of the row id); items are
                 then `(features, label)`.
             transform: Applied to each feature tensor.
