@@ -160,6 +160,8 @@ def test_other_model_types_are_refused_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "clip"}')
     with pytest.raises(ValueError, match="model_type='clip' has no vision-side loader; supported: llava, "):
         load_vision_side(tmp_path)
+    with pytest.raises(ValueError, match="reads a whole VLM checkpoint .* not a timm spec"):
+        load_vision_side("timm:vit_small_patch16_224")
 
 
 def test_info_names_the_vision_side(gemma3_whole, capsys):  # noqa: F811

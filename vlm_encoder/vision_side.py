@@ -164,28 +164,36 @@ def load_vision_side(source: str | os.PathLike, *, revision: str | None = None) 
     """Load the vision side of a whole VLM checkpoint (a directory or hub repo id).
 
     Args:
-        source: A checkpoint of one of `VISION_SIDE_TYPES` (see the module docstring).
+        source: A model spec naming a whole checkpoint of one of `VISION_SIDE_TYPES` (see the
+            module docstring): a directory or a hub repo id (`specs.models.parse_model_spec`).
         revision: Hub revision for a repo id.
 
     Returns:
         The `VisionSide` in eval mode, float32.
 
     Raises:
-        ValueError: Another `model_type` (the supported ones are listed).
+        ValueError: Another `model_type` (the supported ones are listed), or a spec of another
+            scheme (`timm:`, `open_clip:`, `preset:`: towers without a VLM's connector).
         FileNotFoundError: Missing files (a hub id not cached offline says so in one line).
         WeightsError: The tower's or the connector's keys are not the family's.
     """
     from .loading import CONFIG_FILE, load_encoder_files, read_config_file
     from .specs.files import SourceFiles
+    from .specs.models import parse_model_spec
 
-    files = SourceFiles(os.fspath(source), revision)
+    spec = parse_model_spec(source)
+    if spec.scheme not in ("path", "hub"):
+        raise ValueError(f"model {spec.text!r}: load_vision_side reads a whole VLM checkpoint (a directory or hub repo id), "
+                         f"not a {spec.scheme} spec")
+    source = spec.name
+    files = SourceFiles(source, revision)
     config = read_config_file(files.get(CONFIG_FILE))
     model_type = config.get("model_type")
     if model_type not in VISION_SIDE_TYPES:
         raise ValueError(
             f"{files.source}: model_type={model_type!r} has no vision-side loader; supported: {', '.join(VISION_SIDE_TYPES)}"
         )
-    encoder = load_encoder_files(os.fspath(source), revision=revision).eval()
+    encoder = load_encoder_files(source, revision=revision).eval()
     options: dict[str, Any] = {}
     if model_type in LLAVA_TYPES:
         connector, options = _llava(files, config, encoder)
@@ -200,7 +208,7 @@ def load_vision_side(source: str | os.PathLike, *, revision: str | None = None) 
 
         connector, options = hf_deepseek_v4.load_aligner(source, revision=revision), {"norm": True}
     else:
-        from .projectors.gemma_pool import load_gemma_projector
+        from .converters.hf_gemma4 import load_gemma_projector
 
         connector, options = load_gemma_projector(source, revision=revision), {"norm": model_type == "gemma3"}
     return VisionSide(encoder, connector.eval(), family=model_type, **options).eval()
