@@ -29,7 +29,8 @@ from parity_helpers import close, perturb  # noqa: E402
 from vlm_encoder import VisionConfig, VisionEncoder, WeightsError, load_encoder  # noqa: E402
 from vlm_encoder.cli import main  # noqa: E402
 from vlm_encoder.converters import hf_gemma4  # noqa: E402
-from vlm_encoder.projectors import Projector, build_projector, load_gemma_projector  # noqa: E402
+from vlm_encoder.converters.hf_gemma4 import load_gemma_projector  # noqa: E402
+from vlm_encoder.projectors import Projector, build_projector  # noqa: E402
 
 PATCH, K, TABLE = 4, 3, 16
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,

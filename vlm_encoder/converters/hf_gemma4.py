@@ -36,8 +36,9 @@ projector (`projectors.load_gemma4_projector`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -46,6 +47,9 @@ from ..config import VisionConfig
 from ..encoder import VisionEncoder
 from ..weights import WeightsError, naming, read_state_dict
 from .hf_common import KeyTable, Transform, activation, parse_config
+
+if TYPE_CHECKING:
+    from ..projectors import Projector
 
 FAMILY = "Gemma 4 vision"
 TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
@@ -325,3 +329,54 @@ def image_processor(config: VisionConfig) -> Any:
 
     return ImageProcessor(ProcessorConfig(resize_mode="exact", size=config.image_size, interpolation="bicubic",
                                           backend="torchvision", mean=0.5, std=0.5))
+
+
+# The connector of a whole checkpoint (the `gemma_pool` projector; weights alone: projectors.gemma_pool).
+GEMMA3_PROJECTOR = ("model.multi_modal_projector.", "multi_modal_projector.")
+GEMMA4_EMBEDDER = ("model.embed_vision.", "embed_vision.")
+GEMMA4_STANDARDIZE = tuple(f"{p}{n}" for p in ("model.vision_tower.", "vision_tower.") for n in ("std_bias", "std_scale"))
+
+
+def load_gemma_projector(source: str | os.PathLike, *, revision: str | None = None) -> Projector:
+    """The connector of a whole Gemma 3 or Gemma 4 checkpoint (a directory or hub repo id): its
+    `config.json` says which and gives the geometry; only the shards holding the connector's
+    keys are read.
+
+    Raises:
+        ValueError: A `model_type` other than `gemma3` / `gemma4`.
+        FileNotFoundError: Missing files (a hub id not cached offline says so).
+        WeightsError: The connector's keys are not exactly the reference's.
+    """
+    from ..loading import CONFIG_FILE, read_config_file, read_weights
+    from ..projectors.gemma_pool import load_gemma3_projector, load_gemma4_projector
+    from ..specs.files import SourceFiles
+
+    files = SourceFiles(os.fspath(source), revision)
+    config = read_config_file(files.get(CONFIG_FILE))
+    model_type = config.get("model_type")
+    if model_type == "gemma3":
+        from transformers import Gemma3Config
+
+        c = Gemma3Config.from_dict(config)
+        prefixes = GEMMA3_PROJECTOR
+    elif model_type == "gemma4":
+        from transformers import Gemma4Config
+
+        c = Gemma4Config.from_dict(config)
+        prefixes = GEMMA4_EMBEDDER + GEMMA4_STANDARDIZE
+    else:
+        raise ValueError(f"{files.source}: model_type={model_type!r} is not a Gemma VLM; expected 'gemma3' or 'gemma4'")
+    tensors, _, _ = read_weights(files, None, lambda key: key.startswith(prefixes))
+    with naming(str(files.source)):
+        state = {_unprefixed(k, prefixes): v for k, v in tensors.items()}
+        vision = c.vision_config
+        if model_type == "gemma3":
+            side = vision.image_size // vision.patch_size
+            return load_gemma3_projector(state, side // int(round(c.mm_tokens_per_image**0.5)), vision.layer_norm_eps)
+        return load_gemma4_projector(state, vision.pooling_kernel_size, vision.rms_norm_eps)
+
+
+def _unprefixed(key: str, prefixes: tuple[str, ...]) -> str:
+    """`key` without the model prefix: the connector's own name (`std_*` lose the tower's too)."""
+    prefix = next(p for p in prefixes if key.startswith(p))
+    return key.rsplit(".", 1)[-1] if prefix in GEMMA4_STANDARDIZE else key[len(prefix) :]

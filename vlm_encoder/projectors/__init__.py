@@ -12,7 +12,7 @@ from .c_abstractor import CAbstractorOptions
 from .config import KindOptions, ProjectorConfig
 from .deepseek_aligner import DeepseekAlignerOptions, load_deepseek_v4_aligner
 from .fusion import FeatureFusion, TokenStream, resample_tokens
-from .gemma_pool import GemmaPoolOptions, load_gemma3_projector, load_gemma4_projector, load_gemma_projector
+from .gemma_pool import GemmaPoolOptions, load_gemma3_projector, load_gemma4_projector
 from .kind import ProjectorKind, build_mlp
 from .llama4_adapter import load_llama4_projector
 from .llava import convert_hf_llava_projector, load_llava_mm_projector
@@ -49,7 +49,6 @@ __all__ = [
     "load_deepseek_v4_aligner",
     "load_gemma3_projector",
     "load_gemma4_projector",
-    "load_gemma_projector",
     "load_idefics3_connector",
     "load_internvl_projector",
     "load_kimi_k25_merger",

@@ -16,7 +16,6 @@ float32).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -150,53 +149,3 @@ def load_gemma4_projector(
     )
     names = {"embedding_projection.weight": "body.proj.weight", "std_bias": "body.std_bias", "std_scale": "body.std_scale"}
     return _load(projector, {names[k]: v for k, v in state.items()}, source)
-
-
-GEMMA3_PROJECTOR = ("model.multi_modal_projector.", "multi_modal_projector.")
-GEMMA4_EMBEDDER = ("model.embed_vision.", "embed_vision.")
-GEMMA4_STANDARDIZE = tuple(f"{p}{n}" for p in ("model.vision_tower.", "vision_tower.") for n in ("std_bias", "std_scale"))
-
-
-def load_gemma_projector(source: str | os.PathLike, *, revision: str | None = None) -> Projector:
-    """The connector of a whole Gemma 3 or Gemma 4 checkpoint (a directory or hub repo id): its
-    `config.json` says which and gives the geometry; only the shards holding the connector's
-    keys are read.
-
-    Raises:
-        ValueError: A `model_type` other than `gemma3` / `gemma4`.
-        FileNotFoundError: Missing files (a hub id not cached offline says so).
-        WeightsError: The connector's keys are not exactly the reference's.
-    """
-    from ..loading import CONFIG_FILE, read_config_file, read_weights
-    from ..specs.files import SourceFiles
-    from ..weights import naming
-
-    files = SourceFiles(os.fspath(source), revision)
-    config = read_config_file(files.get(CONFIG_FILE))
-    model_type = config.get("model_type")
-    if model_type == "gemma3":
-        from transformers import Gemma3Config
-
-        c = Gemma3Config.from_dict(config)
-        prefixes = GEMMA3_PROJECTOR
-    elif model_type == "gemma4":
-        from transformers import Gemma4Config
-
-        c = Gemma4Config.from_dict(config)
-        prefixes = GEMMA4_EMBEDDER + GEMMA4_STANDARDIZE
-    else:
-        raise ValueError(f"{files.source}: model_type={model_type!r} is not a Gemma VLM; expected 'gemma3' or 'gemma4'")
-    tensors, _, _ = read_weights(files, None, lambda key: key.startswith(prefixes))
-    with naming(str(files.source)):
-        state = {_unprefixed(k, prefixes): v for k, v in tensors.items()}
-        vision = c.vision_config
-        if model_type == "gemma3":
-            side = vision.image_size // vision.patch_size
-            return load_gemma3_projector(state, side // int(round(c.mm_tokens_per_image**0.5)), vision.layer_norm_eps)
-        return load_gemma4_projector(state, vision.pooling_kernel_size, vision.rms_norm_eps)
-
-
-def _unprefixed(key: str, prefixes: tuple[str, ...]) -> str:
-    """`key` without the model prefix: the connector's own name (`std_*` lose the tower's too)."""
-    prefix = next(p for p in prefixes if key.startswith(p))
-    return key.rsplit(".", 1)[-1] if prefix in GEMMA4_STANDARDIZE else key[len(prefix) :]
