@@ -90,7 +90,8 @@ def test_processor_normalises_as_the_input_conditioner(radio):
     _, _, directory = radio
     processor = load_encoder(str(directory)).image_processor
     assert processor.config.size == (32, 32)
-    assert processor.config.mean == pytest.approx((0.4, 0.5, 0.45)) and processor.config.std == pytest.approx((0.25, 0.3, 0.2))
+    assert processor.config.mean == pytest.approx((0.4, 0.5, 0.45))
+    assert processor.config.std == pytest.approx((0.25, 0.3, 0.2))
 
 
 def test_info_names_the_class_tokens(radio, capsys):
@@ -147,8 +148,9 @@ def test_both_layouts_load_the_same(radio, tmp_path):
 def test_missing_layer_scale_is_filled_with_layerscale_value(radio):
     name, reference, _ = radio
     state = {k: v for k, v in reference.state_dict().items() if "layer_scale" not in k}
-    converted = hf_radio.convert_state_dict(state, num_class_tokens=3, layerscale_value=reference.config.layerscale_value)
-    assert torch.equal(converted["blocks.1.ls2.gamma"], torch.full((32,), reference.config.layerscale_value))
+    value = reference.config.layerscale_value
+    converted = hf_radio.convert_state_dict(state, num_class_tokens=3, layerscale_value=value)
+    assert torch.equal(converted["blocks.1.ls2.gamma"], torch.full((32,), value))
 
 
 def test_strict(radio):
@@ -159,7 +161,7 @@ def test_strict(radio):
         hf_radio.convert_state_dict(state, num_class_tokens=3, layerscale_value=1.0)
     state = {k: v for k, v in reference.state_dict().items() if k != "encoder.layer.1.norm1.weight"}
     converted = hf_radio.convert_state_dict(state, num_class_tokens=3, layerscale_value=1.0)
-    assert "blocks.1.norm1.weight" not in converted and "blocks.1.norm1.bias" in converted  # load_state_dict_strict names it
+    assert "blocks.1.norm1.weight" not in converted and "blocks.1.norm1.bias" in converted  # the loader names it
     with pytest.raises(ValueError, match="video_temporal_patch_size"):
         hf_radio.config_from_hf({**reference.config.to_dict(), "video_temporal_patch_size": 2})
     legacy = {"model_type": "radio", "version": "c-radio_v3-b", "args": {"model": "vit_base_patch16_224"},
@@ -247,7 +249,8 @@ def test_timm_vit_radio_is_timm_vit(tmp_path):
     """`vit_*_radio_*`: a classic timm ViT (table fixed to `img_size`, resampled as timm's
     `dynamic_img_size`), loaded from a timm checkpoint file."""
     torch.manual_seed(0)
-    model = perturb(timm.create_model("vit_base_patch16_radio_v3", pretrained=False, dynamic_img_size=True, **TINY_TIMM))
+    model = timm.create_model("vit_base_patch16_radio_v3", pretrained=False, dynamic_img_size=True, **TINY_TIMM)
+    perturb(model)
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
     encoder = timm_radio.load_timm_radio("vit_base_patch16_radio_v3", str(tmp_path / "model.safetensors"),
                                          dynamic_img_size=True, **TINY_TIMM)

@@ -100,7 +100,9 @@ class EncoderOutput:
 
 
 # Which fields hold tensors (pytree children) and which are static (the pytree context).
-_TENSOR_FIELDS = ("patch_tokens", "cls_tokens", "register_tokens", "pooled", "attentions", "class_tokens", "summary_tokens")
+_TENSOR_FIELDS = (
+    "patch_tokens", "cls_tokens", "register_tokens", "pooled", "attentions", "class_tokens", "summary_tokens"
+)
 _STATIC_FIELDS = ("layers", "grid_size", "num_blocks")
 
 

@@ -23,10 +23,12 @@ What transformers' `radio` describes, and how it is expressed:
 Two layouts are read: NVIDIA's released one (`radio_model.model.patch_generator.*`,
 `radio_model.model.blocks.{i}.attn.qkv`, ...; transformers' `save_pretrained` writes it too,
 its conversion mapping reversed), renamed as that mapping renames it (`_RELEASED`; the fused
-`qkv` split in q, k, v), and transformers' own names (a live `RadioModel.state_dict()`). The release's LayerScale (`ls1` / `ls2`, `.gamma` or `.grandma`) is loaded as the
-blocks' LayerScale (transformers' mapping leaves it out and fills `layerscale_value`). Refused
-by name: the video patch projection (`video_temporal_patch_size`), and any released key
-outside the tower, its input conditioner and `summary_idxs` (e.g. teacher adaptor heads).
+`qkv` split in q, k, v), and transformers' own names (a live `RadioModel.state_dict()`). The
+release's LayerScale (`ls1` / `ls2`, `.gamma` or `.grandma`) is loaded as the blocks'
+LayerScale (transformers' mapping leaves it out and fills `layerscale_value`). Refused by name:
+the video patch projection (`video_temporal_patch_size`), NVIDIA's remote-code `config.json`
+(`args` / `version`, no geometry), and any released key outside the tower, its input
+conditioner and `summary_idxs` (e.g. teacher adaptor heads).
 """
 
 from __future__ import annotations

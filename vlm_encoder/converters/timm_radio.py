@@ -120,7 +120,9 @@ def _naflex_config(model: nn.Module) -> VisionConfig:
     )
 
 
-def _naflex_state_dict(state_dict: Mapping[str, torch.Tensor], config: VisionConfig, channels_last: bool) -> dict[str, torch.Tensor]:
+def _naflex_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: VisionConfig, channels_last: bool
+) -> dict[str, torch.Tensor]:
     """A `NaFlexVit` state dict under timm `VisionTransformer` names (for `timm_vit`'s mapping)."""
     out: dict[str, torch.Tensor] = {}
     p, c = config.patch_size, config.in_channels
