@@ -100,7 +100,8 @@ def test_llama4_connector_round_trip_and_strict_keys(llama4, tmp_path):
     x = torch.randn(1, 36, 32)
     with torch.no_grad():
         assert torch.equal(again(x, grid_size=(6, 6)), connector(x, grid_size=(6, 6)))
-    state = {"fc1.weight": torch.zeros(40, 128), "fc2.weight": torch.zeros(40, 40), "linear_1.weight": torch.zeros(8, 40)}
+    state = {"fc1.weight": torch.zeros(40, 128), "fc2.weight": torch.zeros(40, 40),
+             "linear_1.weight": torch.zeros(8, 40)}
     with pytest.raises(WeightsError, match="unexpected \\['extra'\\]"):
         load_llama4_projector({**state, "extra": torch.zeros(1)})
     with pytest.raises(WeightsError, match="do not chain"):

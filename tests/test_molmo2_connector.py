@@ -81,7 +81,8 @@ def test_multi_crop_tokens_match_get_image_features(molmo2):
 @pytest.mark.parametrize("pool", [2, 4])
 def test_one_crop_tokens_from_the_grid(molmo2, pool):
     reference, directory = molmo2
-    state = {k.split("multi_modal_projector.", 1)[1]: v for k, v in reference.state_dict().items() if "multi_modal_projector." in k}
+    prefix = "model.multi_modal_projector."
+    state = {k[len(prefix):]: v for k, v in reference.state_dict().items() if k.startswith(prefix)}
     connector = load_molmo2_adapter(state, num_layers=2, num_heads=2, pool_size=pool)
     pixels = torch.randn(2, SIDE * SIDE, PATCH * PATCH * 3)
     with torch.no_grad():
@@ -106,8 +107,8 @@ def test_round_trip_and_strict_keys(molmo2, tmp_path):
     x = [torch.randn(1, 35, 32), torch.randn(1, 35, 32)]
     with torch.no_grad():
         assert torch.equal(again(x, grid_size=(7, 5)), connector(x, grid_size=(7, 5)))
-    state = {k.replace("body.", "image_pooling_2d.", 1) if k[5] in "qkvo" else k.replace("body.", "image_projector.", 1): v
-             for k, v in connector.state_dict().items()}
+    module = lambda key: "image_pooling_2d." if key[5] in "qkvo" else "image_projector."  # noqa: E731 - body.q_proj...
+    state = {k.replace("body.", module(k), 1): v for k, v in connector.state_dict().items()}
     assert load_molmo2_adapter(state, num_layers=2, num_heads=2).config == c
     with pytest.raises(WeightsError, match="unexpected \\['extra'\\]"):
         load_molmo2_adapter({**state, "extra": torch.zeros(1)}, num_layers=2, num_heads=2)

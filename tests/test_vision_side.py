@@ -95,8 +95,10 @@ def test_qwen3_vl(tmp_path):
 
     tower = _reference()
     text = dict(hidden_size=D, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=12,
-                intermediate_size=48, vocab_size=64, rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2]})
-    reference = Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=tower.config.to_dict(), text_config=text)).eval()
+                intermediate_size=48, vocab_size=64,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2]})
+    config = Qwen3VLConfig(vision_config=tower.config.to_dict(), text_config=text)
+    reference = Qwen3VLForConditionalGeneration(config).eval()
     reference.model.visual.load_state_dict(tower.state_dict())
     reference.save_pretrained(tmp_path)
     side = load_vision_side(tmp_path)

@@ -4,17 +4,17 @@ norm is applied, so `side.image_tokens(pixels)` gives exactly the image tokens t
 language model receives, without loading the language model (only the tower's and the
 connector's tensors are read).
 
-Families (by `config.json`'s `model_type`):
+Families (by `config.json`'s `model_type`): connector; layers read; final norm applied.
 
-| model_type | connector | layers read | final norm |
-|---|---|---|---|
-| `llava`, `llava_next`, `llava_onevision` | `mlp2x_gelu` (`multi_modal_projector`) | `vision_feature_layer` (CLS dropped for `default`) | no |
-| `qwen2_5_vl` | `qwen_merger` (RMSNorm) | last | no (the tower has none) |
-| `qwen3_vl`, `qwen3_vl_moe`, `qwen3_5`, `qwen3_5_moe` | `qwen_merger` (LayerNorm); Qwen3-VL's DeepStack mergers as `deepstack_connectors` | last (DeepStack: `deepstack_visual_indexes`) | no (none) |
-| `kimi_k25` | `qwen_merger` (LayerNorm) | last | yes |
-| `deepseek_v4` | `deepseek_aligner` | last | yes (the aligner reads the final-normed layer) |
-| `gemma3` | `gemma_pool` | last | yes (SigLIP's `post_layernorm`) |
-| `gemma4` | `gemma_pool` (scale, standardize) | last | no (none) |
+  * `llava`, `llava_next`, `llava_onevision`: `mlp2x_gelu` (`multi_modal_projector`);
+    `vision_feature_layer` (CLS dropped for `default`); no. NeXT / OneVision: `anyres_image_tokens`.
+  * `qwen2_5_vl`: `qwen_merger` (RMSNorm); last; no (the tower has none).
+  * `qwen3_vl`, `qwen3_vl_moe`, `qwen3_5`, `qwen3_5_moe`: `qwen_merger` (LayerNorm); last; no
+    (none). Qwen3-VL's DeepStack mergers: `deepstack_connectors` on `deepstack_visual_indexes`.
+  * `kimi_k25`: `qwen_merger` (LayerNorm); last; yes.
+  * `deepseek_v4`: `deepseek_aligner`; last; yes (the aligner reads the final-normed layer).
+  * `gemma3`: `gemma_pool`; last; yes (SigLIP's `post_layernorm`).
+  * `gemma4`: `gemma_pool` (scale, standardize); last; no (none).
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ class VisionSide(nn.Module):
         if feature_select not in ("patch", "cls_patch"):
             raise ValueError(f"feature_select must be 'patch' or 'cls_patch', got {feature_select!r}")
         if len(layers) != connector.config.num_inputs:
-            raise ValueError(f"the connector reads {connector.config.num_inputs} stream(s), {len(layers)} layer(s) given")
+            raise ValueError(
+                f"the connector reads {connector.config.num_inputs} stream(s), {len(layers)} layer(s) given"
+            )
         self.encoder, self.connector = encoder, connector
         self.layers, self.norm, self.feature_select, self.family = tuple(layers), norm, feature_select, family
         self.anyres = anyres
@@ -126,10 +128,13 @@ class VisionSide(nn.Module):
         layers = tuple(dict.fromkeys((*self.layers, *self.deepstack_layers)))
         out = self.encoder(pixel_values.to(param.dtype), layers=layers, norm=self.norm)
         tokens = self.connector([out.patches(l) for l in self.layers], grid_size=out.grid_size)
-        deep = [proj(out.patches(l), grid_size=out.grid_size) for proj, l in zip(self.deepstack_connectors, self.deepstack_layers)]
+        taps = zip(self.deepstack_connectors, self.deepstack_layers)
+        deep = [proj(out.patches(l), grid_size=out.grid_size) for proj, l in taps]
         return tokens, deep
 
-    def anyres_image_tokens(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | Sequence) -> list[torch.Tensor]:
+    def anyres_image_tokens(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | Sequence
+    ) -> list[torch.Tensor]:
         """LLaVA-NeXT / OneVision: each image's assembled tokens (base tile, unpadded tile grid,
         budget, newlines), as `get_image_features`.
 
@@ -144,7 +149,8 @@ class VisionSide(nn.Module):
 
         if self.anyres is None:
             raise ValueError(f"{self.family or 'this'} vision side has no anyres tiling; use image_tokens")
-        sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes)]
+        rows = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
+        sizes = [tuple(int(v) for v in s) for s in rows]
         counts = [num_tiles(size, self.anyres) for size in sizes]
         if pixel_values.ndim == 5:
             pixel_values = torch.cat([tiles[:n] for tiles, n in zip(pixel_values, counts)])
@@ -154,7 +160,8 @@ class VisionSide(nn.Module):
 
     def num_image_tokens(self, grid_size: tuple[int, int]) -> int:
         """`T` of `image_tokens` for a patch grid `(h, w)` (one image or tile)."""
-        return self.connector.num_output_tokens(grid_size=grid_size, num_tokens=None if self.feature_select == "patch" else 1 + grid_size[0] * grid_size[1])
+        tokens = None if self.feature_select == "patch" else 1 + grid_size[0] * grid_size[1]  # CLS + patches
+        return self.connector.num_output_tokens(grid_size=grid_size, num_tokens=tokens)
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}, layers={self.layers}, norm={self.norm}, feature_select={self.feature_select!r}"
@@ -183,15 +190,16 @@ def load_vision_side(source: str | os.PathLike, *, revision: str | None = None) 
 
     spec = parse_model_spec(source)
     if spec.scheme not in ("path", "hub"):
-        raise ValueError(f"model {spec.text!r}: load_vision_side reads a whole VLM checkpoint (a directory or hub repo id), "
-                         f"not a {spec.scheme} spec")
+        raise ValueError(f"model {spec.text!r}: load_vision_side reads a whole VLM checkpoint (a directory or hub "
+                         f"repo id), not a {spec.scheme} spec")
     source = spec.name
     files = SourceFiles(source, revision)
     config = read_config_file(files.get(CONFIG_FILE))
     model_type = config.get("model_type")
     if model_type not in VISION_SIDE_TYPES:
         raise ValueError(
-            f"{files.source}: model_type={model_type!r} has no vision-side loader; supported: {', '.join(VISION_SIDE_TYPES)}"
+            f"{files.source}: model_type={model_type!r} has no vision-side loader; "
+            f"supported: {', '.join(VISION_SIDE_TYPES)}"
         )
     encoder = load_encoder_files(source, revision=revision).eval()
     options: dict[str, Any] = {}
@@ -214,7 +222,9 @@ def load_vision_side(source: str | os.PathLike, *, revision: str | None = None) 
     return VisionSide(encoder, connector.eval(), family=model_type, **options).eval()
 
 
-def _tensors(files: Any, prefixes: tuple[str, ...], parts: tuple[str, ...] = ("",)) -> tuple[dict[str, torch.Tensor], str]:
+def _tensors(
+    files: Any, prefixes: tuple[str, ...], parts: tuple[str, ...] = ("",)
+) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors under `prefix + part` for the first of `prefixes` that the weights hold (only
     the shards holding them are read), without the prefix."""
     from .loading import read_weights
@@ -222,7 +232,8 @@ def _tensors(files: Any, prefixes: tuple[str, ...], parts: tuple[str, ...] = (""
     wanted = tuple(p + part for p in prefixes for part in parts)
     tensors, _, read = read_weights(files, None, lambda key: key.startswith(wanted))
     prefix = next((p for p in prefixes if any(k.startswith(p) for k in tensors)), prefixes[0])
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, f"{files.source} ({', '.join(read)})"
+    where = f"{files.source} ({', '.join(read)})"
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, where
 
 
 def _llava(files: Any, config: dict[str, Any], encoder: VisionEncoder) -> tuple[Projector, dict[str, Any]]:
@@ -234,7 +245,8 @@ def _llava(files: Any, config: dict[str, Any], encoder: VisionEncoder) -> tuple[
 
     hf_config = transformers.AutoConfig.for_model(**config)
     if hf_config.projector_hidden_act != "gelu":
-        raise ValueError(f"{files.source}: projector_hidden_act={hf_config.projector_hidden_act!r}; only 'gelu' (mlp2x_gelu) is supported")
+        raise ValueError(f"{files.source}: projector_hidden_act={hf_config.projector_hidden_act!r}; "
+                         "only 'gelu' (mlp2x_gelu) is supported")
     layers, feature_select, anyres = llava_vision_options(files.source, config["model_type"], hf_config, encoder)
     state, where = _tensors(files, ("model.multi_modal_projector.", "multi_modal_projector."))
     with naming(where):
@@ -267,6 +279,9 @@ def _qwen_merger(files: Any, config: dict[str, Any], model_type: str) -> tuple[P
         if model_type == "qwen2_5_vl":
             return load_qwen2_5_vl_merger(part("merger."), scale_factor=merge), {}
         taps = tuple(vision.get("deepstack_visual_indexes") or ())  # Qwen3.5: none
-        deepstack = [load_qwen3_vl_merger(part(f"deepstack_merger_list.{j}."), scale_factor=merge, norm_after_merge=True)
-                     for j in range(len(taps))]
-        return load_qwen3_vl_merger(part("merger."), scale_factor=merge), dict(deepstack_layers=taps, deepstack_connectors=deepstack)
+        deepstack = [
+            load_qwen3_vl_merger(part(f"deepstack_merger_list.{j}."), scale_factor=merge, norm_after_merge=True)
+            for j in range(len(taps))
+        ]
+        merger = load_qwen3_vl_merger(part("merger."), scale_factor=merge)
+        return merger, dict(deepstack_layers=taps, deepstack_connectors=deepstack)

@@ -32,7 +32,8 @@ def load_llama4_connector(source: str | os.PathLike, *, revision: str | None = N
     files = SourceFiles(os.fspath(source), revision)
     config = read_config_file(files.get(CONFIG_FILE))
     if config.get("model_type") != "llama4":
-        raise ValueError(f"{files.source}: model_type={config.get('model_type')!r} is not a Llama 4 VLM; expected 'llama4'")
+        raise ValueError(f"{files.source}: model_type={config.get('model_type')!r} is not a Llama 4 VLM; "
+                         "expected 'llama4'")
     from transformers import Llama4Config
 
     ratio = float(Llama4Config.from_dict(config).vision_config.pixel_shuffle_ratio)
@@ -42,7 +43,7 @@ def load_llama4_connector(source: str | os.PathLike, *, revision: str | None = N
     prefixes = (llama4_adapter.ADAPTER_PREFIX, llama4_adapter.PROJECTOR_PREFIX)
     tensors, _, read = read_weights(files, None, lambda key: key.startswith(prefixes))
     with naming(f"{files.source} ({', '.join(read)})"):
-        state = {k.split(".", 1)[1] if k.startswith(llama4_adapter.PROJECTOR_PREFIX) else k[len(llama4_adapter.ADAPTER_PREFIX):]: v for k, v in tensors.items()}
+        state = {_unprefixed(k, prefixes): v for k, v in tensors.items()}
         return llama4_adapter.load_llama4_projector(state, scale_factor)
 
 
@@ -59,11 +60,12 @@ def load_perception_lm_connector(source: str | os.PathLike, *, revision: str | N
     files = SourceFiles(os.fspath(source), revision)
     config = read_config_file(files.get(CONFIG_FILE))
     if config.get("model_type") != "perception_lm":
-        raise ValueError(f"{files.source}: model_type={config.get('model_type')!r} is not a PerceptionLM; expected 'perception_lm'")
+        raise ValueError(f"{files.source}: model_type={config.get('model_type')!r} is not a PerceptionLM; "
+                         "expected 'perception_lm'")
     ratio = config.get("projector_pooling_ratio", 1)
     tensors, _, read = read_weights(files, None, lambda key: key.startswith(mlp_pool.PROJECTOR_PREFIXES))
     with naming(f"{files.source} ({', '.join(read)})"):
-        state = {k[len(next(p for p in mlp_pool.PROJECTOR_PREFIXES if k.startswith(p))):]: v for k, v in tensors.items()}
+        state = {_unprefixed(k, mlp_pool.PROJECTOR_PREFIXES): v for k, v in tensors.items()}
         return mlp_pool.load_perception_lm_projector(state, int(ratio))
 
 
@@ -87,15 +89,18 @@ def load_molmo2_connector(source: str | os.PathLike, *, revision: str | None = N
         raise ValueError(f"{files.source}: model_type={config.get('model_type')!r} is not a Molmo2; expected 'molmo2'")
     adapter = molmo2_adapter_config(config)
     if adapter.hidden_act != "silu":
-        raise ValueError(f"{files.source}: adapter hidden_act={adapter.hidden_act!r}; only 'silu' (Molmo2's SwiGLU) is supported")
+        raise ValueError(f"{files.source}: adapter hidden_act={adapter.hidden_act!r}; "
+                         "only 'silu' (Molmo2's SwiGLU) is supported")
     processor = files.get(PREPROCESSOR_FILE, required=False)
     pool_size = tuple((read_config_file(processor) if processor else {}).get("pooling_size", (2, 2)))
-    adapter_keys = tuple(f"{p}{m}." for p in molmo_pool.ADAPTER_PREFIXES for m in ("image_pooling_2d", "image_projector"))
+    parts = ("image_pooling_2d.", "image_projector.")
+    adapter_keys = tuple(p + m for p in molmo_pool.ADAPTER_PREFIXES for m in parts)
     tensors, _, read = read_weights(files, None, lambda key: key.startswith(adapter_keys))
     with naming(f"{files.source} ({', '.join(read)})"):
-        state = {k[len(next(p for p in molmo_pool.ADAPTER_PREFIXES if k.startswith(p))):]: v for k, v in tensors.items()}
+        state = {_unprefixed(k, molmo_pool.ADAPTER_PREFIXES): v for k, v in tensors.items()}
         return molmo_pool.load_molmo2_adapter(
-            state, num_layers=len(adapter.vision_feature_layer), num_heads=adapter.num_attention_heads, pool_size=pool_size
+            state, num_layers=len(adapter.vision_feature_layer), num_heads=adapter.num_attention_heads,
+            pool_size=pool_size,
         )
 
 
@@ -106,3 +111,8 @@ def molmo2_adapter_config(config: dict[str, Any]) -> Any:
     from transformers import Molmo2Config
 
     return Molmo2Config.from_dict(dict(config)).adapter_config
+
+
+def _unprefixed(key: str, prefixes: tuple[str, ...]) -> str:
+    """`key` without the first of `prefixes` it starts with."""
+    return key[len(next(p for p in prefixes if key.startswith(p))):]

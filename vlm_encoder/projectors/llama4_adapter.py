@@ -59,12 +59,14 @@ def load_llama4_projector(state_dict: Mapping[str, torch.Tensor], scale_factor: 
     if tuple(fc2.shape) != (hidden, hidden) or last.shape[1] != hidden:
         raise WeightsError(
             f"{source}: fc1 {tuple(fc1.shape)}, fc2 {tuple(fc2.shape)}, linear_1 {tuple(last.shape)} do not chain as "
-            "Linear(4C, P), Linear(P, P), Linear(P, D_llm) (projector_input_dim == projector_output_dim == vision_output_dim)"
+            "Linear(4C, P), Linear(P, P), Linear(P, D_llm) "
+            "(projector_input_dim == projector_output_dim == vision_output_dim)"
         )
     in_dim = _merged_width(fc1.shape[1], scale_factor, source)
     projector = build_projector(
         "pixel_shuffle", in_dim, int(last.shape[0]), scale_factor=scale_factor, order="offset_major", norm=False,
         num_linear=3, hidden_dim=hidden, bias=False,
     )
-    names = {"fc1.weight": "body.mlp.0.weight", "fc2.weight": "body.mlp.2.weight", "linear_1.weight": "body.mlp.4.weight"}
+    names = {"fc1.weight": "body.mlp.0.weight", "fc2.weight": "body.mlp.2.weight",
+             "linear_1.weight": "body.mlp.4.weight"}
     return _load(projector, {names[k]: v for k, v in state.items()}, source)

@@ -61,7 +61,9 @@ class MLPPoolProjector(ProjectorKind):
     def _pooled(self, grid: tuple[int, int]) -> tuple[int, int]:
         r = self.pooling_ratio
         if grid[0] < r or grid[1] < r:
-            raise ValueError(f"mlp_pool with pooling_ratio={r} needs a patch grid of at least {r}x{r}, got {grid[0]}x{grid[1]}")
+            raise ValueError(
+                f"mlp_pool with pooling_ratio={r} needs a patch grid of at least {r}x{r}, got {grid[0]}x{grid[1]}"
+            )
         return grid[0] // r, grid[1] // r
 
     def num_output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:

@@ -70,7 +70,9 @@ class MolmoPoolOptions(KindOptions):
     attention_bias: bool = True
 
 
-def pooling_index(grid: tuple[int, int], pool_size: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+def pooling_index(
+    grid: tuple[int, int], pool_size: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor:
     """Molmo2's pooling sets of one `(h, w)` patch grid: `(ceil(h/p_h) * ceil(w/p_w), p_h * p_w)`
     row-major patch indices, `-1` for the centred padding (`arange_for_pooling`)."""
     (h, w), (ph, pw) = grid, pool_size
@@ -161,7 +163,9 @@ class MolmoPoolProjector(ProjectorKind):
 # A saved checkpoint holds the adapter under the released names (transformers writes them back on
 # save: `vision_backbone.image_pooling_2d.wq`, `image_projector.w1` = gate, `w2` = down, `w3` = up);
 # in memory transformers names it `multi_modal_projector.image_pooling_2d.q_proj`, ...
-ADAPTER_PREFIXES = ("model.vision_backbone.", "vision_backbone.", "model.multi_modal_projector.", "multi_modal_projector.")
+ADAPTER_PREFIXES = (
+    "model.vision_backbone.", "vision_backbone.", "model.multi_modal_projector.", "multi_modal_projector."
+)
 _RELEASED = {f"image_pooling_2d.w{n}": f"image_pooling_2d.{n}_proj" for n in "qkvo"} | {
     "image_projector.w1": "image_projector.gate_proj", "image_projector.w2": "image_projector.down_proj",
     "image_projector.w3": "image_projector.up_proj",
@@ -216,9 +220,12 @@ def load_molmo2_adapter(
     expected |= {f"image_projector.{n}_proj.bias" for n in ("gate", "up")} if mlp_bias else set()
     state = _exact_keys(state_dict, expected, source)
     q, k = state["image_pooling_2d.q_proj.weight"], state["image_pooling_2d.k_proj.weight"]
-    o, gate, down = (state[f"{n}.weight"] for n in ("image_pooling_2d.o_proj", "image_projector.gate_proj", "image_projector.down_proj"))
+    o = state["image_pooling_2d.o_proj.weight"]
+    gate, down = state["image_projector.gate_proj.weight"], state["image_projector.down_proj.weight"]
     if q.shape[0] % num_heads or q.shape[1] % num_layers:
-        raise WeightsError(f"{source}: q_proj {tuple(q.shape)} does not fit num_heads={num_heads}, num_layers={num_layers}")
+        raise WeightsError(
+            f"{source}: q_proj {tuple(q.shape)} does not fit num_heads={num_heads}, num_layers={num_layers}"
+        )
     head_dim = q.shape[0] // num_heads
     projector = build_projector(
         "molmo_pool", (int(q.shape[1]) // num_layers,) * num_layers, int(down.shape[0]), bias=mlp_bias,
