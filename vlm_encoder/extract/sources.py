@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..specs.data import load_split, parse_data_spec
+from .table_sources import TableSource, open_table_source
 
 
 class FileListSource:
@@ -256,7 +257,7 @@ def write_planned_rows(source: FileListSource, rows_dir: Path, shard_size: int) 
         write_atomic(rows_dir / f"shard-{shard:05d}.json", json.dumps({"shard": shard, "rows": rows}).encode())
 
 
-ImageSource = FileListSource | DatasetSource | BuiltinImageSource | PlannedFileSource
+ImageSource = FileListSource | DatasetSource | BuiltinImageSource | PlannedFileSource | TableSource
 
 
 def _gone(spec: str, path: str, since: str = "when the run started") -> FileNotFoundError:
@@ -322,13 +323,18 @@ def open_image_source(
         options: Keyword arguments of `datasets.load_dataset`, or a builtin's options.
 
     Returns:
-        A `FileListSource`, `DatasetSource` or `BuiltinImageSource`.
+        A `FileListSource`, `DatasetSource`, `BuiltinImageSource`, or a `table_sources.TableSource`
+        for local parquet files and webdataset tars with an `Image` column (read by file and offset,
+        not converted by `datasets`).
 
     Raises:
         ValueError: A spec of no allowed form, no images, an unknown split or column.
         FileNotFoundError: A path that does not exist.
     """
     data = parse_data_spec(spec)
+    table = open_table_source(data, split, image_column, options)
+    if table is not None:
+        return table
     loaded = load_split(data, split, options)
     if data.kind == "builtin":
         return BuiltinImageSource(loaded.builtin, data.canonical, loaded.split)

@@ -50,6 +50,7 @@ from .shards import (
     write_json_atomic,
 )
 from .sources import FileListSource, PlannedFileSource, write_planned_rows
+from .table_sources import TABLE_INDEX, TableSource
 
 PLAN_NAME = "plan.json"
 ROWS_DIR = "plan-rows"  # a file source's rows per shard (`sources.PlannedFileSource`)
@@ -251,6 +252,8 @@ def _plan_locked(config: ExtractConfig) -> ExtractPlan:
     if isinstance(encoding.source, FileListSource):  # before the plan that names them
         write_planned_rows(encoding.source, plan.out / ROWS_DIR, plan.shard_size)
         plan = dataclasses.replace(plan, row_files=True)
+    elif isinstance(encoding.source, TableSource):  # parquet / tar files: their sizes and row counts
+        encoding.source.save(plan.out / ROWS_DIR / TABLE_INDEX)
     plan.save()
     return plan
 
@@ -325,6 +328,9 @@ class ShardWorker:
             if plan.row_files:  # only this worker's shards' rows are read, not the whole folder or list
                 source = PlannedFileSource(plan.out / ROWS_DIR, plan.num_rows, plan.shard_size,
                                            plan.fingerprint["dataset"])
+            elif plan.fingerprint["dataset"].get("kind") in ("parquet", "webdataset") and \
+                    (plan.out / ROWS_DIR / TABLE_INDEX).is_file():  # opens only the files of its rows
+                source = TableSource.load(plan.out / ROWS_DIR / TABLE_INDEX)
             _encoding = open_encoding(config, torch_device, source=source)
         else:
             _encoding.config = config
