@@ -15,6 +15,8 @@ Families (by `config.json`'s `model_type`): connector; layers read; final norm a
   * `deepseek_v4`: `deepseek_aligner`; last; yes (the aligner reads the final-normed layer).
   * `gemma3`: `gemma_pool`; last; yes (SigLIP's `post_layernorm`).
   * `gemma4`: `gemma_pool` (scale, standardize); last; no (none).
+  * `perception_lm`: `mlp_pool`; last (CLS dropped); yes (timm's `forward_features`: its `norm`
+    when `use_post_transformer_norm`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ FeatureSelect = Literal["patch", "cls_patch"]
 
 LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
 QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-VISION_SIDE_TYPES = (*LLAVA_TYPES, *QWEN_TYPES, "kimi_k25", "deepseek_v4", "gemma3", "gemma4")
+VISION_SIDE_TYPES = (*LLAVA_TYPES, *QWEN_TYPES, "kimi_k25", "deepseek_v4", "gemma3", "gemma4",
+                     "perception_lm")
 
 
 class VisionSide(nn.Module):
@@ -215,6 +218,10 @@ def load_vision_side(source: str | os.PathLike, *, revision: str | None = None) 
         from .converters import hf_deepseek_v4
 
         connector, options = hf_deepseek_v4.load_aligner(source, revision=revision), {"norm": True}
+    elif model_type == "perception_lm":
+        from .converters.hf_connectors import load_perception_lm_connector
+
+        connector, options = load_perception_lm_connector(source, revision=revision), {"norm": True}
     else:
         from .converters.hf_gemma4 import load_gemma_projector
 
