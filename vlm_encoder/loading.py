@@ -26,6 +26,8 @@ The family is chosen explicitly, never guessed from the weights:
                                                  tower, keys under `vision_tower.`, released names)
       `perception_lm`                         -> `converters.hf_perception_lm` (a whole model: its
                                                  timm PE tower, keys under `model.vision_tower.timm_model.`)
+      `llama4`, `llama4_vision_model`         -> `converters.hf_llama4` (a whole model: its vision
+                                                 tower, keys under `vision_model.`; or the tower alone)
       `aimv2`, `aimv2_vision_model`           -> `converters.hf_aimv2` (RMSNorm, SwiGLU)
       `radio`                                 -> `converters.hf_radio` (C-RADIO v3 / v4: class tokens,
                                                  summary_idxs, CPE positions)
@@ -98,11 +100,15 @@ HF_MODEL_TYPES: tuple[str, ...] = (
     "internvl_vision",
     "radio",
     "gemma4_vision",
+    "llama4_vision_model",
 )
 # Vision-language models whose vision tower is read on its own (an `internvl` gives its InternViT).
 LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "internvl", "gemma3")
 # Whole VLMs whose vision tower is a family of its own, under its own prefixes.
-QWEN_VL_MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "deepseek_v4", "gemma4", "kimi_k25", "perception_lm")
+QWEN_VL_MODEL_TYPES: tuple[str, ...] = (
+    "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "deepseek_v4", "gemma4", "kimi_k25",
+    "perception_lm", "llama4",
+)
 # Qwen3-VL's tower under the other names transformers gives it (MoE models, Qwen3.5).
 QWEN3_TOWER_TYPES: tuple[str, ...] = ("qwen3_vl_moe_vision", "qwen3_5_vision", "qwen3_5_moe_vision")
 # Families whose processor resizes each image under a patch budget instead of to one size.
@@ -258,6 +264,8 @@ def _converter(model_type: str) -> ModuleType:
 
     from .converters import hf_perception_lm
 
+    from .converters import hf_llama4
+
     table = {
         "clip": hf_clip,
         "clip_vision_model": hf_clip,
@@ -287,6 +295,8 @@ def _converter(model_type: str) -> ModuleType:
         "gemma4": hf_gemma4,
         "gemma4_vision": hf_gemma4,
         "perception_lm": hf_perception_lm,
+        "llama4": hf_llama4,
+        "llama4_vision_model": hf_llama4,
     }
     return table[model_type]
 
@@ -345,9 +355,12 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         encoder.image_processor = _converter(model_type).image_processor(config)  # no RADIO processor in transformers
     elif model_type in ("kimi_k25", "kimi_k25_vision"):
         encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Kimi_K25ImageProcessor: see there
+    elif model_type in ("llama4", "llama4_vision_model"):  # one tile of Llama4ImageProcessor (tiling: see there)
+        encoder.image_processor = _converter(model_type).image_processor(encoder.config)
     elif model_type == "perception_lm":  # the thumbnail of PerceptionLMImageProcessor (tiles: see there)
         path = files.get(PREPROCESSOR_FILE, required=False)
-        encoder.image_processor = _converter(model_type).image_processor(encoder.config, path and read_config_file(path))
+        data = read_config_file(path) if path else None
+        encoder.image_processor = _converter(model_type).image_processor(encoder.config, data)
     elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision", *QWEN3_TOWER_TYPES):
         pass  # Qwen2VLImageProcessor (aspect-keeping smart_resize) is not expressed: the default processor
     elif model_type == "gemma3":
@@ -416,8 +429,8 @@ def _convert_options(model_type: str, vision_config: VisionConfig) -> dict[str, 
     channels (its head count), in the released layout (a whole `kimi_k25`) or transformers'."""
     if model_type == "radio":
         return _converter(model_type).convert_options(vision_config)  # class tokens, LayerScale fill
-    if model_type == "perception_lm":
-        return {"config": vision_config}  # timm's prefix rows of the position table fold into the CLS
+    if model_type in ("perception_lm", "llama4", "llama4_vision_model"):
+        return {"config": vision_config}  # the CLS row of the position table, Llama 4's patch side
     if model_type in ("kimi_k25", "kimi_k25_vision"):
         return {"num_heads": vision_config.num_heads, "layout": "released" if model_type == "kimi_k25" else "transformers"}
     return {}

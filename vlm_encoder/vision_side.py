@@ -17,6 +17,8 @@ Families (by `config.json`'s `model_type`): connector; layers read; final norm a
   * `gemma4`: `gemma_pool` (scale, standardize); last; no (none).
   * `perception_lm`: `mlp_pool`; last (CLS dropped); yes (timm's `forward_features`: its `norm`
     when `use_post_transformer_norm`).
+  * `llama4`: `pixel_shuffle` (`vision_adapter` + `multi_modal_projector`); last (CLS dropped);
+    yes (`layernorm_post`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ FeatureSelect = Literal["patch", "cls_patch"]
 LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
 QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 VISION_SIDE_TYPES = (*LLAVA_TYPES, *QWEN_TYPES, "kimi_k25", "deepseek_v4", "gemma3", "gemma4",
-                     "perception_lm")
+                     "perception_lm", "llama4")
 
 
 class VisionSide(nn.Module):
@@ -218,6 +220,10 @@ def load_vision_side(source: str | os.PathLike, *, revision: str | None = None) 
         from .converters import hf_deepseek_v4
 
         connector, options = hf_deepseek_v4.load_aligner(source, revision=revision), {"norm": True}
+    elif model_type == "llama4":
+        from .converters.hf_connectors import load_llama4_connector
+
+        connector, options = load_llama4_connector(source, revision=revision), {"norm": True}
     elif model_type == "perception_lm":
         from .converters.hf_connectors import load_perception_lm_connector
 
