@@ -3,8 +3,8 @@
 model, from the connector our loaders read out of the saved directory; save / load round trips;
 strict keys.
 
-Llama 4's tower does not load in our package (no converter): its connector is fed the reference
-tower's own patch tokens (the input of `vision_adapter`). PerceptionLM's tower is a timm PE `Eva`
+Llama 4's connector is fed the reference tower's own patch tokens (the input of `vision_adapter`;
+our converted tower and `load_vision_side`: tests/test_llama4_vision_parity.py). PerceptionLM's tower is a timm PE `Eva`
 (`TimmWrapperModel`): our `VisionEncoder` converted from it (`timm_eva.encoder_from_timm_eva`)
 gives the connector its tokens."""
 
