@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -101,10 +102,11 @@ def test_rows_equal_the_datasets_route(request, kind, glob, image_column):
     assert len(new) == len(old) == 13
     assert [new.read(i) for i in range(13)] == [old.read(i) for i in range(13)]
     assert [new.name(i) for i in range(13)] == [old.name(i) for i in range(13)]
-    assert {k: v for k, v in new.describe().items() if k != "fingerprint"} == \
-        {k: v for k, v in old.describe().items() if k != "fingerprint"}
+    assert new.describe() == old.describe()  # `datasets`' fingerprint too: a store begun there continues here
     if column is None:
         assert new.read(6) == b"" and new.read(7) == b"not an image"
+    copy = pickle.loads(pickle.dumps(new))  # as DataLoader workers get it: no open files or cached cells
+    assert "_cache" not in new.__getstate__() and [copy.read(i) for i in (12, 0)] == [new.read(12), new.read(0)]
 
 
 def test_a_dataset_folder_of_parquet_files_is_read_by_file(parquet, tmp_path):
@@ -113,7 +115,7 @@ def test_a_dataset_folder_of_parquet_files_is_read_by_file(parquet, tmp_path):
     for path in parquet.iterdir():
         os.symlink(path, folder / path.name.replace("part", "train"))
     new, old = open_image_source(str(tmp_path / "repo")), old_route(str(tmp_path / "repo"))
-    assert isinstance(new, TableSource) and new.split == old.split == "train"
+    assert isinstance(new, TableSource) and new.describe() == old.describe()
     assert [new.read(i) for i in range(13)] == [old.read(i) for i in range(13)]
 
 
@@ -129,11 +131,23 @@ def test_tar_samples_group_members_as_datasets(webdataset):
     (webdataset / "dup.tar").unlink()
 
 
+def manifest_without_time(out: Path) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("created")
+    return manifest
+
+
 @pytest.mark.parametrize("kind,glob", [("parquet", "*.parquet"), ("webdataset", "*.tar")])
-def test_the_store_equals_one_written_from_datasets(request, tmp_path, kind, glob):
+def test_the_store_equals_one_written_from_datasets(request, tmp_path, monkeypatch, kind, glob):
     """Extraction from the files (no Arrow cache made) gives the shards of extraction from the
-    same rows loaded by `datasets` and saved (`save_to_disk`, a `saved` source)."""
+    same rows loaded by `datasets` and saved (`save_to_disk`, a `saved` source), and the store
+    (shards and manifest) the `datasets` route writes for the same spec, which it continues."""
+    import vlm_encoder.extract.sources as sources
+
     folder = request.getfixturevalue(kind)
+    with monkeypatch.context() as patch:
+        patch.setattr(sources, "open_table_source", lambda *args: None)  # the route before table_sources
+        assert run_extraction(tiny_config(tmp_path, folder / glob, out="before", shard_size=5)).complete
     loaded = datasets.load_dataset(kind, data_files={"train": str(folder / glob)}, split="train")
     loaded.save_to_disk(tmp_path / "saved")
     assert run_extraction(tiny_config(tmp_path, tmp_path / "saved", out="old", shard_size=5)).complete
@@ -149,6 +163,11 @@ def test_the_store_equals_one_written_from_datasets(request, tmp_path, kind, glo
     assert (set(cache.rglob("*.arrow")) if cache.exists() else set()) == before  # no Arrow copy
     assert checksums(tmp_path / "new") == checksums(tmp_path / "old")
     assert (tmp_path / "new" / "failures.jsonl").read_bytes() == (tmp_path / "old" / "failures.jsonl").read_bytes()
+    assert manifest_without_time(tmp_path / "new") == manifest_without_time(tmp_path / "before")
+    (tmp_path / "before" / "shard-00001.safetensors").unlink()  # begun through `datasets`, finished here
+    summary = run_extraction(tiny_config(tmp_path, folder / glob, out="before", shard_size=5))
+    assert summary.complete and summary.shards_this_run == 1
+    assert checksums(tmp_path / "before") == checksums(tmp_path / "new")
 
 
 def test_the_plan_reads_no_image_and_a_worker_only_its_files(tmp_path, parquet, monkeypatch):
@@ -182,7 +201,8 @@ def test_the_plan_reads_no_image_and_a_worker_only_its_files(tmp_path, parquet, 
     (folder / "part-1.parquet").write_bytes(original)
     index["files"][1]["mtime_ns"] = (folder / "part-1.parquet").stat().st_mtime_ns  # the same file restored
     (plan.out / "plan-rows" / "files.json").write_text(json.dumps(index))
-    assert [r.rows + r.rows_failed for r in ShardWorker(plan).run_many([1, 2])] == [5, 3]
+    worker = ShardWorker(plan, num_workers=2)  # the source pickled into DataLoader processes
+    assert [(r.rows, r.rows_failed) for r in worker.run_many([1, 2])] == [(3, 2), (3, 0)]
     assert finalize_extraction(plan.out).complete
 
 

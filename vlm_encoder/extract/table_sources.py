@@ -23,7 +23,6 @@ whose first holds a path and no bytes: `datasets` checks each file stays there),
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import tarfile
@@ -43,9 +42,9 @@ class TableSource:
     """The image cells of parquet files or webdataset tars, one row per table row / tar sample.
 
     Args:
-        index: What `open_table_source` found (`format`, `spec`, `split`, `image_column`, `root`,
-            `files`: each `{"path", "size", "mtime_ns", "rows", "groups"}`, `groups` the rows of
-            each parquet row group), as `save` writes and `load` reads it.
+        index: What `open_table_source` found (`format`, `kind`, `spec`, `split`, `image_column`,
+            `root`, `fingerprint`, `files`: each `{"path", "size", "mtime_ns", "rows", "groups"}`,
+            `groups` the rows of each parquet row group), as `save` writes and `load` reads it.
     """
 
     def __init__(self, index: dict[str, Any]) -> None:
@@ -104,14 +103,10 @@ class TableSource:
         return f"{self.split}[{row}]"
 
     def describe(self) -> dict[str, Any]:
-        """Spec, kind, split, image column, rows and a fingerprint of the files (name relative to
-        the spec's folder, size and rows of each)."""
-        digest = hashlib.sha256(f"{self.format}\0{self.image_column}\n".encode())
-        for f in self.files:
-            name = os.path.relpath(f["path"], self.index["root"])
-            digest.update(f"{name}\0{f['size']}\0{f['rows']}\0{f.get('groups')}\n".encode("utf-8", "surrogateescape"))
-        return {"spec": self.spec, "kind": self.format, "split": self.split, "image_column": self.image_column,
-                "rows": len(self), "fingerprint": digest.hexdigest()}
+        """Spec, kind, split, image column, rows and the fingerprint `datasets.load_dataset` gives
+        the same split (as `DatasetSource.describe`)."""
+        return {"spec": self.spec, "kind": self.index["kind"], "split": self.split, "image_column": self.image_column,
+                "rows": len(self), "fingerprint": self.index["fingerprint"]}
 
     def _checked(self, file: int) -> str:
         """The path of file `file`, once checked (per process) to be the file that was planned."""
@@ -232,9 +227,13 @@ def open_table_source(data: DataSpec, split: str | None, image_column: str | Non
         return None  # a column of paths or of other values: `datasets` as before
     if builder.name == "parquet" and _first_cell_is_a_path(files, column):
         return None  # a table of image paths: `datasets` as before (it checks each file stays there)
-    root = str(data.root)
-    return TableSource({"format": builder.name, "spec": data.canonical, "split": split, "image_column": column,
-                        "root": root, "files": files})
+    # The fingerprint `load_dataset` gives the split (its cache folder's name: the files, their
+    # times, the split), so a store begun through `datasets` is continued by this route.
+    fingerprint = builder._get_dataset_fingerprint(split)
+    kind = builder.name if data.kind == "files" else data.kind  # as `open_image_source` names it
+    return TableSource({"format": builder.name, "kind": kind, "spec": data.canonical, "split": split,
+                        "image_column": column,
+                        "root": str(data.root), "fingerprint": fingerprint, "files": files})
 
 
 def _stat(path: str, rows: int, groups: list[int] | None = None) -> dict[str, Any]:

@@ -328,8 +328,7 @@ class ShardWorker:
             if plan.row_files:  # only this worker's shards' rows are read, not the whole folder or list
                 source = PlannedFileSource(plan.out / ROWS_DIR, plan.num_rows, plan.shard_size,
                                            plan.fingerprint["dataset"])
-            elif plan.fingerprint["dataset"].get("kind") in ("parquet", "webdataset") and \
-                    (plan.out / ROWS_DIR / TABLE_INDEX).is_file():  # opens only the files of its rows
+            elif (plan.out / ROWS_DIR / TABLE_INDEX).is_file():  # parquet / tars: opens only its rows' files
                 source = TableSource.load(plan.out / ROWS_DIR / TABLE_INDEX)
             _encoding = open_encoding(config, torch_device, source=source)
         else:
