@@ -123,7 +123,8 @@ def main() -> None:
     meta = {"date": dt.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "images": args.images}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"plan_table_sources_{args.images}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    stem = RESULTS / f"plan_table_sources_{args.images}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [
         f"# Planning a parquet / webdataset extraction: by file and offset vs `datasets` ({meta['date']})",
         "",
@@ -133,13 +134,15 @@ def main() -> None:
         "manifest), each in a fresh process after `import datasets, vlm_encoder.extract` (base RSS); peak RSS of "
         "that process (the driver's); Arrow cache: bytes `datasets` wrote (made again on every worker).",
         "",
-        "| format | route | data MiB | open s | open peak RSS MiB | plan s | plan peak RSS MiB | base RSS MiB | Arrow cache MiB |",
+        "| format | route | data MiB | open s | open peak RSS MiB | plan s | plan peak RSS MiB | base RSS MiB "
+        "| Arrow cache MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['format']} | {r['route']} | {r['data_mib']:.1f} | {r['open_s']:.2f} | {r['open_rss_mib']:.0f} "
-                     f"| {r['plan_s']:.2f} | {r['rss_peak_mib']:.0f} | {r['rss_base_mib']:.0f} | {r['arrow_cache_mib']:.1f} |")
-    (RESULTS / f"plan_table_sources_{args.images}.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {r['format']} | {r['route']} | {r['data_mib']:.1f} | {r['open_s']:.2f} "
+                     f"| {r['open_rss_mib']:.0f} | {r['plan_s']:.2f} | {r['rss_peak_mib']:.0f} "
+                     f"| {r['rss_base_mib']:.0f} | {r['arrow_cache_mib']:.1f} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
