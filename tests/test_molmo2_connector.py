@@ -4,8 +4,8 @@ reference feeds its language model, for the processor's multi-crop pooling sets 
 (the sets built from the grid); the pooling sets equal `arange_for_pooling`'s; save / load round
 trip; strict keys.
 
-Molmo2's tower does not load in our package (no converter): the connector is fed the reference
-tower's own hidden states at `vision_feature_layer`."""
+The connector is fed the reference tower's own hidden states at `vision_feature_layer` (our
+converted tower and `load_vision_side`: tests/test_molmo2_vision_parity.py)."""
 
 from __future__ import annotations
 

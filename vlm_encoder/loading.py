@@ -28,6 +28,8 @@ The family is chosen explicitly, never guessed from the weights:
                                                  timm PE tower, keys under `model.vision_tower.timm_model.`)
       `llama4`, `llama4_vision_model`         -> `converters.hf_llama4` (a whole model: its vision
                                                  tower, keys under `vision_model.`; or the tower alone)
+      `molmo2`                                -> `converters.hf_molmo2` (a whole model: its vision
+                                                 tower, keys under `model.vision_backbone.image_vit.`)
       `aimv2`, `aimv2_vision_model`           -> `converters.hf_aimv2` (RMSNorm, SwiGLU)
       `radio`                                 -> `converters.hf_radio` (C-RADIO v3 / v4: class tokens,
                                                  summary_idxs, CPE positions)
@@ -107,7 +109,7 @@ LLAVA_MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", 
 # Whole VLMs whose vision tower is a family of its own, under its own prefixes.
 QWEN_VL_MODEL_TYPES: tuple[str, ...] = (
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "deepseek_v4", "gemma4", "kimi_k25",
-    "perception_lm", "llama4",
+    "perception_lm", "llama4", "molmo2",
 )
 # Qwen3-VL's tower under the other names transformers gives it (MoE models, Qwen3.5).
 QWEN3_TOWER_TYPES: tuple[str, ...] = ("qwen3_vl_moe_vision", "qwen3_5_vision", "qwen3_5_moe_vision")
@@ -266,6 +268,8 @@ def _converter(model_type: str) -> ModuleType:
 
     from .converters import hf_llama4
 
+    from .converters import hf_molmo2
+
     table = {
         "clip": hf_clip,
         "clip_vision_model": hf_clip,
@@ -297,6 +301,7 @@ def _converter(model_type: str) -> ModuleType:
         "perception_lm": hf_perception_lm,
         "llama4": hf_llama4,
         "llama4_vision_model": hf_llama4,
+        "molmo2": hf_molmo2,
     }
     return table[model_type]
 
@@ -355,6 +360,8 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         encoder.image_processor = _converter(model_type).image_processor(config)  # no RADIO processor in transformers
     elif model_type in ("kimi_k25", "kimi_k25_vision"):
         encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Kimi_K25ImageProcessor: see there
+    elif model_type == "molmo2":  # one view of Molmo2ImageProcessor (crops: see there)
+        encoder.image_processor = _converter(model_type).image_processor(encoder.config)
     elif model_type in ("llama4", "llama4_vision_model"):  # one tile of Llama4ImageProcessor (tiling: see there)
         encoder.image_processor = _converter(model_type).image_processor(encoder.config)
     elif model_type == "perception_lm":  # the thumbnail of PerceptionLMImageProcessor (tiles: see there)
@@ -429,8 +436,8 @@ def _convert_options(model_type: str, vision_config: VisionConfig) -> dict[str, 
     channels (its head count), in the released layout (a whole `kimi_k25`) or transformers'."""
     if model_type == "radio":
         return _converter(model_type).convert_options(vision_config)  # class tokens, LayerScale fill
-    if model_type in ("perception_lm", "llama4", "llama4_vision_model"):
-        return {"config": vision_config}  # the CLS row of the position table, Llama 4's patch side
+    if model_type in ("perception_lm", "llama4", "llama4_vision_model", "molmo2"):
+        return {"config": vision_config}  # the CLS row of the position table, the patch weight's shape
     if model_type in ("kimi_k25", "kimi_k25_vision"):
         return {"num_heads": vision_config.num_heads, "layout": "released" if model_type == "kimi_k25" else "transformers"}
     return {}

@@ -19,6 +19,7 @@ Families (by `config.json`'s `model_type`): connector; layers read; final norm a
     when `use_post_transformer_norm`).
   * `llama4`: `pixel_shuffle` (`vision_adapter` + `multi_modal_projector`); last (CLS dropped);
     yes (`layernorm_post`).
+  * `molmo2`: `molmo_pool` (one crop per image); `adapter_config.vision_feature_layer`; no (none).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ FeatureSelect = Literal["patch", "cls_patch"]
 LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
 QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 VISION_SIDE_TYPES = (*LLAVA_TYPES, *QWEN_TYPES, "kimi_k25", "deepseek_v4", "gemma3", "gemma4",
-                     "perception_lm", "llama4")
+                     "perception_lm", "llama4", "molmo2")
 
 
 class VisionSide(nn.Module):
@@ -220,6 +221,11 @@ def load_vision_side(source: str | os.PathLike, *, revision: str | None = None) 
         from .converters import hf_deepseek_v4
 
         connector, options = hf_deepseek_v4.load_aligner(source, revision=revision), {"norm": True}
+    elif model_type == "molmo2":
+        from .converters.hf_connectors import load_molmo2_connector, molmo2_adapter_config
+
+        layers = tuple(molmo2_adapter_config(config).vision_feature_layer)  # hidden_states[l + 1] (l >= 0) = layer l
+        connector, options = load_molmo2_connector(source, revision=revision), {"layers": layers}
     elif model_type == "llama4":
         from .converters.hf_connectors import load_llama4_connector
 

@@ -1,5 +1,5 @@
-"""The connectors of whole Llama 4, PerceptionLM and Molmo2 checkpoints (the first two's towers:
-`hf_llama4`, `hf_perception_lm`; both parts: `load_vision_side`). Each reads the checkpoint's `config.json` and only the shards that hold
+"""The connectors of whole Llama 4, PerceptionLM and Molmo2 checkpoints (their towers: `hf_llama4`,
+`hf_perception_lm`, `hf_molmo2`; both parts: `load_vision_side`). Each reads the checkpoint's `config.json` and only the shards that hold
 the connector's tensors, and builds the projector with the state-dict loader beside its kind
 (`projectors.llama4_adapter`, `projectors.mlp_pool`, `projectors.molmo_pool`). The math, the
 reference and the token budget of each are documented there.
