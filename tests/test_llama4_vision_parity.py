@@ -99,6 +99,14 @@ def test_keys_are_mapped_strictly(llama4_whole):  # noqa: F811
         hf_llama4.config_from_hf(bad)
 
 
+def test_released_geometry():
+    """Llama 4 Scout / Maverick's vision config: head width 88 (22 frequencies per axis)."""
+    vision = dict(hidden_size=1408, intermediate_size=5632, num_hidden_layers=34, num_attention_heads=16,
+                  image_size=336, patch_size=14, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    c = hf_llama4.config_from_hf({"model_type": "llama4", "vision_config": vision})
+    assert (c.grid_size, c.head_dim, c.depth, c.rope_theta) == ((24, 24), 88, 34, 10000.0)
+
+
 @pytest.fixture
 def empty_cache(monkeypatch, tmp_path):
     import huggingface_hub.constants

@@ -96,6 +96,12 @@ def test_keys_are_mapped_strictly(square):
         hf_molmo2.config_from_hf(gqa)
 
 
+def test_released_geometry():
+    """Molmo2VisionConfig's defaults are the released tower's: 378 px at patch 14, 27 x 27 table rows."""
+    c = hf_molmo2.config_from_hf({"model_type": "molmo2"})
+    assert (c.image_size, c.grid_size, c.width, c.head_dim, c.act) == ((378, 378), (27, 27), 1152, 72, "gelu_tanh")
+
+
 @pytest.fixture
 def empty_cache(monkeypatch, tmp_path):
     import huggingface_hub.constants

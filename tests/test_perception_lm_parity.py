@@ -111,6 +111,22 @@ def test_keys_are_mapped_strictly(square):
         hf_perception_lm.config_from_hf(dict(reference.config.to_dict(), vision_use_cls_token=False))
 
 
+@pytest.mark.parametrize(("arch", "width", "depth", "cls"), [
+    ("vit_pe_core_large_patch14_336", 1024, 23, True),  # Perception-LM-1B / 3B
+    ("vit_pe_core_gigantic_patch14_448", 1536, 47, False),  # Perception-LM-8B
+])
+def test_released_geometry_reads_on_meta(arch, width, depth, cls):
+    """The released configs' towers (transformers' conversion script's `model_args`) are read from
+    timm instances on the `meta` device: no memory, under a second."""
+    args = {"embed_dim": width, "depth": depth, "img_size": [448, 448], "global_pool": "",
+            "use_post_transformer_norm": False, "init_values": 0.1, "ref_feat_shape": [32, 32]}
+    config = {"model_type": "perception_lm", "vision_use_cls_token": cls,
+              "vision_config": {"model_type": "timm_wrapper", "architecture": arch, "model_args": args}}
+    c = hf_perception_lm.config_from_hf(config)
+    assert (c.image_size, c.patch_size, c.width, c.depth, c.class_token) == ((448, 448), 14, width, depth, cls)
+    assert c.rope == "eva" and c.rope_ref_grid == (32, 32) and c.pool == "none"
+
+
 @pytest.fixture
 def empty_cache(monkeypatch, tmp_path):
     import huggingface_hub.constants
