@@ -78,3 +78,19 @@ def test_cpu_fast_path_smoke_writes_every_contender(tmp_path):
         assert float(rows[name][3]) <= 1e-5, name  # max abs diff to timm fp32
     assert float(rows["ours bf16"][5]) > 0.99  # mean cosine to fp32
     assert "torch" in text and "load average" in text
+
+
+@pytest.mark.slow  # ~40 s on 2 shared cores: a local Ray instance, 2 actors
+def test_extract_engines_smoke_runs_every_contender(tmp_path):
+    """`benchmarks/extract_engines.py --smoke` (in its own process: it starts Ray): each engine's
+    run completes on the tiny workload and the report names the ratio and the per-task overhead."""
+    import subprocess
+
+    script = SCRIPT.with_name("extract_engines.py")
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--results-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "extract_engines_smoke.json").read_text())
+    assert result["images_per_s"]["local"] > 0 and set(result["ratio_to_local"]) >= {"ray"}
+    assert "ray_overhead_per_task_s" in result
+    assert "of the local runner's images/s" in (tmp_path / "extract_engines_smoke.md").read_text()

@@ -30,16 +30,28 @@ from vlm_encoder.cli import main  # noqa: E402
 from vlm_encoder.extract import run_extraction  # noqa: E402
 from vlm_encoder.extract.engines import RayEngine, ray_dataset  # noqa: E402
 
-BIG_ROWS, BIG_SHARD = 2400, 600  # 4 shards, each long enough (by its size) to be killed in
+BIG_ROWS, BIG_SHARD = 1600, 400  # 4 shards, each long enough (by its size) to be killed in
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A Ray cluster of this machine on 127.0.0.1 with 2 CPUs; its address, for other drivers."""
+def ray_node():
+    """A Ray cluster of this machine on 127.0.0.1 with 2 CPUs (its `address_info`)."""
     context = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=100 << 20,
                        logging_level="WARNING", log_to_driver=False)
-    yield context.address_info["gcs_address"]
+    yield context.address_info
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_node) -> str:
+    """The cluster's address, for other drivers."""
+    return ray_node["gcs_address"]
+
+
+@pytest.fixture(scope="module")
+def session(ray_node) -> str:
+    """The name of the cluster's session (its raylet, the parent of its workers, carries it)."""
+    return Path(ray_node["session_dir"]).name
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +120,9 @@ def writers(out: Path) -> dict[int, dict]:
     return {s["shard"]: s["writer"] for s in map(json.loads, (p.read_text() for p in out.glob("shard-*.json")))}
 
 
-@pytest.mark.parametrize("form", ["folder", "parquet", "webdataset"])
+# A Ray run starts 2 actors (a model each): parquet and webdataset are left to `make test-all`.
+@pytest.mark.parametrize("form", ["folder", pytest.param("parquet", marks=pytest.mark.slow),
+                                  pytest.param("webdataset", marks=pytest.mark.slow)])
 def test_same_bytes_as_the_local_runner(cluster, sources, tmp_path, form):
     local = run_extraction(tiny_config(tmp_path, sources[form], out="local", batch_size=4))
     summary = RayEngine(workers=2).run(tiny_config(tmp_path, sources[form], out="ray", batch_size=3))
@@ -122,14 +136,20 @@ def test_same_bytes_as_the_local_runner(cluster, sources, tmp_path, form):
         assert again.shards_this_run == 0 and again.shards_kept == summary.shards_this_run
 
 
-def _actor_processes() -> dict[int, str]:
-    """pid -> process title of this machine's Ray workers that hold a shard actor (Ray titles a
-    worker `ray::ShardActor.run` while it runs a shard)."""
+def _actor_processes(session: str) -> dict[int, str]:
+    """pid -> process title of the workers of Ray session `session` that hold a shard actor (Ray
+    titles a worker `ray::ShardActor.run` while it runs a shard; its parent, the session's raylet,
+    names the session: other Ray sessions of the machine are left alone)."""
     found = {}
-    for process in psutil.process_iter(["pid", "cmdline"]):
+    for process in psutil.process_iter(["pid", "ppid", "cmdline"]):
         title = " ".join(process.info["cmdline"] or [])
-        if title.startswith("ray::ShardActor"):
-            found[process.info["pid"]] = title
+        if not title.startswith("ray::ShardActor"):
+            continue
+        try:
+            if any(session in arg for arg in psutil.Process(process.info["ppid"]).cmdline()):
+                found[process.info["pid"]] = title
+        except psutil.Error:
+            continue
     return found
 
 
@@ -138,23 +158,30 @@ def _committed(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_ino for p in out.glob("shard-*.safetensors") if (out / p.name).with_suffix(".json").exists()}
 
 
-def test_sigkill_of_a_worker_mid_shard_redoes_only_that_shard(cluster, big, tmp_path):
+def test_sigkill_of_a_worker_mid_shard_redoes_only_that_shard(cluster, session, big, tmp_path):
     listing, reference = big
     out = tmp_path / "ray"
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.setdefault("summary", RayEngine(workers=2).run(
-        big_config(tmp_path, listing, "ray"))), daemon=True)
+
+    def drive() -> None:
+        try:
+            result["summary"] = RayEngine(workers=2).run(big_config(tmp_path, listing, "ray"))
+        except Exception as err:  # noqa: BLE001 (shown by the assertion below)
+            result["error"] = err
+
+    thread = threading.Thread(target=drive, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
     while not (out.exists() and _committed(out) and any(t.startswith("ray::ShardActor.run") for t in
-                                                          _actor_processes().values())):
+                                                          _actor_processes(session).values())):
         assert thread.is_alive() and time.monotonic() < deadline, "no shard was committed in 120 s"
         time.sleep(0.02)
-    alive = _actor_processes()
+    alive = _actor_processes(session)
     victim = next(pid for pid, title in alive.items() if title.startswith("ray::ShardActor.run"))
     os.kill(victim, signal.SIGKILL)
     kept = _committed(out)
     thread.join(120)
+    assert "summary" in result, result
     summary = result["summary"]
     assert 1 <= len(kept) < 4 and summary.complete
     assert summary.shards_this_run + summary.shards_kept == 4
@@ -162,8 +189,10 @@ def test_sigkill_of_a_worker_mid_shard_redoes_only_that_shard(cluster, big, tmp_
     assert {name: after[name] for name in kept} == kept  # committed before the kill: never redone
     by = writers(out)
     assert all(f"shard-{k:05d}.safetensors" in kept for k, w in by.items() if w["pid"] == victim)
+    # The rest was written by the other actor or by the victim's restarted process (Ray's retry of
+    # the shard it was killed in; none when the kill came just after that shard's commit).
     restarted = {w["pid"] for w in by.values()} - set(alive)
-    assert len(restarted) == 1, (pids, alive)  # the restarted actor ran the shard its process was killed in
+    assert len(restarted) <= 1, (by, alive)
     assert_same_store(out, reference)
 
 
@@ -212,6 +241,8 @@ def test_second_driver_is_refused_and_a_killed_driver_resumes(cluster, big, tmp_
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+        for seat in seats:
+            ray.kill(seat)
     kept = _committed(out)
     assert 1 <= len(kept) < 4, kept
     rerun = subprocess.run(cli(out, listing, cluster), env=env(), capture_output=True, text=True, timeout=180)
@@ -221,12 +252,11 @@ def test_second_driver_is_refused_and_a_killed_driver_resumes(cluster, big, tmp_
     assert_same_store(out, reference)
 
 
-def test_a_store_into_a_ray_dataset_through_arrow(cluster, sources, tmp_path):
+def test_a_store_into_a_ray_dataset_through_arrow(cluster, big, tmp_path):
     import numpy as np
     import pyarrow as pa
 
-    assert run_extraction(tiny_config(tmp_path, sources["parquet"])).complete
-    store = FeatureStore(tmp_path / "out")
+    store = FeatureStore(big[1])
     dataset = ray_dataset(store, layers=[-1], kinds=["cls", "patch"])
     assert dataset.count() == len(store)
     blocks = ray.get(dataset.to_arrow_refs())

@@ -4,12 +4,13 @@
     summary = RayEngine(address="auto", gpus_per_worker=1).run(config)  # the cluster `ray start` made
     vlm-encoder extract ... --engine ray --ray-address auto --workers 8 --gpus-per-worker 1
 
-The driver (this process) holds the lock of `config.out` from the plan to the summary, plans once
-(`tasks.plan_extraction`), starts `workers` actors that each build a `tasks.ShardWorker` (the
-model loaded and the source opened once per actor), maps the shard indices over them with
-`ray.util.ActorPool` (one shard per task; a worker commits each shard it computes, atomically),
-and finalizes. A shard already committed and intact is skipped by its worker at once, so running
-the same command again after any failure redoes only what is missing.
+The driver (this process, `base.drive`) holds the lock of `config.out` from the plan to the
+summary and plans once; then `RayEngine` connects to the cluster, starts `workers` actors that
+each build a `tasks.ShardWorker` (the model loaded and the source opened once per actor), maps
+the shard indices over them with `ray.util.ActorPool` (one shard per task; a worker commits each
+shard it computes, atomically), and the driver finalizes. A shard already committed and intact
+is skipped by its worker at once, so running the same command again after any failure redoes
+only what is missing.
 
 Failures: an actor whose process dies (SIGKILL, OOM killer, a lost node) is restarted by Ray
 (`max_restarts`), loading its model again, and the shard it was running is retried on it
