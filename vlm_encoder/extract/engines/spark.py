@@ -40,7 +40,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ...specs.options import ConfigMixin, at_least
 from ..config import ExtractConfig
