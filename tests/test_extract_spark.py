@@ -321,3 +321,12 @@ def test_without_pyspark_the_engine_is_refused_in_one_line(data, tmp_path, capsy
     assert main(cli_args(Path(data["folder"]), tmp_path / "out", "--engine", "spark")) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "pip install 'vlm-encoder[spark]'" in error, error
+
+
+def test_spark_options_out_of_place_are_one_line(data, tmp_path, capsys):
+    base = cli_args(Path(data["folder"]), tmp_path / "out")
+    assert main([*base, "--spark-master", "local[2]"]) == 2  # --engine local
+    assert "--spark-master applies to --engine spark, not local" in capsys.readouterr().err
+    assert main([*base, "--engine", "spark", "--spark-master", "local[2]", "--workers", "2"]) == 2
+    assert "--workers sets the width of the default local master" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
