@@ -302,6 +302,22 @@ def test_cli_engine_spark_and_a_second_driver_refused(spark, data, tmp_path, cap
     assert "a SparkSession on local[2,2] is active" in capsys.readouterr().err
 
 
+def test_a_shard_failing_every_attempt_stops_the_cli_in_one_line(spark, data, tmp_path, capsys):
+    """A shard that cannot be committed (a directory stands at its path) fails both of the
+    session's attempts: the command exits 2 with one line naming the worker's error, and a
+    rerun after the cause is gone finishes the store."""
+    out = tmp_path / "blocked"
+    (out / "shard-00001.safetensors").mkdir(parents=True)
+    args = cli_args(Path(data["folder"]), out, "--engine", "spark", "--shard-size", "8")
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert "failed on every attempt" in error and "IsADirectoryError" in error, error
+    (out / "shard-00001.safetensors").rmdir()
+    assert main(args) == 0
+    assert "(complete)" in capsys.readouterr().out
+
+
 def test_a_store_reads_into_a_spark_dataframe(spark, local, tmp_path):
     """Spark reads the store's parquet export itself: the same row ids and feature values."""
     store = FeatureStore(local["folder"])

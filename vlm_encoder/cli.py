@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _expected_failures() -> tuple[type[BaseException], ...]:
     """What a user's input or environment causes: reported in one line, not as a traceback."""
+    from .extract.engines.base import EngineFailure
     from .train.checkpoint import CheckpointError
 
-    return (ValueError, OSError, ImportError, CheckpointError)
+    return (ValueError, OSError, ImportError, CheckpointError, EngineFailure)
 
 
 def one_line(err: BaseException) -> str:

@@ -22,6 +22,11 @@ class EngineUnavailable(ImportError):
     """An engine whose package is not installed (the message says what to install)."""
 
 
+class EngineFailure(RuntimeError):
+    """The engine gave up on a shard after its own retries (its error, e.g. a Ray actor that
+    died every time or a Spark job aborted, is the cause); committed shards are kept."""
+
+
 def require_engine(engine: str, module: str | None = None) -> ModuleType:
     """Import the package of `engine` (`module`, default the engine's name).
 
@@ -60,7 +65,15 @@ def drive(config: ExtractConfig, map_shards: Callable[[ExtractPlan], list[ShardR
         remove_stale_temporaries(config.out)  # of killed runs' writers
         plan = _plan_locked(config)  # plan_extraction's body: this driver holds the lock throughout
         loop_started = time.perf_counter()
-        results = map_shards(plan)
+        try:
+            results = map_shards(plan)
+        except (ValueError, OSError):  # the package's own errors, raised through the engine
+            raise
+        except Exception as err:  # noqa: BLE001 - the engine's error types (Ray, py4j) are its own
+            raise EngineFailure(
+                f"a shard failed on every attempt the engine allows ({type(err).__name__}: {_last_line(err)}); "
+                "committed shards are kept: fix the cause and run the same command to finish"
+            ) from err
         extract_seconds = time.perf_counter() - loop_started
         summary = _finalize(plan, started)
     done = [r for r in results if not r.skipped]
@@ -72,3 +85,12 @@ def drive(config: ExtractConfig, map_shards: Callable[[ExtractPlan], list[ShardR
         seconds=time.perf_counter() - started,
         extract_seconds=extract_seconds,
     )
+
+
+def _last_line(err: BaseException) -> str:
+    """The innermost error of an engine's report: the last `SomethingError: ...` line of the
+    worker's traceback it carries, else its first line (a JVM stack trace follows that)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))
+              and not line.startswith(("py4j", "org.apache", "java."))]
+    return errors[-1] if errors else (lines[0] if lines else type(err).__name__)
