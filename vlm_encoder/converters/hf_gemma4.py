@@ -45,7 +45,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import WeightsError, naming, read_state_dict
+from ..weights import WeightsError, naming
 from .hf_common import KeyTable, Transform, activation, parse_config
 
 if TYPE_CHECKING:
@@ -294,28 +294,14 @@ def load_timm_gemma4(name: str, checkpoint: str | None = None, **timm_kwargs: An
         WeightsNotCached: `checkpoint=None` and timm cannot get the weights.
         WeightsError: The checkpoint does not fit.
     """
-    import timm
-    import timm.data
+    from .timm_vit import create_timm_model, encoder_holding, timm_processor
 
-    from ..processing import ImageProcessor
-    from .timm_vit import encoder_holding, not_cached
-
-    if checkpoint is None:
-        try:
-            model = timm.create_model(name, pretrained=True, **timm_kwargs)
-        except Exception as err:  # noqa: BLE001 - timm / huggingface_hub raise many kinds
-            raise not_cached(f"timm pretrained weights for {name!r}", err, f"timm:{name} with checkpoint=PATH") from err
-        state_dict = None
-    else:
-        model = timm.create_model(name, pretrained=False, **timm_kwargs)
-        state_dict = read_state_dict(checkpoint)
-    source = str(checkpoint) if checkpoint is not None else f"timm {name} pretrained weights"
+    model, state_dict, source = create_timm_model(name, checkpoint, timm_kwargs, meta=False)
     with naming(source):
         config = config_from_timm(model)
         weights = convert_timm_state_dict(model.state_dict() if state_dict is None else state_dict)
         encoder = encoder_holding(config, weights, copy=state_dict is None, source=source)
-    data = timm.data.resolve_data_config({}, model=model)
-    encoder.image_processor = ImageProcessor.from_timm({**data, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    encoder.image_processor = timm_processor(model, mean=(0.5,) * 3, std=(0.5,) * 3)
     return encoder
 
 

@@ -19,10 +19,10 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import naming, read_state_dict, strip_prefixes
+from ..weights import naming, strip_prefixes
 from .hf_common import KeyTable, Transform
 from .hf_deepseek_v4 import _with_zero_bias, vision_config
-from .timm_vit import UnsupportedTimmModel, encoder_holding, not_cached
+from .timm_vit import UnsupportedTimmModel, create_timm_model, encoder_holding, timm_processor
 
 FAMILY = "timm DeepSeek ViT"
 
@@ -198,23 +198,8 @@ def load_timm_deepseek(name: str, checkpoint: str | None = None, **timm_kwargs: 
         UnsupportedTimmModel: The architecture is not expressible.
         WeightsError: The checkpoint does not fit the architecture.
     """
-    import timm
-    import timm.data
-
-    from ..processing import ImageProcessor
-
-    if checkpoint is None:
-        try:
-            model = timm.create_model(name, pretrained=True, **timm_kwargs)
-        except Exception as err:  # noqa: BLE001 - timm / huggingface_hub raise many kinds
-            raise not_cached(f"timm pretrained weights for {name!r}", err, f"timm:{name} with checkpoint=PATH") from err
-        state_dict = None
-    else:
-        with torch.device("meta"):  # only its architecture is read: no random weights beside the file's
-            model = timm.create_model(name, pretrained=False, **timm_kwargs)
-        state_dict = read_state_dict(checkpoint)
-    with naming(str(checkpoint) if checkpoint is not None else f"timm {name} pretrained weights"):
+    model, state_dict, source = create_timm_model(name, checkpoint, timm_kwargs)
+    with naming(source):
         encoder = encoder_from_timm_deepseek(model, state_dict)
-    size = (model.in_chans, *_trunk(model, name).patch_embed.img_size)
-    encoder.image_processor = ImageProcessor.from_timm(timm.data.resolve_data_config({"input_size": size}, model=model))
+    encoder.image_processor = timm_processor(model, _trunk(model, name).patch_embed.img_size)
     return encoder

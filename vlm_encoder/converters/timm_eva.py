@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import naming, read_state_dict, strip_prefixes
+from ..weights import naming, strip_prefixes
 from .hf_common import KeyTable, Transform
 from .timm_vit import (
     _POOLS,
@@ -34,8 +34,9 @@ from .timm_vit import (
     _activation,
     _fold_prefix_positions,
     _layer_norm_eps,
+    create_timm_model,
     encoder_holding,
-    not_cached,
+    timm_processor,
 )
 
 
@@ -316,22 +317,8 @@ def load_timm_eva(name: str, checkpoint: str | None = None, **timm_kwargs: Any) 
         UnsupportedTimmModel: The architecture is not expressible.
         WeightsError: The checkpoint does not fit the architecture.
     """
-    import timm
-    import timm.data
-
-    from ..processing import ImageProcessor
-
-    if checkpoint is None:
-        try:
-            model = timm.create_model(name, pretrained=True, **timm_kwargs)
-        except Exception as err:  # noqa: BLE001 - timm / huggingface_hub raise many kinds
-            raise not_cached(f"timm pretrained weights for {name!r}", err, f"timm:{name} with checkpoint=PATH") from err
-        state_dict = None
-    else:
-        model = timm.create_model(name, pretrained=False, **timm_kwargs)
-        state_dict = read_state_dict(checkpoint)
-    with naming(str(checkpoint) if checkpoint is not None else f"timm {name} pretrained weights"):
+    model, state_dict, source = create_timm_model(name, checkpoint, timm_kwargs, meta=False)
+    with naming(source):
         encoder = encoder_from_timm_eva(model, state_dict)
-    size = (model.in_chans, *model.patch_embed.img_size)
-    encoder.image_processor = ImageProcessor.from_timm(timm.data.resolve_data_config({"input_size": size}, model=model))
+    encoder.image_processor = timm_processor(model, model.patch_embed.img_size)
     return encoder

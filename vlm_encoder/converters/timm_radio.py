@@ -31,14 +31,15 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
-from ..weights import WeightsError, naming, read_state_dict, strip_prefixes
+from ..weights import WeightsError, naming, strip_prefixes
 from .timm_vit import (
     UnsupportedTimmModel,
     _block_spec,
     _layer_norm_eps,
     config_from_timm,
+    create_timm_model,
     encoder_holding,
-    not_cached,
+    timm_processor,
 )
 from .timm_vit import convert_state_dict as convert_vit_state_dict
 
@@ -216,23 +217,9 @@ def load_timm_radio(
     Returns:
         The encoder in eval mode; `image_processor` holds timm's preprocessing.
     """
-    import timm
-    import timm.data
-
-    from ..processing import ImageProcessor
-
-    if checkpoint is None:
-        try:
-            model = timm.create_model(name, pretrained=True, **timm_kwargs)
-        except Exception as err:  # noqa: BLE001 - timm / huggingface_hub raise many kinds
-            way_out = f"load_timm_radio({name!r}, checkpoint='path/to/model.safetensors')"
-            raise not_cached(f"timm pretrained weights for {name!r}", err, way_out) from err
-        state_dict = None
-    else:
-        with torch.device("meta"):  # only its architecture is read
-            model = timm.create_model(name, pretrained=False, **timm_kwargs)
-        state_dict = read_state_dict(checkpoint)
-    with naming(str(checkpoint) if checkpoint is not None else f"timm {name} pretrained weights"):
+    way_out = f"load_timm_radio({name!r}, checkpoint='path/to/model.safetensors')"
+    model, state_dict, source = create_timm_model(name, checkpoint, timm_kwargs, way_out=way_out)
+    with naming(source):
         encoder = encoder_from_timm_radio(model, state_dict, num_class_tokens, summary_idxs)
-    encoder.image_processor = ImageProcessor.from_timm(timm.data.resolve_data_config({}, model=model))
+    encoder.image_processor = timm_processor(model)
     return encoder

@@ -13,9 +13,10 @@ pooling, ...) is refused with a message naming it, never approximated.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from torch import nn
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
 from ..weights import WeightsError, build_and_load, load_state_dict_strict, naming, read_state_dict, strip_prefixes
+
+if TYPE_CHECKING:
+    from ..processing import ImageProcessor
 
 _POOLS = {"token": "cls", "avg": "gap", "map": "map", "": "none"}
 
@@ -408,6 +412,50 @@ def encoder_holding(config: VisionConfig, weights: dict[str, torch.Tensor], *, c
     return encoder.eval()
 
 
+def create_timm_model(
+    name: str, checkpoint: str | None, timm_kwargs: Mapping[str, Any], *, way_out: str | None = None, meta: bool = True
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None, str]:
+    """The timm model `name` and the weights to convert, for every `timm:` converter: with
+    `checkpoint=None`, timm's pretrained weights inside the model (the state dict returned is
+    `None`); else the model built on `meta` (only its architecture is read: no random weights
+    beside the file's; `meta=False` where a converter reads values off the built model) and the
+    file's state dict, read safely.
+
+    Returns:
+        `(model, state_dict or None, source)`, `source` naming the weights in errors.
+
+    Raises:
+        WeightsNotCached: `checkpoint=None` and timm cannot get the weights (offline and not
+            cached); the message names `way_out` (default: `timm:NAME` with a checkpoint).
+    """
+    import timm
+
+    if checkpoint is None:
+        try:
+            model = timm.create_model(name, pretrained=True, **timm_kwargs)
+        except Exception as err:  # noqa: BLE001 - timm / huggingface_hub raise many kinds
+            way_out = way_out or f"timm:{name} with checkpoint=PATH"
+            raise not_cached(f"timm pretrained weights for {name!r}", err, way_out) from err
+        return model, None, f"timm {name} pretrained weights"
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    return model, read_state_dict(checkpoint), str(checkpoint)
+
+
+def timm_processor(model: nn.Module, img_size: tuple[int, int] | None = None, **changes: Any) -> ImageProcessor:
+    """timm's eval preprocessing of `model` as our `ImageProcessor`, at `img_size` when given (the
+    model's own input size, so that `img_size=` overrides reach the processor too: timm's
+    pretrained cfg keeps the checkpoint's native size); `changes` replace entries of timm's
+    data config (e.g. `mean` / `std`)."""
+    import timm.data
+
+    from ..processing import ImageProcessor
+
+    data = timm.data.resolve_data_config({} if img_size is None else {"input_size": (model.in_chans, *img_size)},
+                                         model=model)
+    return ImageProcessor.from_timm({**data, **changes})
+
+
 def load_timm(name: str, checkpoint: str | None = None, **timm_kwargs: Any) -> VisionEncoder:
     """Load a timm ViT as a `VisionEncoder`.
 
@@ -428,27 +476,10 @@ def load_timm(name: str, checkpoint: str | None = None, **timm_kwargs: Any) -> V
         UnsupportedTimmModel: The architecture is not expressible.
         WeightsError: The checkpoint does not fit the architecture.
     """
-    import timm
-    import timm.data
-
-    from ..processing import ImageProcessor
-
-    if checkpoint is None:
-        try:
-            model = timm.create_model(name, pretrained=True, **timm_kwargs)
-        except Exception as err:  # noqa: BLE001 - timm / huggingface_hub raise many kinds
-            way_out = f"load_timm({name!r}, checkpoint='path/to/model.safetensors')"
-            raise not_cached(f"timm pretrained weights for {name!r}", err, way_out) from err
-        state_dict = None
-    else:
-        with torch.device("meta"):  # only its architecture is read: no random weights beside the file's
-            model = timm.create_model(name, pretrained=False, **timm_kwargs)
-        state_dict = read_state_dict(checkpoint)
-    with naming(str(checkpoint) if checkpoint is not None else f"timm {name} pretrained weights"):
+    way_out = f"load_timm({name!r}, checkpoint='path/to/model.safetensors')"
+    model, state_dict, source = create_timm_model(name, checkpoint, timm_kwargs, way_out=way_out)
+    with naming(source):
         encoder = encoder_from_timm_model(model, state_dict)
-    # The model's own input size, so that `img_size=` overrides reach the processor too
-    # (timm's pretrained cfg keeps the checkpoint's native size).
-    size = (model.in_chans, *model.patch_embed.img_size)
-    encoder.image_processor = ImageProcessor.from_timm(timm.data.resolve_data_config({"input_size": size}, model=model))
+    encoder.image_processor = timm_processor(model, model.patch_embed.img_size)
     return encoder
 
