@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -91,18 +91,22 @@ def tower_config(text: Any, family: str) -> TextConfig:
     )
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`ContrastiveModel` tensors from a `CLIPModel` state dict.
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    convert_vision: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] = hf_clip.convert_state_dict,
+    family: str = "HF CLIPModel",
+) -> dict[str, torch.Tensor]:
+    """`ContrastiveModel` tensors from a `CLIPModel` state dict, or a family's with CLIP's layout
+    (its image tower converted by `convert_vision`, e.g. MetaCLIP 2's).
 
     Raises:
         WeightsError: A key missing or not known (named).
     """
-    vision_keys = {k: v for k, v in state_dict.items() if not k.startswith("visual_projection.")}
-    vision = hf_clip.convert_state_dict(vision_keys)
-    text = TEXT_TABLE.convert(select_tower(state_dict, TEXT_PREFIXES, TEXT_IGNORED), FAMILY)
     missing = [k for k in ("visual_projection.weight", "text_projection.weight", "logit_scale") if k not in state_dict]
     if missing:
-        raise WeightsError(f"HF CLIPModel checkpoint is missing {', '.join(missing)}")
+        raise WeightsError(f"{family} checkpoint is missing {', '.join(missing)}")
+    vision = convert_vision({k: v for k, v in state_dict.items() if not k.startswith("visual_projection.")})
+    text = TEXT_TABLE.convert(select_tower(state_dict, TEXT_PREFIXES, TEXT_IGNORED), f"{family} text")
     return {
         **{f"vision.{k}": v for k, v in vision.items()},
         **{f"text.{k}": v for k, v in text.items()},

@@ -26,7 +26,6 @@ import torch
 
 from ..config import VisionConfig
 from ..text import TextConfig
-from ..weights import WeightsError
 from . import hf_clip, hf_clip_text
 from .hf_common import parse_config, select_tower
 
@@ -93,25 +92,12 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
 
 
 def convert_contrastive_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`ContrastiveModel` tensors from a whole `MetaClip2Model` state dict.
+    """`ContrastiveModel` tensors from a whole `MetaClip2Model` state dict (CLIP's layout).
 
     Raises:
         WeightsError: A key missing or not known (named).
     """
-    missing = [k for k in ("visual_projection.weight", "text_projection.weight", "logit_scale") if k not in state_dict]
-    if missing:
-        raise WeightsError(f"{FAMILY}: a MetaClip2Model checkpoint is missing {', '.join(missing)}")
-    vision = convert_state_dict({k: v for k, v in state_dict.items() if not k.startswith("visual_projection.")})
-    text = hf_clip_text.TEXT_TABLE.convert(
-        select_tower(state_dict, hf_clip_text.TEXT_PREFIXES, hf_clip_text.TEXT_IGNORED), f"{FAMILY} text"
-    )
-    return {
-        **{f"vision.{k}": v for k, v in vision.items()},
-        **{f"text.{k}": v for k, v in text.items()},
-        "image_proj.weight": state_dict["visual_projection.weight"],
-        "text_proj.weight": state_dict["text_projection.weight"],
-        "logit_scale": state_dict["logit_scale"].reshape(()),
-    }
+    return hf_clip_text.convert_state_dict(state_dict, convert_state_dict, f"{FAMILY}: a MetaClip2Model")
 
 
 def load_contrastive(
