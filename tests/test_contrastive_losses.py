@@ -197,8 +197,8 @@ def test_distributed_gradients_equal_single_process_full_batch():
 
 
 # ------------------------------------------------------------------ memory
-def _measure(loss_fn, batch: int) -> tuple[int, int]:
-    image, text = _features(batch, DIM, torch.float32)
+def _measure(loss_fn, batch: int, dim: int | None = None) -> tuple[int, int]:
+    image, text = _features(batch, dim or DIM, torch.float32)
     image.requires_grad_()
     text.requires_grad_()
     scale = torch.tensor(10.0, requires_grad=True)
@@ -226,6 +226,27 @@ def test_memory_grows_linearly_with_batch(name, loss_fn):
     assert small_largest <= max(CHUNK, DIM) * 128 and big_largest <= max(CHUNK, DIM) * 256
     ratio = big_peak / small_peak
     assert 1.5 < ratio < 2.5, f"{name}: doubling the batch multiplied peak memory by {ratio:.2f} (expected ~2)"
+
+
+def test_clip_backward_holds_one_pair_of_gradients():
+    """On one process CLIP's two directions share each block and one pair of `(B, E)` gradient
+    buffers; the same loss as two row-log-sum-exp passes (the distributed path's form) holds a
+    pair per direction before autograd sums them, so the measure can fail."""
+    from vlm_encoder.contrastive.chunked import chunked_logsumexp
+
+    batch, dim, chunk = 2048, 64, 16
+    gradient_pair, block = 2 * batch * dim * 4, chunk * batch * 4
+
+    def two_passes(i, t, s, b):
+        positives = s * (i * t).sum(-1)
+        image_lse, text_lse = chunked_logsumexp(i, t, s, chunk), chunked_logsumexp(t, i, s, chunk)
+        return ((image_lse - positives).mean() + (text_lse - positives).mean()) / 2
+
+    fused_peak, fused_largest = _measure(lambda i, t, s, b: ClipLoss(chunk_size=chunk)(i, t, s), batch, dim)
+    two_peak, _ = _measure(two_passes, batch, dim)
+    assert fused_largest <= batch * dim
+    assert fused_peak <= gradient_pair + 4 * block, fused_peak
+    assert two_peak >= 2 * gradient_pair, two_peak
 
 
 def test_open_clip_memory_is_quadratic_so_the_measure_can_fail():

@@ -7,6 +7,11 @@ float64).
 
 - `chunked_logsumexp(q, k, scale)`: `logsumexp_j(scale * q_i . k_j)` for each row `i`, the
   normaliser of CLIP's softmax cross-entropy.
+- `chunked_clip_loss(image, text, scale)`: the whole symmetric CLIP loss of one batch. Block
+  `(i, :)` of the logits serves the image->text softmax along its rows and the text->image softmax
+  along its columns, so each block is computed once per pass (half the GEMMs of two
+  `chunked_logsumexp`) and the backward accumulates both directions into one pair of `(N, E)`
+  gradients.
 - `chunked_sigmoid_loss(q, k, scale, bias, offset)`: `sum_ij softplus(-y_ij (scale q_i . k_j
   + bias))` with `y = +1` on the pairs `(i, offset + i)` and `-1` elsewhere (SigLIP).
 """
@@ -86,6 +91,72 @@ def chunked_logsumexp(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Te
         chunk: Query rows per block.
     """
     return _ChunkedLogSumExp.apply(queries, keys, scale, chunk)
+
+
+class _ChunkedClipLoss(Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, chunk):
+        q, k, s = _compute(image, text, scale)
+        n = q.shape[0]
+        row_lse = q.new_empty(n)
+        col_max = q.new_full((n,), float("-inf"))  # online log-sum-exp down the columns
+        col_sum = q.new_zeros(n)
+        positives = q.new_zeros(())
+        for a, b in _blocks(n, chunk):
+            logits = (q[a:b] @ k.T).mul_(s)  # (c, N)
+            positives += logits.diagonal(offset=a).sum()  # the pairs (i, i) of rows a..b
+            row_lse[a:b] = torch.logsumexp(logits, dim=1)
+            new_max = torch.maximum(col_max, logits.amax(dim=0))
+            col_sum.mul_((col_max - new_max).exp_()).add_(logits.sub_(new_max).exp_().sum(dim=0))
+            col_max = new_max
+            del logits
+        col_lse = col_sum.log_().add_(col_max)
+        ctx.save_for_backward(image, text, scale, row_lse, col_lse)
+        ctx.chunk = chunk
+        return (row_lse.sum() + col_lse.sum() - 2 * positives) / (2 * n)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        image, text, scale, row_lse, col_lse = ctx.saved_tensors
+        q, k, s = _compute(image, text, scale)
+        n = q.shape[0]
+        g = grad_loss.to(q.dtype) / (2 * n)
+        dq = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
+        dk = torch.zeros_like(k) if ctx.needs_input_grad[1] else None
+        ds = q.new_zeros(())
+        alpha = float(s)
+        for a, b in _blocks(n, ctx.chunk):
+            # d loss / d logits_ij = g * (softmax over row i + softmax over column j - 2 [i == j]).
+            weights = (q[a:b] @ k.T).mul_(s)  # (c, N) logits
+            by_column = (weights - col_lse).exp_()
+            weights.sub_(row_lse[a:b, None]).exp_().add_(by_column).mul_(g)
+            del by_column
+            weights.diagonal(offset=a).sub_(2 * g)
+            weighted_keys = weights @ k  # (c, E)
+            ds += torch.dot(weighted_keys.flatten(), q[a:b].flatten())  # sum_ij w_ij q_i . k_j
+            if dq is not None:
+                dq[a:b] = weighted_keys.mul_(s)
+            if dk is not None:
+                dk.addmm_(weights.T, q[a:b], alpha=alpha)
+        dq = dq.to(image.dtype) if dq is not None else None
+        dk = dk.to(text.dtype) if dk is not None else None
+        return dq, dk, ds.to(scale.dtype).reshape(scale.shape), None
+
+
+def chunked_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Symmetric CLIP loss (0-d, float32) of one batch, in blocks of `chunk` image rows.
+
+    `(CE(logits, diag) + CE(logits.T, diag)) / 2` with `logits = scale * image @ text.T`, the
+    `(N, N)` logits never materialised: the forward pass takes each row's log-sum-exp and, online
+    across blocks, each column's; the backward recomputes each block once for both directions.
+
+    Args:
+        image: `(N, E)` image features.
+        text: `(N, E)` text features; row `i` is image `i`'s caption.
+        scale: 0-d multiplier of the similarities.
+        chunk: Image rows per block.
+    """
+    return _ChunkedClipLoss.apply(image, text, scale, chunk)
 
 
 def _signed_logits(q_block, k, s, bias, first_row, offset):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .chunked import chunked_logsumexp, chunked_sigmoid_loss, resolve_chunk
+from .chunked import chunked_clip_loss, chunked_logsumexp, chunked_sigmoid_loss, resolve_chunk
 from .distributed import gather_features
 
 
@@ -60,7 +60,9 @@ class ClipLoss(_ChunkedGatheredLoss):
 
     `loss = (CE(logits, diag) + CE(logits.T, diag)) / 2` with
     `logits = logit_scale * image @ text.T (+ logit_bias)`, computed with the row and column
-    log-sum-exp in blocks of `chunk_size` rows (recomputed in the backward pass).
+    log-sum-exp in blocks of `chunk_size` rows (recomputed in the backward pass). On one process
+    both directions share each block (`chunked_clip_loss`); across ranks each direction is its
+    own pass over this rank's rows against the gathered features.
 
     Args:
         chunk_size: Rows per block; `None` picks one so a block holds at most 2^24 logits.
@@ -94,6 +96,13 @@ class ClipLoss(_ChunkedGatheredLoss):
         all_texts, _ = gather_features(text_features, self.gather_with_grad, self.group)
         n = image_features.shape[0]
         chunk = resolve_chunk(self.chunk_size, all_texts.shape[0], n)
+        if all_texts.shape[0] == n:  # one process (or the only rank with rows): the whole batch is local
+            loss = chunked_clip_loss(all_images, all_texts, scale, chunk)
+            if logit_bias is not None:  # it cancels; kept in the graph so its gradient is 0, as open_clip's
+                bias = _as_scalar(logit_bias, image_features, "logit_bias").to(loss.dtype)
+                loss = loss + (bias - bias)
+            return loss
+        # Across ranks this rank's rows and columns of the global logits are different blocks.
         image_lse = chunked_logsumexp(image_features, all_texts, scale, chunk)  # (n,) over all captions
         text_lse = chunked_logsumexp(text_features, all_images, scale, chunk)  # (n,) over all images
         dtype = image_lse.dtype
