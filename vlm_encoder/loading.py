@@ -369,7 +369,11 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         data = read_config_file(path) if path else None
         encoder.image_processor = _converter(model_type).image_processor(encoder.config, data)
     elif model_type in (*QWEN_VL_MODEL_TYPES, "qwen2_5_vl_vision", "qwen3_vl_vision", *QWEN3_TOWER_TYPES):
-        pass  # Qwen2VLImageProcessor (aspect-keeping smart_resize) is not expressed: the default processor
+        # Qwen2VLImageProcessor (smart_resize: each image at its own size) from the checkpoint's
+        # preprocessor_config.json; without one, the default processor (fixed size).
+        processor = _qwen_processor(files, encoder.config.patch_size)
+        if processor is not None:
+            encoder.image_processor = processor
     elif model_type == "gemma3":
         encoder.image_processor = _gemma3_processor(files)
     elif model_type != VisionEncoder.model_type:  # our own format read its processor_config.json
@@ -464,6 +468,30 @@ def _naflex_processor(patch_size: int) -> Any:
     from .processing import ImageProcessor
 
     return ImageProcessor.from_hf_config({"image_processor_type": "Siglip2ImageProcessor", "patch_size": patch_size})
+
+
+def _qwen_processor(files: SourceFiles, patch_size: int) -> Any:
+    """A Qwen checkpoint's `Qwen2VLImageProcessor` (`resize_mode='smart_resize'`), or `None`
+    without a `preprocessor_config.json`.
+
+    Raises:
+        ValueError: Another processor class, or a side multiple (`patch_size * merge_size`)
+            that is not a whole number of the tower's patches.
+    """
+    from .processing import ImageProcessor
+
+    path = files.get(PREPROCESSOR_FILE, required=False)
+    if path is None:
+        return None
+    processor = ImageProcessor.from_hf_config(read_config_file(path))
+    cfg = processor.config
+    if cfg.resize_mode != "smart_resize":
+        raise ValueError(f"{path}: a Qwen checkpoint's processor should be Qwen2VLImageProcessor (smart_resize), "
+                         f"got resize_mode={cfg.resize_mode!r}")
+    if cfg.factor % patch_size:
+        raise ValueError(f"{path}: patch_size * merge_size = {cfg.factor} is not a multiple of the tower's "
+                         f"patch_size {patch_size}")
+    return processor
 
 
 def _gemma3_processor(files: SourceFiles) -> Any:

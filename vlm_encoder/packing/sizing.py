@@ -62,6 +62,46 @@ def naflex_size(height: int, width: int, patch_size: int, max_tokens: int, eps: 
     return scaled(scale_min, height), scaled(scale_min, width)
 
 
+def smart_resize_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's `smart_resize` target size `(H, W)` (exactly transformers' `smart_resize`, used
+    by `Qwen2VLImageProcessor` for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5).
+
+    Each side is rounded to the nearest multiple of `factor` (`patch_size * merge_size`); when
+    the area is then over `max_pixels` (under `min_pixels`) both sides are scaled by one factor
+    and rounded down (up) to multiples of `factor`, keeping the aspect ratio.
+
+    Args:
+        height: Image height in pixels.
+        width: Image width in pixels.
+        factor: Side multiple (the merge unit's side in pixels).
+        min_pixels: Smallest area (transformers' `size["shortest_edge"]` / `min_pixels`).
+        max_pixels: Largest area (`size["longest_edge"]` / `max_pixels`).
+
+    Returns:
+        `(H, W)`, multiples of `factor`.
+
+    Raises:
+        ValueError: An aspect ratio over 200 (refused by transformers too).
+    """
+    _check_size_args(height, width, factor, max_pixels)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"image {height}x{width}: smart_resize needs an aspect ratio of at most 200, "
+            f"got {max(height, width) / min(height, width)}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def navit_size(height: int, width: int, patch_size: int, max_tokens: int) -> tuple[int, int]:
     """NaViT target size `(H, W)`: the native size rounded down to the patch stride, shrunk
     (aspect ratio kept) only when its grid has more than `max_tokens` patches.

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from ..specs.options import ConfigMixin, at_least, check_fields
 from ..validation import repeat_number
 
-ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "naflex", "none"]
+ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "naflex", "smart_resize", "none"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 ResizeBackend = Literal["pil", "torchvision"]
 CropRounding = Literal["round", "floor"]
@@ -47,6 +47,10 @@ class ProcessorConfig(ConfigMixin):
             sides multiples of `patch_size`, the largest scale (enlarging or shrinking) whose
             grid has at most `max_patches` patches (`packing.naflex_size`); `size` is unused
             and every image gets its own size (encode them with `packing.encode_packed`).
+            `smart_resize`: Qwen2-VL's rule (`Qwen2VLImageProcessor`, for Qwen2.5-VL, Qwen3-VL
+            and Qwen3.5; `packing.smart_resize_size`): keep the aspect ratio, sides rounded to
+            multiples of `factor`, the area clamped to `[min_pixels, max_pixels]`; `size` is
+            unused and every image gets its own size.
             `none`: no resize.
         size: Resize target `(h, w)` (an int means square).
         crop_size: Center crop `(h, w)` (an int means square), or `None` for no crop. An image smaller than the
@@ -69,6 +73,10 @@ class ProcessorConfig(ConfigMixin):
         exif_transpose: Apply a PIL image's EXIF orientation before anything else.
         patch_size: The patch side of the `naflex` resize (`None` for the other modes).
         max_patches: The patch budget of the `naflex` resize (`None` for the other modes).
+        min_pixels: Smallest area of the `smart_resize` resize (`None` for the other modes).
+        max_pixels: Largest area of the `smart_resize` resize (`None` for the other modes).
+        factor: Side multiple of the `smart_resize` resize, `patch_size * merge_size` (`None`
+            for the other modes).
     """
 
     resize_mode: ResizeMode = "exact"
@@ -85,6 +93,9 @@ class ProcessorConfig(ConfigMixin):
     exif_transpose: bool = True
     patch_size: int | None = at_least(1, None)
     max_patches: int | None = at_least(1, None)
+    min_pixels: int | None = at_least(1, None)
+    max_pixels: int | None = at_least(1, None)
+    factor: int | None = at_least(1, None)
 
     def __post_init__(self) -> None:
         for name, times in (("size", 2), ("crop_size", 2), ("mean", 3), ("std", 3), ("background", 3), ("pad_fill", 3)):
@@ -107,6 +118,16 @@ class ProcessorConfig(ConfigMixin):
             raise ValueError(f"patch_size and max_patches apply to resize_mode='naflex' only, not {self.resize_mode!r}")
         if naflex and self.crop_size is not None:
             raise ValueError("resize_mode='naflex' sizes each image to its patch grid: it takes no crop_size")
+        smart = self.resize_mode == "smart_resize"
+        smart_fields = (self.min_pixels, self.max_pixels, self.factor)
+        if smart and None in smart_fields:
+            raise ValueError("resize_mode='smart_resize' needs min_pixels, max_pixels and factor (patch_size * merge_size)")
+        if not smart and smart_fields != (None, None, None):
+            raise ValueError(f"min_pixels, max_pixels and factor apply to resize_mode='smart_resize' only, not {self.resize_mode!r}")
+        if smart and self.crop_size is not None:
+            raise ValueError("resize_mode='smart_resize' sizes each image to its own grid: it takes no crop_size")
+        if smart and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels={self.min_pixels} is larger than max_pixels={self.max_pixels}")
         for name in ("background", "pad_fill"):
             if max(getattr(self, name)) > 255:
                 raise ValueError(f"{name} must be an RGB colour of ints in [0, 255], got {getattr(self, name)}")

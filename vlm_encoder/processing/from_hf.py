@@ -1,7 +1,8 @@
 """HF `preprocessor_config.json` -> `ProcessorConfig`, for the image processors of the encoders
 this package loads: `CLIPImageProcessor`, `SiglipImageProcessor`, `Siglip2ImageProcessor`
-(NaFlex: `resize_mode='naflex'`), `ViTImageProcessor` and `BitImageProcessor` (DINOv2), in their
-default (torchvision), `...Fast` and `...Pil` forms.
+(NaFlex: `resize_mode='naflex'`), `ViTImageProcessor`, `BitImageProcessor` (DINOv2) and
+`Qwen2VLImageProcessor` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5: `resize_mode='smart_resize'`),
+in their default (torchvision), `...Fast` and `...Pil` forms.
 
 Strict: an unknown processor class, an unsupported size form or a field that would change the
 output in a way this package does not reproduce (e.g. `do_pad`) is an error.
@@ -45,6 +46,19 @@ HF_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "image_std": HALF_STD,
         "default_to_square": False,
     },
+    # smart_resize: no fixed size; each image's area clamped to [shortest_edge, longest_edge]
+    # pixels (older configs: top-level min_pixels / max_pixels, which win), sides multiples of
+    # patch_size * merge_size; bicubic. Qwen3-VL checkpoints use this class with `size`.
+    "Qwen2VLImageProcessor": {
+        "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+        "patch_size": 14,
+        "merge_size": 2,
+        "do_center_crop": False,
+        "resample": 3,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+        "default_to_square": False,
+    },
     "ViTImageProcessor": {
         "size": {"height": 224, "width": 224},
         "do_center_crop": False,
@@ -62,7 +76,7 @@ PIL_CODES: dict[int, str] = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicu
 _USED_KEYS = {
     "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
     "do_normalize", "image_mean", "image_std", "default_to_square", "use_square_size", "do_pad",
-    "patch_size", "max_num_patches",
+    "patch_size", "max_num_patches", "min_pixels", "max_pixels", "merge_size", "temporal_patch_size",
 }
 # Metadata or options that do not change the pixels of an RGB image.
 _IGNORED_KEYS = {
@@ -121,6 +135,25 @@ def _crop_size(value: Any) -> tuple[int, int]:
     raise ValueError(f"HF crop_size {value!r} is not supported; allowed: {{'height': H, 'width': W}} or an int")
 
 
+def _smart_resize_fields(merged: dict[str, Any]) -> dict[str, int]:
+    """`Qwen2VLImageProcessor`'s area bounds and side multiple: `size`'s `shortest_edge` /
+    `longest_edge` (pixels, not sides), replaced by top-level `min_pixels` / `max_pixels`
+    when given (as its `__init__` does), and `factor = patch_size * merge_size`."""
+    size = merged["size"]
+    size = dict(size) if isinstance(size, dict) else {}
+    if merged.get("min_pixels") is not None:
+        size["shortest_edge"] = merged["min_pixels"]
+    if merged.get("max_pixels") is not None:
+        size["longest_edge"] = merged["max_pixels"]
+    if not size.get("shortest_edge") or not size.get("longest_edge"):
+        raise ValueError(
+            f"Qwen2VLImageProcessor size {merged['size']!r} needs 'shortest_edge' and 'longest_edge' "
+            "(min / max pixels), or top-level min_pixels / max_pixels"
+        )
+    return {"min_pixels": int(size["shortest_edge"]), "max_pixels": int(size["longest_edge"]),
+            "factor": int(merged["patch_size"]) * int(merged["merge_size"])}
+
+
 def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -> ProcessorConfig:
     """A `ProcessorConfig` reproducing the HF image processor described by `data`.
 
@@ -155,8 +188,13 @@ def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -
         resize_mode = "naflex" if merged["do_resize"] else "none"
         if merged["do_resize"]:
             sizing = {"patch_size": int(merged["patch_size"]), "max_patches": int(merged["max_num_patches"])}
-    elif {"patch_size", "max_num_patches"} & set(data):
-        raise ValueError(f"patch_size / max_num_patches belong to a NaFlex processor (Siglip2ImageProcessor), not {name}")
+    elif name == "Qwen2VLImageProcessor":
+        resize_mode = "smart_resize" if merged["do_resize"] else "none"
+        if merged["do_resize"]:
+            sizing = _smart_resize_fields(merged)
+    elif {"patch_size", "max_num_patches", "min_pixels", "max_pixels", "merge_size", "temporal_patch_size"} & set(data):
+        raise ValueError(f"patch_size / max_num_patches / min_pixels / max_pixels / merge_size belong to a NaFlex "
+                         f"(Siglip2ImageProcessor) or Qwen (Qwen2VLImageProcessor) processor, not {name}")
     else:
         resize_mode, size = _size(merged["size"], bool(merged["default_to_square"]))
         sizing = {"size": size}

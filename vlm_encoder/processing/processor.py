@@ -154,7 +154,8 @@ class ImageProcessor:
         (filter, backend, rescale, mean/std) kept: the fixed-size processor of one image of a
         native-resolution run (`packing.target_size`)."""
         return ImageProcessor(
-            self.config.replace(resize_mode="exact", size=tuple(size), crop_size=None, patch_size=None, max_patches=None)
+            self.config.replace(resize_mode="exact", size=tuple(size), crop_size=None, patch_size=None, max_patches=None,
+                                min_pixels=None, max_pixels=None, factor=None)
         )
 
     # ---- serialization ------------------------------------------------------------------
@@ -210,6 +211,10 @@ class ImageProcessor:
             from ..packing.sizing import naflex_size
 
             size = naflex_size(rgb.shape[0], rgb.shape[1], cfg.patch_size, cfg.max_patches)
+        elif cfg.resize_mode == "smart_resize":
+            from ..packing.sizing import smart_resize_size
+
+            size = smart_resize_size(rgb.shape[0], rgb.shape[1], cfg.factor, cfg.min_pixels, cfg.max_pixels)
         else:
             size = resized_size(rgb.shape[0], rgb.shape[1], cfg.resize_mode, cfg.size)
         _check_resize_area(rgb.shape[:2], size, cfg)
@@ -246,8 +251,9 @@ class ImageProcessor:
         if len(sizes) > 1:
             raise ValueError(
                 f"processed images have different sizes {sorted(sizes)} and cannot be stacked; "
-                + ("a NaFlex processor sizes each image to its own grid: process one image at a time and "
-                   "encode the list with vlm_encoder.packing.encode_packed" if self.config.resize_mode == "naflex"
+                + ("a NaFlex or smart_resize processor sizes each image to its own grid: process one image at a "
+                   "time and encode the list with vlm_encoder.packing.encode_packed (or one image per call)"
+                   if self.config.resize_mode in ("naflex", "smart_resize")
                    else "set crop_size or resize_mode='exact' for a fixed output size")
             )
         floating = any(p.is_floating_point() for p in processed)

@@ -1,0 +1,131 @@
+"""Qwen's image processor (`Qwen2VLImageProcessor`, used by Qwen2.5-VL, Qwen3-VL and Qwen3.5) as
+`ProcessorConfig(resize_mode='smart_resize')`: pixels equal transformers' (its `pixel_values`
+patches put back into `(C, H, W)`) and the grid equals its `image_grid_thw`, for images that hit
+neither clamp, the `min_pixels` clamp (tiny) and the `max_pixels` clamp (large, elongated); a
+saved Qwen2.5-VL checkpoint with a `preprocessor_config.json` gets it, and `load_vision_side`'s
+`image_tokens` on PIL images of different sizes (one call per image) equal the reference's
+`get_image_features` on its processor's own output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parity_helpers import close
+from vlm_encoder.packing import smart_resize_size
+from vlm_encoder.processing import ImageProcessor, ProcessorConfig
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor, smart_resize  # noqa: E402
+
+# (H, W): no clamp, under min_pixels (tiny), over max_pixels (large; elongated both ways).
+SIZES = [(40, 24), (5, 3), (9, 31), (300, 180), (20, 700), (1200, 90)]
+# A tiny Qwen2.5-VL-style config (patch 4, merge 2: factor 8) and Qwen3-VL's own `size` form.
+TINY = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 16 * 16, "max_pixels": 96 * 96,
+        "patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
+QWEN3 = {"image_processor_type": "Qwen2VLImageProcessorFast", "size": {"shortest_edge": 32 * 32, "longest_edge": 128 * 128},
+         "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+
+
+def _image(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def unpatchify(pixel_values: torch.Tensor, grid_thw, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """One image's rows of `pixel_values` `(h*w, C*T*p*p)` (merge-unit order) -> `(C, H, W)` (frame 0)."""
+    _, h, w = (int(v) for v in grid_thw)
+    x = pixel_values.reshape(h // merge, w // merge, merge, merge, 3, temporal, patch, patch)[:, :, :, :, :, 0]
+    x = x.permute(4, 0, 2, 5, 1, 3, 6)  # (C, h/m, m, p, w/m, m, p)
+    return x.reshape(3, h * patch, w * patch)
+
+
+def _hf_kwargs(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k != "image_processor_type"}
+
+
+@pytest.mark.parametrize("data,reference", [(TINY, Qwen2VLImageProcessor), (QWEN3, Qwen2VLImageProcessor),
+                                            ({**TINY, "image_processor_type": "Qwen2VLImageProcessorPil"},
+                                             Qwen2VLImageProcessorPil)])
+def test_pixels_and_grid_equal_transformers(data, reference):
+    ours = ImageProcessor.from_hf_config(data)
+    hf = reference(**_hf_kwargs(data))
+    cfg = ours.config
+    assert cfg.resize_mode == "smart_resize" and cfg.factor == data["patch_size"] * data["merge_size"]
+    assert (cfg.min_pixels, cfg.max_pixels) == (hf.size["shortest_edge"], hf.size["longest_edge"])
+    patch, merge = data["patch_size"], data["merge_size"]
+    clamps = set()
+    for i, (height, width) in enumerate(SIZES):
+        image = _image(height, width, seed=i)
+        out = hf(image, return_tensors="pt")
+        expected = unpatchify(out["pixel_values"], out["image_grid_thw"][0], patch, merge, 2)
+        pixels = ours(image)[0]
+        assert pixels.shape == expected.shape, (height, width, pixels.shape, expected.shape)
+        assert (pixels.shape[1] // patch, pixels.shape[2] // patch) == tuple(out["image_grid_thw"][0, 1:].tolist())
+        assert (pixels - expected).abs().max().item() <= 1e-5, (height, width)
+        area = pixels.shape[1] * pixels.shape[2]
+        clamps.add("min" if round(height / cfg.factor) * round(width / cfg.factor) * cfg.factor**2 < cfg.min_pixels
+                   else "max" if area < round(height / cfg.factor) * round(width / cfg.factor) * cfg.factor**2 else "none")
+    assert clamps == {"min", "max", "none"}, clamps  # every branch of smart_resize was exercised
+
+
+def test_size_rule_is_transformers_smart_resize():
+    for factor, lo, hi in ((28, 56 * 56, 28 * 28 * 1280), (32, 65536, 16777216), (8, 256, 9216)):
+        for height in (1, 3, 13, 28, 29, 100, 517, 4000):
+            for width in (1, 7, 28, 255, 1000, 5000):
+                if max(height, width) / min(height, width) > 200:
+                    with pytest.raises(ValueError, match="aspect ratio"):
+                        smart_resize_size(height, width, factor, lo, hi)
+                    continue
+                assert smart_resize_size(height, width, factor, lo, hi) == smart_resize(height, width, factor, lo, hi)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="needs min_pixels"):
+        ProcessorConfig(resize_mode="smart_resize", min_pixels=4)
+    with pytest.raises(ValueError, match="apply to resize_mode='smart_resize' only"):
+        ProcessorConfig(resize_mode="exact", factor=28)
+    with pytest.raises(ValueError, match="larger than max_pixels"):
+        ProcessorConfig(resize_mode="smart_resize", min_pixels=100, max_pixels=10, factor=2)
+    with pytest.raises(ValueError, match="min_pixels"):
+        ProcessorConfig(resize_mode="smart_resize", min_pixels=0, max_pixels=10, factor=2)
+    with pytest.raises(ValueError, match="takes no crop_size"):
+        ProcessorConfig(resize_mode="smart_resize", min_pixels=1, max_pixels=10, factor=2, crop_size=4)
+    with pytest.raises(ValueError, match="shortest_edge"):
+        ImageProcessor.from_hf_config({"image_processor_type": "Qwen2VLImageProcessor", "size": {"height": 4, "width": 4}})
+    processor = ImageProcessor.from_hf_config(TINY)
+    assert ImageProcessor.from_dict(processor.to_dict()) == processor  # round trip
+    with pytest.raises(ValueError, match="different sizes"):
+        processor([_image(40, 24), _image(24, 40)])
+
+
+def test_a_qwen2_5_vl_checkpoint_gets_its_processor_and_image_tokens_match(tmp_path):
+    """Whole checkpoint + `preprocessor_config.json` -> `load_vision_side`: PIL images of
+    different sizes, one `image_tokens` call each, vs `get_image_features` on the reference
+    processor's own `pixel_values` / `image_grid_thw`."""
+    from test_qwen_vl_parity import MERGE, PATCH, TEMPORAL, _save_whole_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vlm_encoder import load_encoder, load_vision_side
+
+    _save_whole_model(tmp_path)
+    hf_processor = Qwen2VLImageProcessor(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=PATCH, merge_size=MERGE,
+                                         temporal_patch_size=TEMPORAL)
+    hf_processor.save_pretrained(tmp_path)
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert load_encoder(tmp_path).image_processor == ImageProcessor.from_hf_config(_hf_kwargs(TINY) | {
+        "image_processor_type": "Qwen2VLImageProcessor", "max_pixels": 48 * 48})
+    side = load_vision_side(tmp_path)
+    assert side.processor.config.resize_mode == "smart_resize"
+    for i, (height, width) in enumerate([(50, 30), (7, 40), (200, 90)]):  # non-square; min and max clamps
+        image = _image(height, width, seed=i)
+        inputs = hf_processor(image, return_tensors="pt")
+        with torch.no_grad():
+            expected = reference.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+            ours = side.image_tokens(image)  # (1, T, D)
+        grid = tuple(inputs["image_grid_thw"][0, 1:].tolist())
+        assert ours.shape[1] == side.num_image_tokens(grid), (ours.shape, grid)
+        close(f"qwen2_5_vl smart_resize {height}x{width}", ours[0], torch.cat(list(expected)), "image tokens")
