@@ -129,3 +129,41 @@ def test_a_qwen2_5_vl_checkpoint_gets_its_processor_and_image_tokens_match(tmp_p
         grid = tuple(inputs["image_grid_thw"][0, 1:].tolist())
         assert ours.shape[1] == side.num_image_tokens(grid), (ours.shape, grid)
         close(f"qwen2_5_vl smart_resize {height}x{width}", ours[0], torch.cat(list(expected)), "image tokens")
+
+
+def test_extract_native_on_a_qwen2_5_vl_uses_smart_resize(tmp_path):
+    """`extract --resolution native`: each image at its `smart_resize` size (the grid of
+    transformers' `image_grid_thw`), patches equal to the encoder on the processor's output;
+    `--max-patches` replaces `max_pixels`."""
+    from test_qwen_vl_parity import MERGE, PATCH, TEMPORAL, _save_whole_model
+
+    from vlm_encoder import load_encoder
+    from vlm_encoder.cli import main
+    from vlm_encoder.extract import FeatureStore
+
+    model = tmp_path / "qwen"
+    _save_whole_model(model)
+    kwargs = dict(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    Qwen2VLImageProcessor(**kwargs).save_pretrained(model)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sizes = [(50, 30), (7, 40), (200, 90)]
+    for i, (height, width) in enumerate(sizes):
+        _image(height, width, seed=i).save(folder / f"img_{i}.png")
+    for max_patches, max_pixels in ((None, 48 * 48), (64, 64 * PATCH**2)):
+        out = tmp_path / f"store_{max_patches}"
+        extra = [] if max_patches is None else ["--max-patches", str(max_patches)]
+        assert main(["extract", "--model", str(model), "--dataset", str(folder), "--out", str(out), "--layers", "-1",
+                     "--select", "patch", "--resolution", "native", "--no-progress", "--num-workers", "0", *extra]) == 0
+        store = FeatureStore(out)
+        assert store.resolution["sizing"] == "smart_resize"
+        encoder = load_encoder(model)
+        hf = Qwen2VLImageProcessor(**{**kwargs, "max_pixels": max_pixels})
+        for row, (height, width) in enumerate(sizes):
+            got = store.get(row)
+            image = Image.open(folder / f"img_{row}.png")
+            assert got["grid"].tolist() == hf(image, return_tensors="pt")["image_grid_thw"][0, 1:].tolist()
+            processor = ImageProcessor(encoder.image_processor.config.replace(max_pixels=max_pixels))
+            with torch.no_grad():
+                ref = encoder(processor(image), layers=(-1,)).patches(-1)[0]
+            torch.testing.assert_close(got[f"layer{encoder.config.depth - 1}.patch"], ref, rtol=0, atol=1e-6)

@@ -38,7 +38,7 @@ def build_processor(encoder: VisionEncoder, image_size: tuple[int, int] | None, 
     `image_size` when given: the resize target and the crop (if any) become `image_size` (a
     NaFlex processor squashes to it). `fixed` mode needs one output size."""
     processor = encoder.image_processor
-    naflex = processor.config.resize_mode == "naflex"
+    naflex = processor.config.resize_mode in ("naflex", "smart_resize")  # each image at its own size
     if image_size is not None and naflex:
         processor = processor.at_size(image_size)
     elif image_size is not None:
@@ -49,7 +49,7 @@ def build_processor(encoder: VisionEncoder, image_size: tuple[int, int] | None, 
     if processor.config.output_size is None and mode == "fixed":
         raise ValueError(
             f"the processor's output size depends on the image ({processor.config}); batches need one size: "
-            "pass --image-size" + (" or --resolution native (its own NaFlex sizes)" if naflex else "")
+            "pass --image-size" + (" or --resolution native (its own NaFlex / smart_resize sizes)" if naflex else "")
         )
     return processor
 

@@ -7,7 +7,9 @@ concatenated `(sum N_i, D)` tensor, with `num_patches` `(n,)` (the rows of each 
 * `native`: each image keeps its aspect ratio, sides multiples of the patch stride, shrunk
   only to fit `max_patches` (`packing.navit_size`), or, for a tower with a NaFlex processor
   (SigLIP2), resized by its rule to fill its budget (`packing.naflex_size`, as
-  `Siglip2ImageProcessor`, with its filter and mean/std); it is encoded **alone**
+  `Siglip2ImageProcessor`, with its filter and mean/std), or, for a Qwen tower with its
+  `smart_resize` processor, sized by that processor (`--max-patches` replaces its
+  `max_pixels` by `max_patches * stride**2`); it is encoded **alone**
   (`encode_packed([image])`), so the result never depends on which images share a batch
   and a resumed run is bitwise equal on the CPU. `N_i = h * w`.
 * `anyres`: LLaVA-NeXT tiling over `pinpoints` (base image first, unpad): the patches are
@@ -58,6 +60,18 @@ def parse_pinpoints(value: str | Sequence[Sequence[int]]) -> Pinpoints:
     return tuple((int(h), int(w)) for h, w in pairs)
 
 
+def smart_resize_native(processor: ImageProcessor, stride: int,
+                        max_patches: int | None) -> tuple[ImageProcessor, str, int]:
+    """A Qwen `smart_resize` processor at native resolution: `(processor, 'smart_resize', budget)`,
+    each image at the processor's own size; `max_patches` (if given) replaces its `max_pixels`
+    by `max_patches * stride**2` (`min_pixels` lowered to it if larger)."""
+    cfg = processor.config
+    if max_patches is not None:
+        limit = max_patches * stride**2
+        cfg = cfg.replace(max_pixels=limit, min_pixels=min(cfg.min_pixels, limit))
+    return ImageProcessor(cfg), "smart_resize", cfg.max_pixels // stride**2
+
+
 def anyres_config(encoder: VisionEncoder, pinpoints: Pinpoints) -> AnyresConfig:
     """LLaVA-NeXT tiling at the encoder's (square) input size over `pinpoints`."""
     height, width = encoder.config.image_size
@@ -89,6 +103,8 @@ class ImagePreparer:
         if self.mode == "anyres":
             tiles = tile_with(image, self.anyres, self.processor)
             return tiles.pixel_values, tuple(tiles.image_size)
+        if self.policy == "smart_resize":  # Qwen: the processor sizes each image itself
+            return self.processor(image)[0]
         from ..packing import target_size
         from ..processing.convert import to_rgb
 
@@ -127,7 +143,10 @@ class VariablePlan:
             from ..packing import encode_packed
 
             pixels = item.to(device=param.device, dtype=param.dtype)
-            out = encode_packed(encoder, [pixels], layers=plan.run_blocks, norm=plan.norm)[0]
+            if encoder.config.attn_window is not None:  # windows (Qwen2.5-VL): not packed, the image alone
+                out = encoder(pixels[None], layers=plan.run_blocks, norm=plan.norm)
+            else:
+                out = encode_packed(encoder, [pixels], layers=plan.run_blocks, norm=plan.norm)[0]
             grid = out.grid_size
             patches = {block: out.patches(block)[0] for block in plan.blocks}
         else:

@@ -35,7 +35,7 @@ from ..processing import ImageLoadError, ImageProcessor, load_image
 from .config import IMAGE_KINDS, ExtractConfig
 from .model import build_encoder, build_processor, describe_model
 from .shards import NONFINITE_REASON, ROW_IDS, ShardLayout, retryable, valid_sidecar, write_shard
-from .resolution import NUM_PATCHES, ImagePreparer, VariablePlan, anyres_config
+from .resolution import NUM_PATCHES, ImagePreparer, VariablePlan, anyres_config, smart_resize_native
 from .sources import ImageSource, open_image_source
 
 MAX_PENDING_WRITES = 2
@@ -268,6 +268,8 @@ def open_encoding(config: ExtractConfig, device: torch.device, compute_device: t
     if config.mode != "fixed":
         tiling = anyres_config(encoder, config.anyres) if config.mode == "anyres" else None
         policy, budget = native_sizing(encoder, config.max_patches)  # SigLIP2: its NaFlex processor's rule
+        if config.mode == "native" and processor.config.resize_mode == "smart_resize":  # Qwen: its own sizes
+            processor, policy, budget = smart_resize_native(processor, encoder.config.input_stride, config.max_patches)
         prepare = ImagePreparer(processor, config.mode, encoder.config.input_stride, budget, tiling, policy)
         features = VariablePlan(features, config.mode, tiling, encoder.config.input_stride)
     if source is None:

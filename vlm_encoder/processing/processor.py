@@ -251,8 +251,9 @@ class ImageProcessor:
         if len(sizes) > 1:
             raise ValueError(
                 f"processed images have different sizes {sorted(sizes)} and cannot be stacked; "
-                + ("a NaFlex or smart_resize processor sizes each image to its own grid: process one image at a "
-                   "time and encode the list with vlm_encoder.packing.encode_packed (or one image per call)"
+                + (f"a {'NaFlex' if self.config.resize_mode == 'naflex' else 'smart_resize'} processor sizes each "
+                   "image to its own grid: process one image at a time and encode the list with "
+                   "vlm_encoder.packing.encode_packed (or one image per call)"
                    if self.config.resize_mode in ("naflex", "smart_resize")
                    else "set crop_size or resize_mode='exact' for a fixed output size")
             )
