@@ -167,3 +167,33 @@ def test_extract_native_on_a_qwen2_5_vl_uses_smart_resize(tmp_path):
             with torch.no_grad():
                 ref = encoder(processor(image), layers=(-1,)).patches(-1)[0]
             torch.testing.assert_close(got[f"layer{encoder.config.depth - 1}.patch"], ref, rtol=0, atol=1e-6)
+
+
+def test_a_qwen3_vl_tower_reads_the_hub_size_form(tmp_path):
+    """A `qwen3_vl_vision` directory with Qwen3-VL's own `preprocessor_config.json` form
+    (`Qwen2VLImageProcessorFast`, `size: {shortest_edge, longest_edge}`, mean = std = 0.5) gets
+    that processor; the tower on its pixels equals the reference on transformers' `pixel_values`."""
+    import json
+
+    from test_qwen3_vl_parity import MERGE, PATCH, TEMPORAL, _reference, _run_reference
+
+    from vlm_encoder import load_encoder
+
+    reference = _reference()
+    reference.save_pretrained(tmp_path)
+    data = {**QWEN3, "patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": TEMPORAL,
+            "size": {"shortest_edge": 16 * 16, "longest_edge": 40 * 40}, "processor_class": "Qwen3VLProcessor"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(data))
+    encoder = load_encoder(tmp_path)
+    cfg = encoder.image_processor.config
+    assert (cfg.resize_mode, cfg.min_pixels, cfg.max_pixels, cfg.factor, cfg.mean) == (
+        "smart_resize", 256, 1600, PATCH * MERGE, (0.5, 0.5, 0.5))
+    hf = Qwen2VLImageProcessor(**_hf_kwargs(data))
+    for i, (height, width) in enumerate([(30, 50), (90, 20)]):  # non-square; the second over max_pixels
+        image = _image(height, width, seed=i)
+        out = hf(image, return_tensors="pt")
+        hf_pixels = unpatchify(out["pixel_values"], out["image_grid_thw"][0], PATCH, MERGE, TEMPORAL)[None]
+        with torch.no_grad():
+            hidden, _, _ = _run_reference(reference, hf_pixels)
+            ours = encoder(encoder.image_processor(image), layers=(-1,)).patches(-1)
+        close(f"qwen3_vl smart_resize {height}x{width}", ours, hidden[:, -1], "last layer")
