@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from vlm_encoder.extract.engines.spark import SparkEngine, spark_dataframe
 from vlm_encoder.locks import DirectoryLock
 
 pyspark = pytest.importorskip("pyspark")
+if not (os.environ.get("JAVA_HOME") or shutil.which("java")):  # where pyspark's launcher looks for it
+    pytest.skip("Spark needs Java 17 or later (no java on PATH, JAVA_HOME unset)", allow_module_level=True)
 
 MASTER = "local[2,2]"  # 2 task slots; spark.task.maxFailures 2: a task may fail once
 
