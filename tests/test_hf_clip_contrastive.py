@@ -91,3 +91,9 @@ def test_a_legacy_text_tower_off_clips_vocabulary_is_refused_by_eval_and_describ
     assert main(["info", str(tmp_path), "--json"]) == 0
     description = json.loads(capsys.readouterr().out)
     assert description["kind"] == "encoder" and "legacy argmax" in description["source"]["text_tower"]
+
+
+def test_eval_help_names_a_clip_directory(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "HF CLIP or MetaCLIP 2 directory or hub id" in " ".join(capsys.readouterr().out.split())

@@ -18,10 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="zero-shot accuracy and retrieval recall of a trained contrastive model",
-        description="Evaluate MODEL (a ContrastiveModel save_pretrained directory) on a dataset.",
+        description="Evaluate MODEL (a contrastive image-text model) on a dataset.",
     )
     parser.add_argument("model", help="a contrastive model: a ContrastiveModel save_pretrained directory (e.g. "
-                                      "RUN/export/model) or open_clip:ARCH[:TAG]")
+                                      "RUN/export/model), an HF CLIP or MetaCLIP 2 directory or hub id, or "
+                                      "open_clip:ARCH[:TAG]")
     parser.add_argument("--data", required=True, help="data spec with captions (docs/training.md): builtin:NAME, a folder "
                         "with metadata.jsonl, imagefolder:DIR, saved dataset, .parquet/.csv/.jsonl/.tar, hub name")
     parser.add_argument("--split", default="test")
