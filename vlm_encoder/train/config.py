@@ -71,8 +71,8 @@ class TrainConfig(ConfigMixin):
         embed_dim: Width of the shared embedding space.
         objective: `clip` or `siglip`.
         init_model: A whole model to start from instead of random weights: a `ContrastiveModel`
-            `save_pretrained` directory, or an open_clip CLIP as `open_clip:ARCH` or
-            `open_clip:ARCH:TAG_OR_FILE` (both towers and the logit scale, e.g.
+            `save_pretrained` directory, an HF CLIP or MetaCLIP 2 directory or hub id, or an open_clip
+            CLIP as `open_clip:ARCH` or `open_clip:ARCH:TAG_OR_FILE` (both towers and the logit scale, e.g.
             `open_clip:ViT-B-32:laion2b_s34b_b79k`).
         vision_init: A pretrained image tower for a new model (any `load_encoder` source: a
             directory, a hub id such as `google/siglip-base-patch16-224`, `open_clip:ARCH`,
