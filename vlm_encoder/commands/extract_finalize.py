@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     summary = finalize_extraction(args.out, wait_lock=args.wait_lock)
     state = "complete" if summary.complete else "INCOMPLETE"
     print(f"{summary.out}: {summary.rows_written} rows written, {summary.rows_failed} failed, of "
-          f"{summary.total_rows} ({state}); {summary.shards_kept} shards committed",
+          f"{summary.total_rows} ({state}); {summary.shards_kept} shard{'' if summary.shards_kept == 1 else 's'} committed",
           file=sys.stdout if summary.complete else sys.stderr)
     if summary.rows_nonfinite:
         print(f"warning: {summary.rows_nonfinite} rows gave non-finite features (inf/NaN) and are recorded as "
