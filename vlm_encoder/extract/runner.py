@@ -381,6 +381,13 @@ def _needs_work(out: Path, shard: int, layout: ShardLayout, source: ImageSource)
     return False
 
 
+def _all_finite(value: torch.Tensor) -> bool:
+    """Whether every element is finite: one `abs().amax()` (NaN propagates, inf stays inf), ~6x
+    cheaper than `isfinite` on a bf16 batch here (2.2 against 12 ms for ViT-B/16's two layers of
+    patches at batch 16: ~1.5% of the bf16 encoder's time), so the per-row check runs only on a bad batch."""
+    return value.numel() == 0 or bool(value.abs().amax().isfinite())
+
+
 def _drop_nonfinite(batch: dict[str, Any], features: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     """Leave out the rows whose features hold inf or NaN, recording them as failures of `batch`."""
     rows = batch["ok_rows"]
@@ -388,7 +395,7 @@ def _drop_nonfinite(batch: dict[str, Any], features: dict[str, torch.Tensor], dt
     ragged = lambda key: counts is not None and key.endswith(".patch")  # noqa: E731
     bad = torch.zeros(len(rows), dtype=torch.bool)
     for key, value in features.items():
-        if not value.is_floating_point():
+        if not value.is_floating_point() or _all_finite(value):
             continue
         finite = value.isfinite().reshape(value.shape[0], -1).all(1)
         if ragged(key):
