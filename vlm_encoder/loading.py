@@ -354,8 +354,10 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         # Siglip2ImageProcessor: each image at its own NaFlex size (encode with packing.encode_packed).
         encoder.image_processor = _image_processor(files) or _naflex_processor(encoder.config.patch_size)
         info["max_num_patches"] = encoder.image_processor.config.max_patches
-    elif model_type in ("gemma4", "gemma4_vision"):
-        encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Gemma4ImageProcessor: see there
+    elif model_type in ("gemma4", "gemma4_vision"):  # Gemma4ImageProcessor (resize_mode='gemma4') where given
+        path = files.get(PREPROCESSOR_FILE, required=False)
+        data = read_config_file(path) if path else None
+        encoder.image_processor = _converter(model_type).image_processor(encoder.config, data)
     elif model_type == "radio":
         encoder.image_processor = _converter(model_type).image_processor(config)  # no RADIO processor in transformers
     elif model_type in ("kimi_k25", "kimi_k25_vision"):

@@ -305,16 +305,33 @@ def load_timm_gemma4(name: str, checkpoint: str | None = None, **timm_kwargs: An
     return encoder
 
 
-def image_processor(config: VisionConfig) -> Any:
-    """What our encoder takes from an image, for a transformers Gemma 4 tower: a resize to the
-    native size (bicubic, torchvision), `[0, 1]` pixels normalised with mean = std = 0.5, the
-    model's own `2 (x - 0.5)`. `Gemma4ImageProcessor`'s aspect-keeping resize under a patch budget
-    (sides multiples of `patch_size * pooling_kernel_size`) is not expressed: encode other sizes
-    by resizing the images yourself (any grid up to `pos_table_size`)."""
+def image_processor(config: VisionConfig, data: dict[str, Any] | None = None) -> Any:
+    """What our encoder takes from an image, for a transformers Gemma 4 tower.
+
+    With the checkpoint's `preprocessor_config.json` (`data`): its `Gemma4ImageProcessor`
+    (`resize_mode='gemma4'`: aspect kept, sides multiples of `patch_size * pooling_kernel_size`,
+    at most `max_soft_tokens * pooling_kernel_size**2` patches; each image its own size) with
+    the model's own `2 (x - 0.5)` folded into the normalisation: transformers' pixels `x`
+    (`[0, 1]`, or `(x - m) / s` where it normalises) become `(x - (m + s / 2)) / (s / 2)`.
+    Without one: a resize to the native size (bicubic, torchvision), mean = std = 0.5.
+
+    Raises:
+        ValueError: Another processor class, or a `patch_size` that is not the tower's.
+    """
     from ..processing import ImageProcessor, ProcessorConfig
 
-    return ImageProcessor(ProcessorConfig(resize_mode="exact", size=config.image_size, interpolation="bicubic",
-                                          backend="torchvision", mean=0.5, std=0.5))
+    if data is None:
+        return ImageProcessor(ProcessorConfig(resize_mode="exact", size=config.image_size, interpolation="bicubic",
+                                              backend="torchvision", mean=0.5, std=0.5))
+    hf = ImageProcessor.from_hf_config(data).config
+    if hf.resize_mode not in ("gemma4", "none") or hf.crop_size is not None:
+        raise ValueError("a Gemma 4 checkpoint's processor should be Gemma4ImageProcessor, "
+                         f"got {data.get('image_processor_type')!r}")
+    if hf.resize_mode == "gemma4" and hf.patch_size != config.patch_size:
+        raise ValueError(f"Gemma4ImageProcessor patch_size={hf.patch_size} is not the tower's "
+                         f"patch_size {config.patch_size}")
+    mean, std = (hf.mean, hf.std) if hf.mean is not None else ((0.0,) * 3, (1.0,) * 3)
+    return ImageProcessor(hf.replace(mean=tuple(m + s / 2 for m, s in zip(mean, std)), std=tuple(s / 2 for s in std)))
 
 
 # The connector of a whole checkpoint (the `gemma_pool` projector; weights alone: projectors.gemma_pool).

@@ -13,6 +13,7 @@ from .pack import PackedBatch, Segment, block_diagonal_mask, cu_seqlens, pack_se
 from .sizing import (
     SIZING_POLICIES,
     SizingPolicy,
+    gemma4_size,
     naflex_size,
     smart_resize_size,
     native_sizing,
@@ -30,6 +31,7 @@ __all__ = [
     "cu_seqlens",
     "embed_images",
     "encode_packed",
+    "gemma4_size",
     "naflex_size",
     "smart_resize_size",
     "native_sizing",

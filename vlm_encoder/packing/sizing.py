@@ -5,6 +5,8 @@ Two policies:
   * `naflex`: SigLIP2's NaFlex rule, `transformers`' `get_image_size_for_max_num_patches`
     reproduced exactly (a binary search on one scale for both sides, sides rounded *up* to
     the stride, so it also enlarges small images to fill the budget).
+  (Processor rules that size each image themselves: `smart_resize_size` (Qwen) and
+  `gemma4_size` (Gemma 4), used through `ProcessorConfig.resize_mode`.)
   * `navit`: native resolution when it fits: an image is only ever shrunk, by the largest
     scale whose stride-rounded (*down*) grid fits the budget (NaViT's "native aspect ratio,
     resize only to bound the sequence length").
@@ -100,6 +102,52 @@ def smart_resize_size(height: int, width: int, factor: int, min_pixels: int, max
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def gemma4_size(
+    height: int, width: int, patch_size: int, max_patches: int, pooling_kernel_size: int
+) -> tuple[int, int]:
+    """Gemma 4's target size `(H, W)` (exactly transformers' `get_aspect_ratio_preserving_size`,
+    used by `Gemma4ImageProcessor`).
+
+    Both sides are scaled by one factor to the area of `max_patches` patches, then rounded down
+    to multiples of `m = patch_size * pooling_kernel_size`; a side that rounds to zero becomes
+    `m` and the other `floor(long / short) * m`, at most `(max_patches // k**2) * m`. Enlarges
+    small images as well as shrinking large ones.
+
+    Args:
+        height: Image height in pixels.
+        width: Image width in pixels.
+        patch_size: Patch side in pixels.
+        max_patches: Patch budget (transformers' `max_soft_tokens * pooling_kernel_size**2`).
+        pooling_kernel_size: The pooler's side `k` in patches.
+
+    Returns:
+        `(H, W)`, multiples of `patch_size * pooling_kernel_size`.
+
+    Raises:
+        ValueError: Where transformers refuses too: both sides round to zero, or the thin-image
+            fallback exceeds the budget.
+    """
+    _check_size_args(height, width, patch_size, max_patches)
+    check_positive_int(pooling_kernel_size, "pooling_kernel_size")
+    target_px = max_patches * patch_size**2
+    scale = math.sqrt(target_px / (height * width))
+    side = pooling_kernel_size * patch_size
+    h = int(math.floor(scale * height / side)) * side
+    w = int(math.floor(scale * width / side)) * side
+    if h == 0 and w == 0:
+        raise ValueError(f"image {height}x{width}: Gemma 4's resize gives 0 x 0 (a budget of {max_patches} patches "
+                         f"is under one {side} x {side} pooling block)")
+    longest = (max_patches // pooling_kernel_size**2) * side
+    if h == 0:
+        h, w = side, min(int(math.floor(width / height)) * side, longest)
+    elif w == 0:
+        h, w = min(int(math.floor(height / width)) * side, longest), side
+    if h * w > target_px:
+        raise ValueError(f"image {height}x{width}: Gemma 4's resize to {h}x{w} exceeds {max_patches} patches "
+                         f"of {patch_size} px")
+    return h, w
 
 
 def navit_size(height: int, width: int, patch_size: int, max_tokens: int) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from ..specs.options import ConfigMixin, at_least, check_fields
 from ..validation import repeat_number
 
-ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "naflex", "smart_resize", "none"]
+ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "naflex", "smart_resize", "gemma4", "none"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 ResizeBackend = Literal["pil", "torchvision"]
 CropRounding = Literal["round", "floor"]
@@ -51,6 +51,11 @@ class ProcessorConfig(ConfigMixin):
             and Qwen3.5; `packing.smart_resize_size`): keep the aspect ratio, sides rounded to
             multiples of `factor`, the area clamped to `[min_pixels, max_pixels]`; `size` is
             unused and every image gets its own size.
+            `gemma4`: Gemma 4's rule (`Gemma4ImageProcessor`; `packing.gemma4_size`): keep the
+            aspect ratio, the largest sides that are multiples of `patch_size *
+            pooling_kernel_size` with at most `max_patches` patches (transformers'
+            `max_soft_tokens * pooling_kernel_size**2`); `size` is unused and every image gets
+            its own size.
             `none`: no resize.
         size: Resize target `(h, w)` (an int means square).
         crop_size: Center crop `(h, w)` (an int means square), or `None` for no crop. An image smaller than the
@@ -71,8 +76,11 @@ class ProcessorConfig(ConfigMixin):
         pad_fill: RGB colour (0-255) of the padding added by the crop step (black, as
             torchvision and open_clip; timm's `border` mode uses the mean colour).
         exif_transpose: Apply a PIL image's EXIF orientation before anything else.
-        patch_size: The patch side of the `naflex` resize (`None` for the other modes).
-        max_patches: The patch budget of the `naflex` resize (`None` for the other modes).
+        patch_size: The patch side of the `naflex` and `gemma4` resizes (`None` for the other modes).
+        max_patches: The patch budget of the `naflex` and `gemma4` resizes (`None` for the other
+            modes).
+        pooling_kernel_size: The pooler's side of the `gemma4` resize (its sides are multiples of
+            `patch_size * pooling_kernel_size`; `None` for the other modes).
         min_pixels: Smallest area of the `smart_resize` resize (`None` for the other modes).
         max_pixels: Largest area of the `smart_resize` resize (`None` for the other modes).
         factor: Side multiple of the `smart_resize` resize, `patch_size * merge_size` (`None`
@@ -96,6 +104,7 @@ class ProcessorConfig(ConfigMixin):
     min_pixels: int | None = at_least(1, None)
     max_pixels: int | None = at_least(1, None)
     factor: int | None = at_least(1, None)
+    pooling_kernel_size: int | None = at_least(1, None)
 
     def __post_init__(self) -> None:
         for name, times in (("size", 2), ("crop_size", 2), ("mean", 3), ("std", 3), ("background", 3), ("pad_fill", 3)):
@@ -111,13 +120,24 @@ class ProcessorConfig(ConfigMixin):
             raise ValueError(f"mean must be finite numbers (R, G, B), got {self.mean}")
         if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
             raise ValueError(f"std must be positive finite numbers (R, G, B), got {self.std}")
-        naflex = self.resize_mode == "naflex"
-        if naflex and (self.patch_size is None or self.max_patches is None):
-            raise ValueError("resize_mode='naflex' needs patch_size and max_patches (the patch budget)")
-        if not naflex and (self.patch_size is not None or self.max_patches is not None):
-            raise ValueError(f"patch_size and max_patches apply to resize_mode='naflex' only, not {self.resize_mode!r}")
-        if naflex and self.crop_size is not None:
-            raise ValueError("resize_mode='naflex' sizes each image to its patch grid: it takes no crop_size")
+        budgeted = self.resize_mode in ("naflex", "gemma4")
+        if budgeted and (self.patch_size is None or self.max_patches is None):
+            raise ValueError(f"resize_mode={self.resize_mode!r} needs patch_size and max_patches (the patch budget)")
+        if not budgeted and (self.patch_size is not None or self.max_patches is not None):
+            raise ValueError(f"patch_size and max_patches apply to resize_mode='naflex' or 'gemma4' only, "
+                             f"not {self.resize_mode!r}")
+        if budgeted and self.crop_size is not None:
+            raise ValueError(f"resize_mode={self.resize_mode!r} sizes each image to its patch grid: "
+                             "it takes no crop_size")
+        gemma4 = self.resize_mode == "gemma4"
+        if gemma4 and self.pooling_kernel_size is None:
+            raise ValueError("resize_mode='gemma4' needs pooling_kernel_size (sides are multiples of "
+                             "patch_size * pooling_kernel_size)")
+        if not gemma4 and self.pooling_kernel_size is not None:
+            raise ValueError(f"pooling_kernel_size applies to resize_mode='gemma4' only, not {self.resize_mode!r}")
+        if gemma4 and self.max_patches < self.pooling_kernel_size**2:
+            raise ValueError(f"resize_mode='gemma4' needs max_patches >= pooling_kernel_size**2 (one pooled token), "
+                             f"got {self.max_patches} < {self.pooling_kernel_size**2}")
         smart = self.resize_mode == "smart_resize"
         smart_fields = (self.min_pixels, self.max_pixels, self.factor)
         if smart and None in smart_fields:

@@ -1,8 +1,8 @@
 """HF `preprocessor_config.json` -> `ProcessorConfig`, for the image processors of the encoders
 this package loads: `CLIPImageProcessor`, `SiglipImageProcessor`, `Siglip2ImageProcessor`
 (NaFlex: `resize_mode='naflex'`), `ViTImageProcessor`, `BitImageProcessor` (DINOv2) and
-`Qwen2VLImageProcessor` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5: `resize_mode='smart_resize'`),
-in their default (torchvision), `...Fast` and `...Pil` forms.
+`Qwen2VLImageProcessor` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5: `resize_mode='smart_resize'`)
+and `Gemma4ImageProcessor` (`resize_mode='gemma4'`), in their default (torchvision), `...Fast` and `...Pil` forms.
 
 Strict: an unknown processor class, an unsupported size form or a field that would change the
 output in a way this package does not reproduce (e.g. `do_pad`) is an error.
@@ -59,6 +59,19 @@ HF_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "image_std": OPENAI_CLIP_STD,
         "default_to_square": False,
     },
+    # Gemma 4: no fixed size; each image resized under a budget of max_soft_tokens pooled tokens
+    # (`get_aspect_ratio_preserving_size`), bicubic, [0, 1] pixels (the model normalises itself).
+    "Gemma4ImageProcessor": {
+        "patch_size": 16,
+        "max_soft_tokens": 280,
+        "pooling_kernel_size": 3,
+        "do_center_crop": False,
+        "do_normalize": False,
+        "resample": 3,
+        "image_mean": (0.0, 0.0, 0.0),
+        "image_std": (1.0, 1.0, 1.0),
+        "default_to_square": True,
+    },
     "ViTImageProcessor": {
         "size": {"height": 224, "width": 224},
         "do_center_crop": False,
@@ -77,7 +90,10 @@ _USED_KEYS = {
     "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
     "do_normalize", "image_mean", "image_std", "default_to_square", "use_square_size", "do_pad",
     "patch_size", "max_num_patches", "min_pixels", "max_pixels", "merge_size", "temporal_patch_size",
+    "max_soft_tokens", "pooling_kernel_size",
 }
+# transformers' `_SUPPORTED_SOFT_TOKENS`: the budgets `Gemma4ImageProcessor` accepts.
+GEMMA4_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 # Metadata or options that do not change the pixels of an RGB image.
 _IGNORED_KEYS = {
     "image_processor_type", "feature_extractor_type", "processor_class", "auto_map", "do_convert_rgb",
@@ -154,6 +170,17 @@ def _smart_resize_fields(merged: dict[str, Any]) -> dict[str, int]:
             "factor": int(merged["patch_size"]) * int(merged["merge_size"])}
 
 
+def _gemma4_fields(merged: dict[str, Any]) -> dict[str, int]:
+    """`Gemma4ImageProcessor`'s patch budget: `max_soft_tokens` pooled tokens of
+    `pooling_kernel_size**2` patches each (one of transformers' supported budgets)."""
+    tokens, kernel = merged["max_soft_tokens"], int(merged["pooling_kernel_size"])
+    if tokens not in GEMMA4_SOFT_TOKENS:
+        raise ValueError(f"Gemma4ImageProcessor max_soft_tokens={tokens!r} is not one of {GEMMA4_SOFT_TOKENS} "
+                         "(transformers refuses it too)")
+    return {"patch_size": int(merged["patch_size"]), "max_patches": int(tokens) * kernel**2,
+            "pooling_kernel_size": kernel}
+
+
 def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -> ProcessorConfig:
     """A `ProcessorConfig` reproducing the HF image processor described by `data`.
 
@@ -192,9 +219,15 @@ def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -
         resize_mode = "smart_resize" if merged["do_resize"] else "none"
         if merged["do_resize"]:
             sizing = _smart_resize_fields(merged)
-    elif {"patch_size", "max_num_patches", "min_pixels", "max_pixels", "merge_size", "temporal_patch_size"} & set(data):
-        raise ValueError(f"patch_size / max_num_patches / min_pixels / max_pixels / merge_size belong to a NaFlex "
-                         f"(Siglip2ImageProcessor) or Qwen (Qwen2VLImageProcessor) processor, not {name}")
+    elif name == "Gemma4ImageProcessor":
+        resize_mode = "gemma4" if merged["do_resize"] else "none"
+        if merged["do_resize"]:
+            sizing = _gemma4_fields(merged)
+    elif {"patch_size", "max_num_patches", "min_pixels", "max_pixels", "merge_size", "temporal_patch_size",
+          "max_soft_tokens", "pooling_kernel_size"} & set(data):
+        raise ValueError("patch_size / max_num_patches / min_pixels / max_pixels / merge_size / max_soft_tokens / "
+                         "pooling_kernel_size belong to a NaFlex (Siglip2ImageProcessor), Qwen "
+                         f"(Qwen2VLImageProcessor) or Gemma 4 (Gemma4ImageProcessor) processor, not {name}")
     else:
         resize_mode, size = _size(merged["size"], bool(merged["default_to_square"]))
         sizing = {"size": size}

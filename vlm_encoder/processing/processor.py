@@ -155,7 +155,7 @@ class ImageProcessor:
         native-resolution run (`packing.target_size`)."""
         return ImageProcessor(
             self.config.replace(resize_mode="exact", size=tuple(size), crop_size=None, patch_size=None, max_patches=None,
-                                min_pixels=None, max_pixels=None, factor=None)
+                                min_pixels=None, max_pixels=None, factor=None, pooling_kernel_size=None)
         )
 
     # ---- serialization ------------------------------------------------------------------
@@ -215,6 +215,10 @@ class ImageProcessor:
             from ..packing.sizing import smart_resize_size
 
             size = smart_resize_size(rgb.shape[0], rgb.shape[1], cfg.factor, cfg.min_pixels, cfg.max_pixels)
+        elif cfg.resize_mode == "gemma4":
+            from ..packing.sizing import gemma4_size
+
+            size = gemma4_size(rgb.shape[0], rgb.shape[1], cfg.patch_size, cfg.max_patches, cfg.pooling_kernel_size)
         else:
             size = resized_size(rgb.shape[0], rgb.shape[1], cfg.resize_mode, cfg.size)
         _check_resize_area(rgb.shape[:2], size, cfg)
@@ -251,10 +255,10 @@ class ImageProcessor:
         if len(sizes) > 1:
             raise ValueError(
                 f"processed images have different sizes {sorted(sizes)} and cannot be stacked; "
-                + (f"a {'NaFlex' if self.config.resize_mode == 'naflex' else 'smart_resize'} processor sizes each "
-                   "image to its own grid: process one image at a time and encode the list with "
+                + (f"a {'NaFlex' if self.config.resize_mode == 'naflex' else self.config.resize_mode} processor "
+                   "sizes each image to its own grid: process one image at a time and encode the list with "
                    "vlm_encoder.packing.encode_packed (or one image per call)"
-                   if self.config.resize_mode in ("naflex", "smart_resize")
+                   if self.config.resize_mode in ("naflex", "smart_resize", "gemma4")
                    else "set crop_size or resize_mode='exact' for a fixed output size")
             )
         floating = any(p.is_floating_point() for p in processed)
