@@ -13,6 +13,7 @@ from ..determinism import batch_invariant_call
 from .clipped import build_linear
 from .norm import NormKind, RMSNorm, build_norm
 from .rope import RopeTable
+from .train_attention import self_attention
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class Attention(nn.Module):
         else:
             if attn_mask is not None:  # batch first, one mask per image
                 attn_mask = attn_mask.expand(B, -1, -1, -1) if attn_mask.ndim == 4 else attn_mask.expand(B, 1, T, T)
-            x = batch_invariant_call(F.scaled_dot_product_attention, q, k, v, attn_mask, is_causal=causal)
+            x = batch_invariant_call(self_attention, q, k, v, attn_mask, is_causal=causal)  # see train_attention
         x = x.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(self.norm(x)), weights
 
