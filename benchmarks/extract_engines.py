@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     if "ray" in args.contenders:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 logging_level="WARNING")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, logging_level="WARNING")
     spark = contextlib.ExitStack()
     if "spark" in args.contenders:
         from vlm_encoder.extract.engines.spark import spark_session

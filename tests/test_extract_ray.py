@@ -36,8 +36,9 @@ BIG_ROWS, BIG_SHARD = 1600, 400  # 4 shards, each long enough (by its size) to b
 @pytest.fixture(scope="module")
 def ray_node():
     """A Ray cluster of this machine on 127.0.0.1 with 2 CPUs (its `address_info`)."""
-    context = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=100 << 20,
-                       logging_level="WARNING", log_to_driver=False)
+    # address="local": a new cluster of this test's own, even where another one runs on the machine
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                       object_store_memory=100 << 20, logging_level="WARNING", log_to_driver=False)
     yield context.address_info
     ray.shutdown()
 
