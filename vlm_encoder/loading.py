@@ -360,8 +360,10 @@ def _load_from_files(files: SourceFiles, checkpoint: str | os.PathLike | None) -
         encoder.image_processor = _converter(model_type).image_processor(encoder.config, data)
     elif model_type == "radio":
         encoder.image_processor = _converter(model_type).image_processor(config)  # no RADIO processor in transformers
-    elif model_type in ("kimi_k25", "kimi_k25_vision"):
-        encoder.image_processor = _converter(model_type).image_processor(encoder.config)  # Kimi_K25ImageProcessor: see there
+    elif model_type in ("kimi_k25", "kimi_k25_vision"):  # Kimi_K25ImageProcessor (resize_mode='kimi_k25') where given
+        path = files.get(PREPROCESSOR_FILE, required=False)
+        data = read_config_file(path) if path else None
+        encoder.image_processor = _converter(model_type).image_processor(encoder.config, data)
     elif model_type == "molmo2":  # one view of Molmo2ImageProcessor (crops: see there)
         encoder.image_processor = _converter(model_type).image_processor(encoder.config)
     elif model_type in ("llama4", "llama4_vision_model"):  # one tile of Llama4ImageProcessor (tiling: see there)

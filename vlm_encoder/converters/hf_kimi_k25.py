@@ -263,16 +263,32 @@ def convert_state_dict(
     return key_table(num_heads, layout).convert(tower_keys(state_dict, layout), FAMILY)
 
 
-def image_processor(config: VisionConfig) -> Any:
-    """What our encoder takes from an image, for a Kimi K2.5 tower: a resize to the native size
-    (the table's grid; bicubic, torchvision) and `[0, 1]` pixels normalised with mean = std = 0.5
-    (`Kimi_K25ImageProcessor`'s). Its `navit_resize` (keep the size unless over 16384 patches,
-    then pad bottom / right to whole merge units) is not expressed: encode other sizes by
-    resizing the images yourself (any multiple of the patch; even grids for the connector)."""
+def image_processor(config: VisionConfig, data: dict[str, Any] | None = None) -> Any:
+    """What our encoder takes from an image, for a Kimi K2.5 tower.
+
+    With the checkpoint's `preprocessor_config.json` (`data`): its `Kimi_K25ImageProcessor`
+    (`resize_mode='kimi_k25'`: the native size unless over its patch budget or side limit, then
+    padded bottom / right with black to whole merge units; each image its own size; mean = std
+    = 0.5). Without one: a resize to the native size (the table's grid; bicubic, torchvision),
+    mean = std = 0.5.
+
+    Raises:
+        ValueError: Another processor class, or a `patch_size` that is not the tower's.
+    """
     from ..processing import ImageProcessor, ProcessorConfig
 
-    return ImageProcessor(ProcessorConfig(resize_mode="exact", size=config.image_size, interpolation="bicubic",
-                                          backend="torchvision", mean=0.5, std=0.5))
+    if data is None:
+        return ImageProcessor(ProcessorConfig(resize_mode="exact", size=config.image_size, interpolation="bicubic",
+                                              backend="torchvision", mean=0.5, std=0.5))
+    processor = ImageProcessor.from_hf_config(data)
+    cfg = processor.config
+    if cfg.resize_mode not in ("kimi_k25", "none") or cfg.crop_size is not None:
+        raise ValueError("a Kimi K2.5 checkpoint's processor should be Kimi_K25ImageProcessor, "
+                         f"got {data.get('image_processor_type')!r}")
+    if cfg.resize_mode == "kimi_k25" and cfg.patch_size != config.patch_size:
+        raise ValueError(f"Kimi_K25ImageProcessor patch_size={cfg.patch_size} is not the tower's "
+                         f"patch_size {config.patch_size}")
+    return processor
 
 
 # ---------------------------------------------------------------------------- connector

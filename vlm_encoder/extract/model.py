@@ -38,7 +38,8 @@ def build_processor(encoder: VisionEncoder, image_size: tuple[int, int] | None, 
     `image_size` when given: the resize target and the crop (if any) become `image_size` (a
     NaFlex processor squashes to it). `fixed` mode needs one output size."""
     processor = encoder.image_processor
-    naflex = processor.config.resize_mode in ("naflex", "smart_resize", "gemma4")  # each image at its own size
+    # each image at its own size
+    naflex = processor.config.resize_mode in ("naflex", "smart_resize", "gemma4", "kimi_k25")
     if image_size is not None and naflex:
         processor = processor.at_size(image_size)
     elif image_size is not None:

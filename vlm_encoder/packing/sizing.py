@@ -6,7 +6,7 @@ Two policies:
     reproduced exactly (a binary search on one scale for both sides, sides rounded *up* to
     the stride, so it also enlarges small images to fill the budget).
   (Processor rules that size each image themselves: `smart_resize_size` (Qwen) and
-  `gemma4_size` (Gemma 4), used through `ProcessorConfig.resize_mode`.)
+  `gemma4_size` (Gemma 4), `kimi_k25_size` (Kimi K2.5), used through `ProcessorConfig.resize_mode`.)
   * `navit`: native resolution when it fits: an image is only ever shrunk, by the largest
     scale whose stride-rounded (*down*) grid fits the budget (NaViT's "native aspect ratio,
     resize only to bound the sequence length").
@@ -148,6 +148,39 @@ def gemma4_size(
         raise ValueError(f"image {height}x{width}: Gemma 4's resize to {h}x{w} exceeds {max_patches} patches "
                          f"of {patch_size} px")
     return h, w
+
+
+def kimi_k25_size(
+    height: int, width: int, patch_size: int, factor: int, max_patches: int, max_side: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Kimi K2.5's sizes (exactly transformers' `navit_resize`, used by `Kimi_K25ImageProcessor`):
+    the resize target `(H, W)` and the padded size `(H_pad, W_pad)`.
+
+    The image keeps its size unless its patch count (`max(1, side // patch_size)` per side) is
+    over `max_patches` or a side is over `max_side` patches: then both sides are scaled by the
+    smallest of those ratios and truncated (at least 1 px). The padded size rounds each side up
+    to a multiple of `factor` (`patch_size * merge_size`), the image at the top left.
+
+    Args:
+        height: Image height in pixels.
+        width: Image width in pixels.
+        patch_size: Patch side in pixels.
+        factor: Multiple the padded sides round up to.
+        max_patches: Patch budget.
+        max_side: Largest side in patches (transformers' `size['max_height']`).
+
+    Returns:
+        `((H, W), (H_pad, W_pad))`.
+    """
+    _check_size_args(height, width, patch_size, max_patches)
+    check_positive_int(factor, "factor")
+    check_positive_int(max_side, "max_side")
+    patches = max(1.0, height // patch_size) * max(1.0, width // patch_size)
+    limit = max_side * patch_size
+    scale = min(1.0, math.sqrt(max_patches / patches), limit / height, limit / width)
+    h = min(max(1, int(height * scale)), limit)
+    w = min(max(1, int(width * scale)), limit)
+    return (h, w), ((factor - h % factor) % factor + h, (factor - w % factor) % factor + w)
 
 
 def navit_size(height: int, width: int, patch_size: int, max_tokens: int) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from ..specs.options import ConfigMixin, at_least, check_fields
 from ..validation import repeat_number
 
-ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "naflex", "smart_resize", "gemma4", "none"]
+ResizeMode = Literal["shortest_edge", "exact", "longest_edge", "naflex", "smart_resize", "gemma4", "kimi_k25", "none"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 ResizeBackend = Literal["pil", "torchvision"]
 CropRounding = Literal["round", "floor"]
@@ -56,6 +56,11 @@ class ProcessorConfig(ConfigMixin):
             pooling_kernel_size` with at most `max_patches` patches (transformers'
             `max_soft_tokens * pooling_kernel_size**2`); `size` is unused and every image gets
             its own size.
+            `kimi_k25`: Kimi K2.5's `navit_resize` (`Kimi_K25ImageProcessor`;
+            `packing.kimi_k25_size`): keep the native size unless it has over `max_patches`
+            patches or a side over `max_side` patches (then shrink, aspect kept, truncating),
+            then pad bottom / right with `pad_fill` to multiples of `factor` (`patch_size *
+            merge_size`); `size` is unused and every image gets its own size.
             `none`: no resize.
         size: Resize target `(h, w)` (an int means square).
         crop_size: Center crop `(h, w)` (an int means square), or `None` for no crop. An image smaller than the
@@ -76,15 +81,18 @@ class ProcessorConfig(ConfigMixin):
         pad_fill: RGB colour (0-255) of the padding added by the crop step (black, as
             torchvision and open_clip; timm's `border` mode uses the mean colour).
         exif_transpose: Apply a PIL image's EXIF orientation before anything else.
-        patch_size: The patch side of the `naflex` and `gemma4` resizes (`None` for the other modes).
-        max_patches: The patch budget of the `naflex` and `gemma4` resizes (`None` for the other
-            modes).
+        patch_size: The patch side of the `naflex`, `gemma4` and `kimi_k25` resizes (`None` for
+            the other modes).
+        max_patches: The patch budget of the `naflex`, `gemma4` and `kimi_k25` resizes (`None`
+            for the other modes).
         pooling_kernel_size: The pooler's side of the `gemma4` resize (its sides are multiples of
             `patch_size * pooling_kernel_size`; `None` for the other modes).
+        max_side: The largest side, in patches, of the `kimi_k25` resize (transformers'
+            `size['max_height']`; `None` for the other modes).
         min_pixels: Smallest area of the `smart_resize` resize (`None` for the other modes).
         max_pixels: Largest area of the `smart_resize` resize (`None` for the other modes).
-        factor: Side multiple of the `smart_resize` resize, `patch_size * merge_size` (`None`
-            for the other modes).
+        factor: Side multiple of the `smart_resize` resize and the `kimi_k25` padding,
+            `patch_size * merge_size` (`None` for the other modes).
     """
 
     resize_mode: ResizeMode = "exact"
@@ -105,6 +113,7 @@ class ProcessorConfig(ConfigMixin):
     max_pixels: int | None = at_least(1, None)
     factor: int | None = at_least(1, None)
     pooling_kernel_size: int | None = at_least(1, None)
+    max_side: int | None = at_least(1, None)
 
     def __post_init__(self) -> None:
         for name, times in (("size", 2), ("crop_size", 2), ("mean", 3), ("std", 3), ("background", 3), ("pad_fill", 3)):
@@ -120,11 +129,11 @@ class ProcessorConfig(ConfigMixin):
             raise ValueError(f"mean must be finite numbers (R, G, B), got {self.mean}")
         if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
             raise ValueError(f"std must be positive finite numbers (R, G, B), got {self.std}")
-        budgeted = self.resize_mode in ("naflex", "gemma4")
+        budgeted = self.resize_mode in ("naflex", "gemma4", "kimi_k25")
         if budgeted and (self.patch_size is None or self.max_patches is None):
             raise ValueError(f"resize_mode={self.resize_mode!r} needs patch_size and max_patches (the patch budget)")
         if not budgeted and (self.patch_size is not None or self.max_patches is not None):
-            raise ValueError(f"patch_size and max_patches apply to resize_mode='naflex' or 'gemma4' only, "
+            raise ValueError("patch_size and max_patches apply to resize_mode='naflex', 'gemma4' or 'kimi_k25' only, "
                              f"not {self.resize_mode!r}")
         if budgeted and self.crop_size is not None:
             raise ValueError(f"resize_mode={self.resize_mode!r} sizes each image to its patch grid: "
@@ -142,8 +151,17 @@ class ProcessorConfig(ConfigMixin):
         smart_fields = (self.min_pixels, self.max_pixels, self.factor)
         if smart and None in smart_fields:
             raise ValueError("resize_mode='smart_resize' needs min_pixels, max_pixels and factor (patch_size * merge_size)")
-        if not smart and smart_fields != (None, None, None):
-            raise ValueError(f"min_pixels, max_pixels and factor apply to resize_mode='smart_resize' only, not {self.resize_mode!r}")
+        if not smart and (self.min_pixels, self.max_pixels) != (None, None):
+            raise ValueError("min_pixels and max_pixels apply to resize_mode='smart_resize' only, "
+                             f"not {self.resize_mode!r}")
+        kimi = self.resize_mode == "kimi_k25"
+        if kimi and (self.factor is None or self.max_side is None):
+            raise ValueError("resize_mode='kimi_k25' needs factor (patch_size * merge_size) and max_side (patches)")
+        if not (smart or kimi) and self.factor is not None:
+            raise ValueError("min_pixels, max_pixels and factor apply to resize_mode='smart_resize' only (factor also "
+                             f"to 'kimi_k25'), not {self.resize_mode!r}")
+        if not kimi and self.max_side is not None:
+            raise ValueError(f"max_side applies to resize_mode='kimi_k25' only, not {self.resize_mode!r}")
         if smart and self.crop_size is not None:
             raise ValueError("resize_mode='smart_resize' sizes each image to its own grid: it takes no crop_size")
         if smart and self.min_pixels > self.max_pixels:

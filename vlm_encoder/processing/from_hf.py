@@ -2,7 +2,8 @@
 this package loads: `CLIPImageProcessor`, `SiglipImageProcessor`, `Siglip2ImageProcessor`
 (NaFlex: `resize_mode='naflex'`), `ViTImageProcessor`, `BitImageProcessor` (DINOv2) and
 `Qwen2VLImageProcessor` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5: `resize_mode='smart_resize'`)
-and `Gemma4ImageProcessor` (`resize_mode='gemma4'`), in their default (torchvision), `...Fast` and `...Pil` forms.
+`Gemma4ImageProcessor` (`resize_mode='gemma4'`) and `Kimi_K25ImageProcessor` (`resize_mode='kimi_k25'`),
+in their default (torchvision), `...Fast` and `...Pil` forms.
 
 Strict: an unknown processor class, an unsupported size form or a field that would change the
 output in a way this package does not reproduce (e.g. `do_pad`) is an error.
@@ -72,6 +73,19 @@ HF_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "image_std": (1.0, 1.0, 1.0),
         "default_to_square": True,
     },
+    # Kimi K2.5: native size unless over max_patches or size['max_height'] patches a side, then
+    # padded bottom / right to whole merge units (`navit_resize`); bicubic, mean/std 0.5.
+    "Kimi_K25ImageProcessor": {
+        "size": {"max_height": 512, "max_width": 512},
+        "max_patches": 16384,
+        "patch_size": 14,
+        "merge_size": 2,
+        "do_center_crop": False,
+        "resample": 3,
+        "image_mean": HALF_MEAN,
+        "image_std": HALF_STD,
+        "default_to_square": True,
+    },
     "ViTImageProcessor": {
         "size": {"height": 224, "width": 224},
         "do_center_crop": False,
@@ -90,7 +104,7 @@ _USED_KEYS = {
     "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
     "do_normalize", "image_mean", "image_std", "default_to_square", "use_square_size", "do_pad",
     "patch_size", "max_num_patches", "min_pixels", "max_pixels", "merge_size", "temporal_patch_size",
-    "max_soft_tokens", "pooling_kernel_size",
+    "max_soft_tokens", "pooling_kernel_size", "max_patches",
 }
 # transformers' `_SUPPORTED_SOFT_TOKENS`: the budgets `Gemma4ImageProcessor` accepts.
 GEMMA4_SOFT_TOKENS = (70, 140, 280, 560, 1120)
@@ -181,6 +195,17 @@ def _gemma4_fields(merged: dict[str, Any]) -> dict[str, int]:
             "pooling_kernel_size": kernel}
 
 
+def _kimi_k25_fields(merged: dict[str, Any]) -> dict[str, int]:
+    """`Kimi_K25ImageProcessor`'s `navit_resize` bounds: `max_patches`, the side limit in patches
+    (`size['max_height']`, equal to `max_width` as transformers requires), the pad multiple
+    `patch_size * merge_size`."""
+    size = merged["size"]
+    if not (isinstance(size, dict) and size.get("max_height") and size.get("max_height") == size.get("max_width")):
+        raise ValueError(f"Kimi_K25ImageProcessor size {size!r} needs 'max_height' and 'max_width' (patches), equal")
+    return {"patch_size": int(merged["patch_size"]), "max_patches": int(merged["max_patches"]),
+            "factor": int(merged["patch_size"]) * int(merged["merge_size"]), "max_side": int(size["max_height"])}
+
+
 def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -> ProcessorConfig:
     """A `ProcessorConfig` reproducing the HF image processor described by `data`.
 
@@ -223,11 +248,16 @@ def config_from_hf(data: dict[str, Any], backend: ResizeBackend | None = None) -
         resize_mode = "gemma4" if merged["do_resize"] else "none"
         if merged["do_resize"]:
             sizing = _gemma4_fields(merged)
+    elif name == "Kimi_K25ImageProcessor":
+        resize_mode = "kimi_k25" if merged["do_resize"] else "none"
+        if merged["do_resize"]:
+            sizing = _kimi_k25_fields(merged)
     elif {"patch_size", "max_num_patches", "min_pixels", "max_pixels", "merge_size", "temporal_patch_size",
-          "max_soft_tokens", "pooling_kernel_size"} & set(data):
+          "max_soft_tokens", "pooling_kernel_size", "max_patches"} & set(data):
         raise ValueError("patch_size / max_num_patches / min_pixels / max_pixels / merge_size / max_soft_tokens / "
                          "pooling_kernel_size belong to a NaFlex (Siglip2ImageProcessor), Qwen "
-                         f"(Qwen2VLImageProcessor) or Gemma 4 (Gemma4ImageProcessor) processor, not {name}")
+                         "(Qwen2VLImageProcessor), Gemma 4 (Gemma4ImageProcessor) or Kimi K2.5 "
+                         f"(Kimi_K25ImageProcessor) processor, not {name}")
     else:
         resize_mode, size = _size(merged["size"], bool(merged["default_to_square"]))
         sizing = {"size": size}

@@ -18,7 +18,7 @@ from .from_hf import config_from_hf
 from .from_open_clip import config_from_open_clip
 from .from_timm import config_from_timm
 from .loading import ImageLoadError, load_image
-from .transforms import center_crop_or_pad, rescale_and_normalize, resize, resized_size
+from .transforms import center_crop_or_pad, pad_bottom_right, rescale_and_normalize, resize, resized_size
 
 if TYPE_CHECKING:
     from ..config import VisionConfig
@@ -155,7 +155,8 @@ class ImageProcessor:
         native-resolution run (`packing.target_size`)."""
         return ImageProcessor(
             self.config.replace(resize_mode="exact", size=tuple(size), crop_size=None, patch_size=None, max_patches=None,
-                                min_pixels=None, max_pixels=None, factor=None, pooling_kernel_size=None)
+                                min_pixels=None, max_pixels=None, factor=None, pooling_kernel_size=None,
+                                max_side=None)
         )
 
     # ---- serialization ------------------------------------------------------------------
@@ -219,10 +220,17 @@ class ImageProcessor:
             from ..packing.sizing import gemma4_size
 
             size = gemma4_size(rgb.shape[0], rgb.shape[1], cfg.patch_size, cfg.max_patches, cfg.pooling_kernel_size)
+        elif cfg.resize_mode == "kimi_k25":
+            from ..packing.sizing import kimi_k25_size
+
+            size, padded = kimi_k25_size(rgb.shape[0], rgb.shape[1], cfg.patch_size, cfg.factor, cfg.max_patches,
+                                         cfg.max_side)
         else:
             size = resized_size(rgb.shape[0], rgb.shape[1], cfg.resize_mode, cfg.size)
         _check_resize_area(rgb.shape[:2], size, cfg)
         pixels = resize(rgb, size, cfg.interpolation, cfg.backend)  # (3, h, w)
+        if cfg.resize_mode == "kimi_k25":  # pad bottom / right to whole merge units
+            pixels = pad_bottom_right(pixels, padded, cfg.pad_fill)
         if cfg.crop_size is not None:
             pixels = center_crop_or_pad(pixels, cfg.crop_size, cfg.crop_rounding, cfg.pad_fill)
         return pixels
@@ -258,7 +266,7 @@ class ImageProcessor:
                 + (f"a {'NaFlex' if self.config.resize_mode == 'naflex' else self.config.resize_mode} processor "
                    "sizes each image to its own grid: process one image at a time and encode the list with "
                    "vlm_encoder.packing.encode_packed (or one image per call)"
-                   if self.config.resize_mode in ("naflex", "smart_resize", "gemma4")
+                   if self.config.resize_mode in ("naflex", "smart_resize", "gemma4", "kimi_k25")
                    else "set crop_size or resize_mode='exact' for a fixed output size")
             )
         floating = any(p.is_floating_point() for p in processed)

@@ -115,6 +115,16 @@ def center_crop_or_pad(
     return image[:, top : top + crop_h, left : left + crop_w]
 
 
+def pad_bottom_right(image: torch.Tensor, size: tuple[int, int], fill: tuple[int, int, int]) -> torch.Tensor:
+    """Pad `(3, H, W)` bottom / right with `fill` to `size = (h, w)` (HF's `pad(pad_size=...)`)."""
+    height, width = image.shape[-2:]
+    if (height, width) == tuple(size):
+        return image
+    padded = torch.tensor(fill, dtype=image.dtype).view(3, 1, 1).expand(3, *size).clone()
+    padded[:, :height, :width] = image
+    return padded
+
+
 def rescale_and_normalize(
     images: torch.Tensor,
     rescale_factor: float,

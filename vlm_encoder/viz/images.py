@@ -28,7 +28,7 @@ def processor_for(encoder, image_size: tuple[int, int] | None = None) -> ImagePr
     to `image_size` after resizing to it, one that squashes squashes to it.
     """
     processor = getattr(encoder, "image_processor", None) or ImageProcessor.default_for(encoder.config)
-    if processor.config.resize_mode in ("naflex", "smart_resize", "gemma4"):  # one size for a batch: squash to it
+    if processor.config.resize_mode in ("naflex", "smart_resize", "gemma4", "kimi_k25"):  # one size a batch: squash
         return processor.at_size(image_size or encoder.config.image_size)
     if image_size is None:
         return processor
