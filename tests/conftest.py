@@ -17,6 +17,21 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def empty_cache(monkeypatch, tmp_path):
+    """Offline, with empty Hugging Face and torch hub caches (timm reads weights through both):
+    what a real hub id or `timm:` name meets on a machine that never downloaded it."""
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # set above, before any import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch" / "hub"))
+    return tmp_path
+
+
 def pytest_terminal_summary(terminalreporter, config):
     """With `-v`: the largest differences the parity tests measured (tests/parity_helpers.py)."""
     from parity_helpers import MEASURED

@@ -268,4 +268,4 @@ def test_a_deepseek_v4_directory_goes_to_its_converter(saved):
     assert load_encoder(saved[1]).source_info["family"] == "deepseek_v4"
 
 
-from test_tower_families import _one_line_not_cached, empty_cache  # noqa: E402,F401  (fixture and helper)
+from test_tower_families import _one_line_not_cached  # noqa: E402

@@ -351,20 +351,6 @@ def test_gemma_pool_needs_whole_blocks_and_a_gemma_checkpoint(hf_tower):
 HUB_IDS = {"google/gemma-3-4b-it": "gemma3", "google/gemma-4-e2b-it": "gemma4", "google/gemma-4-26B-A4B-it": "gemma4"}
 
 
-@pytest.fixture
-def empty_cache(monkeypatch, tmp_path):
-    """Offline, with empty Hugging Face and torch hub caches (timm reads weights through both)."""
-    import huggingface_hub.constants
-
-    assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest sets HF_HUB_OFFLINE=1 before any import
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch" / "hub"))
-    return tmp_path
-
-
 def _one_line(spec: str, capsys) -> str:
     assert main(["info", spec]) == 2
     captured = capsys.readouterr()

@@ -107,16 +107,6 @@ def test_released_geometry():
     assert (c.grid_size, c.head_dim, c.depth, c.rope_theta) == ((24, 24), 88, 34, 10000.0)
 
 
-@pytest.fixture
-def empty_cache(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    assert huggingface_hub.constants.HF_HUB_OFFLINE
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path
-
-
 @pytest.mark.parametrize("name", ["meta-llama/Llama-4-Scout-17B-16E-Instruct", "meta-llama/Llama-4-Maverick-17B-128E"])
 @pytest.mark.parametrize("load", [load_encoder, load_vision_side])
 def test_hub_ids_fail_offline_in_one_line(name, load, empty_cache):

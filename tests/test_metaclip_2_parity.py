@@ -174,16 +174,6 @@ def test_the_legacy_eos_2_is_pooled_by_id_but_a_list_is_refused():
         hf_metaclip_2.text_config_from_hf({"model_type": "metaclip_2_text_model", **TEXT, "eos_token_id": [2, 3]})
 
 
-@pytest.fixture
-def empty_cache(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    assert huggingface_hub.constants.HF_HUB_OFFLINE
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path
-
-
 @pytest.mark.parametrize("name", HUB_IDS)
 @pytest.mark.parametrize("command", ["info", "eval"])
 def test_real_hub_ids_fail_offline_in_one_line(name, command, empty_cache, capsys):

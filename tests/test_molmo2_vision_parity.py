@@ -102,16 +102,6 @@ def test_released_geometry():
     assert (c.image_size, c.grid_size, c.width, c.head_dim, c.act) == ((378, 378), (27, 27), 1152, 72, "gelu_tanh")
 
 
-@pytest.fixture
-def empty_cache(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    assert huggingface_hub.constants.HF_HUB_OFFLINE
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path
-
-
 @pytest.mark.parametrize("name", ["allenai/Molmo2-8B", "allenai/Molmo2-4B"])
 @pytest.mark.parametrize("load", [load_encoder, load_vision_side])
 def test_hub_ids_fail_offline_in_one_line(name, load, empty_cache):

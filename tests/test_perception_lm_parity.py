@@ -127,16 +127,6 @@ def test_released_geometry_reads_on_meta(arch, width, depth, cls):
     assert c.rope == "eva" and c.rope_ref_grid == (32, 32) and c.pool == "none"
 
 
-@pytest.fixture
-def empty_cache(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    assert huggingface_hub.constants.HF_HUB_OFFLINE
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path
-
-
 @pytest.mark.parametrize("name", [f"facebook/Perception-LM-{size}" for size in ("1B", "3B", "8B")])
 @pytest.mark.parametrize("load", [load_encoder, load_vision_side])
 def test_hub_ids_fail_offline_in_one_line(name, load, empty_cache):

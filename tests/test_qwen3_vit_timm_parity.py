@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from parity_helpers import close, perturb
-from test_tower_families import _one_line_not_cached, empty_cache  # noqa: F401 (a fixture)
+from test_tower_families import _one_line_not_cached
 
 timm = pytest.importorskip("timm")
 from timm.models.qwen3_vit import Qwen3VitClassifier, Qwen3VitEncoder, checkpoint_filter_fn_encoder  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from parity_helpers import close, perturb
-from test_tower_families import _one_line_not_cached, empty_cache  # noqa: F401 (a fixture)
+from test_tower_families import _one_line_not_cached
 from vlm_encoder import load_encoder
 from vlm_encoder.converters import hf_qwen3_vl
 

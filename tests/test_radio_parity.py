@@ -170,16 +170,6 @@ def test_strict(radio):
         hf_radio.config_from_hf(legacy)
 
 
-@pytest.fixture
-def empty_cache(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    assert huggingface_hub.constants.HF_HUB_OFFLINE
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path
-
-
 @pytest.mark.parametrize("name", HUB_IDS)
 def test_real_hub_ids_fail_offline_in_one_line(name, empty_cache, capsys):
     assert main(["info", name]) == 2

@@ -272,20 +272,6 @@ HUB_IDS = {  # hub id -> (its config.json's model_type, the family our loader gi
 }
 
 
-@pytest.fixture
-def empty_cache(monkeypatch, tmp_path):
-    """Offline, with empty Hugging Face and torch hub caches (timm reads weights through both)."""
-    import huggingface_hub.constants
-
-    assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest sets HF_HUB_OFFLINE=1 before any import
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch" / "hub"))
-    return tmp_path
-
-
 def _one_line_not_cached(name: str, capsys) -> str:
     assert main(["info", name]) == 2
     captured = capsys.readouterr()

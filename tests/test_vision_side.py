@@ -173,16 +173,6 @@ def test_info_names_the_vision_side(gemma3_whole, capsys):  # noqa: F811
     assert "vision side:   vlm_encoder.load_vision_side(source)" in capsys.readouterr().out
 
 
-@pytest.fixture
-def empty_cache(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    assert huggingface_hub.constants.HF_HUB_OFFLINE
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path
-
-
 @pytest.mark.parametrize("load", ["vision_side", "llama4", "perception_lm", "molmo2"])
 def test_real_hub_ids_fail_offline_in_one_line(load, empty_cache):
     from vlm_encoder.converters import hf_connectors
