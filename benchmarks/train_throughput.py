@@ -103,10 +103,11 @@ def make_step(impl: str, model, arch: dict, batch: int, device: torch.device, lo
     mask = torch.ones_like(ids)
     pixels = torch.randn(batch, 3, arch["image"], arch["image"], device=device)
     if impl == "ours":
-        from vlm_encoder import batch_invariance
+        from vlm_encoder import batch_invariance, fast_cpu
         from vlm_encoder.train.step import ContrastiveForward, StepInputs, loss_and_backward
 
-        forward = ContrastiveForward(model)
+        # As the Trainer builds it (`TrainConfig.fast_cpu`): oneDNN GEMMs for float32 steps on the CPU
+        forward = ContrastiveForward(fast_cpu(model, enabled=device.type == "cpu"))
         if compile_:
             forward = torch.compile(forward)
         loss_fn = model.build_loss()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from vlm_encoder import VisionConfig, VisionEncoder, batch_invariance
-from vlm_encoder.cpu_speed import PackedLinear, fast_cpu, fast_cpu_available
+from vlm_encoder.cpu_speed import OneDNNLinear, PackedLinear, fast_cpu, fast_cpu_available
 
 pytestmark = pytest.mark.skipif(not fast_cpu_available(), reason="torch built without oneDNN")
 
@@ -95,16 +95,46 @@ def test_changed_weights_are_repacked():
         assert (fast(px).patches(-1) - encoder(px).patches(-1)).abs().max() <= 1e-5
 
 
-def test_gradients_take_the_plain_path_and_match():
-    encoder = tiny()
+def test_gradients_take_the_onednn_route_and_match_the_plain_path():
+    encoder = tiny().train()
     fast = fast_cpu(encoder)
     px = torch.randn(2, 3, 32, 32)
-    fast(px).patches(-1).square().sum().backward()
+    out = fast(px).patches(-1)
+    assert "OneDNNLinear" in type(fast.blocks[0].attn.qkv(torch.randn(2, 4, 32, requires_grad=True)).grad_fn).__name__
+    out.square().sum().backward()
     fast_grads = [None if p.grad is None else p.grad.clone() for p in encoder.parameters()]
     encoder.zero_grad(set_to_none=True)
     encoder(px).patches(-1).square().sum().backward()
     for a, p in zip(fast_grads, encoder.parameters()):
-        assert (a is None) == (p.grad is None) and (a is None or torch.allclose(a, p.grad, atol=1e-6))
+        assert (a is None) == (p.grad is None) and (a is None or torch.allclose(a, p.grad, rtol=1e-5, atol=1e-5))
+
+
+@pytest.mark.parametrize("case", ["3d", "transposed", "no_bias", "frozen_weight", "bias_only"])
+def test_onednn_linear_gradients_equal_f_linear(case):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 24) if case != "transposed" else torch.randn(24, 15).t()
+    w, b = torch.randn(16, 24), None if case == "no_bias" else torch.randn(16)
+    x.requires_grad_(case != "bias_only")
+    w.requires_grad_(case not in ("frozen_weight", "bias_only"))
+    if b is not None:
+        b.requires_grad_(True)
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    g = torch.randn(*x.shape[:-1], 16)
+    y_ref = torch.nn.functional.linear(x, w, b)
+    y = OneDNNLinear.apply(x, w, b)
+    assert (y - y_ref).abs().max() <= 1e-5
+    for a, r in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_ref, inputs, g)):
+        assert a.shape == r.shape and (a - r).abs().max() <= 1e-4 * r.abs().max()
+
+
+def test_autocast_keeps_autocasts_own_gemms():
+    encoder = tiny()
+    fast = fast_cpu(encoder)
+    linear = fast.blocks[0].mlp.fc2
+    x = torch.randn(2, 4, linear.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x).dtype == torch.bfloat16
+        assert linear(x.requires_grad_(True)).dtype == torch.bfloat16
 
 
 def test_bf16_weights_take_onednn_bf16_and_stay_close():

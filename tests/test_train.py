@@ -456,3 +456,24 @@ def test_a_resume_is_announced_and_lit_caching_and_eval_show_progress(tmp_path, 
     _train(config.with_overrides(["max_steps=3"]))
     err = capsys.readouterr().err
     assert "resuming from" in err and "at step 2 of 3" in err
+
+
+# ------------------------------------------------------------ CPU GEMM route
+def test_fast_cpu_route_trains_as_the_plain_route(tmp_path):
+    from vlm_encoder.cpu_speed import PackedLinear, fast_cpu_available
+
+    if not fast_cpu_available():
+        pytest.skip("torch built without oneDNN")
+    runs, before = {}, {}
+    for fast in (True, False):
+        trainer = Trainer(tiny_config(tmp_path / str(fast), max_steps=4, fast_cpu=fast))
+        before[fast] = params(trainer.parts.model)
+        trainer.fit()
+        packed = [m for m in trainer.parts.bare_forward.modules() if isinstance(m, PackedLinear)]
+        assert bool(packed) == fast  # the route is on by default on the CPU, off when asked
+        assert not any(isinstance(m, PackedLinear) for m in trainer.parts.model.modules())  # saved model untouched
+        runs[fast] = params(trainer.parts.model)
+    for name in runs[True]:  # same start, same steps: only the order of the sums differs
+        assert torch.equal(before[True][name], before[False][name]), name
+        assert torch.allclose(runs[True][name], runs[False][name], rtol=1e-4, atol=1e-5), name
+    assert max((runs[True][k] - before[True][k]).abs().max() for k in runs[True]) > 1e-3  # the steps moved it

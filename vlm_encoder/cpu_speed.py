@@ -15,8 +15,11 @@ What it keeps:
   rows (tested in tests/test_cpu_speed.py, with `determinism.batch_invariance`'s probe).
 - torch's global state: nothing is set (no backend flag, no thread count); the route is
   chosen per call by the swapped modules only.
-- training: a call that needs gradients, a non-CPU tensor or a dtype other than float32 /
-  bfloat16 takes `F.linear`, so the returned module trains and moves like the original.
+- training: a float32 CPU call that needs gradients runs its forward and both backward GEMMs
+  through oneDNN too (`OneDNNLinear`: no packing, the weights change every step); a call under
+  autocast, on another device or dtype, or inside `torch.compile` takes `F.linear`, so the
+  returned module trains, autocasts, compiles and moves like the original. The Trainer uses it
+  on the CPU (`TrainConfig.fast_cpu`).
 
 Two fusions and one option:
 - an exact-GELU or tanh-GELU MLP (`layers.mlp.Mlp`) computes its activation inside `fc1`'s GEMM
@@ -51,6 +54,42 @@ _FAST_DTYPES = (torch.float32, torch.bfloat16)
 def fast_cpu_available() -> bool:
     """Whether this torch build has oneDNN (mkldnn) for the CPU."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight.T + bias` by oneDNN on a plain (unpacked) weight `(out, in)`."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """`F.linear` for float32 CPU training with its three GEMMs in oneDNN: the forward
+    `x W^T + b`, the input gradient `g W` and the weight gradient `g^T x` (on AMD CPUs MKL's
+    sgemm runs its AVX2 code, oneDNN AVX-512: ~2x per GEMM, `benchmarks/train_throughput.py`).
+    Float32 throughout (differences to `F.linear`: the order of the sums). Not twice
+    differentiable.
+
+    Shapes: x `(..., in)`, weight `(out, in)`, bias `(out,)` or None -> `(..., out)`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _gemm(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # (rows, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _gemm(grad, weight.t(), None)  # (..., out) @ (out, in)
+        if ctx.needs_input_grad[1]:
+            grad_w = _gemm(grad_2d.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (out, rows) @ (rows, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 class PackedLinear(nn.Module):
@@ -104,9 +143,14 @@ class PackedLinear(nn.Module):
             or w.dtype not in _FAST_DTYPES
             or (self.bias is not None and self.bias.dtype != w.dtype)
             or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or torch.is_autocast_enabled("cpu")
         ):
             return self._plain(x)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            if dtype != torch.float32 or x.dtype != torch.float32:
+                return self._plain(x)
+            y = OneDNNLinear.apply(x, w, self.bias)
+            return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
         packed, bias = self._packed(dtype)
         if self.gelu is None:
             return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")

@@ -32,7 +32,7 @@ RESUMABLE_FIELDS: frozenset[str] = frozenset({
     "eval_data", "eval_split", "class_names", "templates", "eval_every", "eval_batch_size",
     "log_every", "progress", "checkpoint_every", "keep_checkpoints", "output_dir",
     "resume", "allow_partial_resume", "resume_fallback",
-    "accum_steps", "grad_checkpointing", "compile", "cpu", "num_workers", "fsdp",
+    "accum_steps", "grad_checkpointing", "compile", "fast_cpu", "cpu", "num_workers", "fsdp",
 })
 
 
@@ -99,6 +99,10 @@ class TrainConfig(ConfigMixin):
         mixed_precision: `no`, `bf16` or `fp16` (through accelerate).
         grad_checkpointing: Recompute the tower blocks in the backward pass.
         compile: `torch.compile` the model (GPU).
+        fast_cpu: On the CPU, run the float32 linears' forward and backward GEMMs through
+            oneDNN (`vlm_encoder.cpu_speed.fast_cpu`: ~2x MKL's sgemm on AMD CPUs, float32
+            exact to the order of the sums); not with `fsdp` over several processes, and a
+            step under bf16 / fp16 autocast keeps autocast's own GEMMs. `false`: torch's default.
         cpu: Force the CPU even when a GPU is present.
         seed: Seed of the weights, the sample order and the caption choice.
         num_workers: DataLoader worker processes.
@@ -171,6 +175,7 @@ class TrainConfig(ConfigMixin):
     mixed_precision: MixedPrecision = "no"
     grad_checkpointing: bool = False
     compile: bool = False
+    fast_cpu: bool = True
     cpu: bool = False
     seed: int = at_least(0, 0)
     num_workers: int = at_least(0, 0)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..contrastive import ContrastiveModel
+from ..cpu_speed import fast_cpu
 from ..lora import apply_lora
 from ..processing import ImageProcessor
 from .build import build_model, build_optimizer, build_scheduler
@@ -154,8 +155,10 @@ def set_up(
     sampler = EpochSampler(len(train_source), c.batch_size, c.seed, acc.process_index, acc.num_processes)
     total_steps = c.max_steps or c.epochs * sampler.batches_per_epoch
     model.to(acc.device)  # before the optimizer, so it can pick the fused GPU kernel
-    bare_forward = ContrastiveForward(model)
     sharded = c.fsdp and acc.num_processes > 1
+    # The CPU GEMM route: a module tree sharing `model`'s parameters (saving, loading, the
+    # optimizer and evaluation keep using `model`).
+    bare_forward = ContrastiveForward(fast_cpu(model, enabled=c.fast_cpu and acc.device.type == "cpu" and not sharded))
     if sharded:  # before the optimizer: sharding swaps the parameters for DTensors
         from .fsdp import shard
 
