@@ -200,3 +200,14 @@ def test_bf16_matmuls_keep_the_residual_stream_in_fp32():
         fast_cpu(encoder, matmul_dtype=torch.float16)
     grads = mixed(px[:1]).patches(-1)  # with gradients: the plain float32 path, equal to the encoder
     assert (grads - encoder(px[:1]).patches(-1)).abs().max() <= 1e-5
+
+
+def test_hooks_on_the_original_modules_run_in_the_fast_copy():
+    encoder = tiny()
+    fast = fast_cpu(encoder)
+    seen = []
+    encoder.blocks[0].mlp.fc2.register_forward_hook(lambda m, a, out: seen.append(("fc2", out.shape)))
+    encoder.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(("block", a[0].shape)))
+    with torch.inference_mode():
+        fast(torch.randn(2, 3, 32, 32))
+    assert seen == [("fc2", (2, 17, 32)), ("block", (2, 17, 32))]

@@ -49,6 +49,10 @@ from .layers.mlp import Mlp
 
 PACK_ROWS_HINT = 1024  # rows oneDNN is told to expect when packing (fixed: the pack never depends on a batch)
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
+# The hook tables a swapped linear shares with the original, as `copy.copy` makes the other
+# modules of the fast tree share theirs.
+_SHARED_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 def fast_cpu_available() -> bool:
@@ -116,6 +120,8 @@ class PackedLinear(nn.Module):
         self.matmul_dtype = matmul_dtype
         self.gelu = gelu
         self._pack: tuple | None = None  # (key, packed weight, bias): an opaque mkldnn tensor, never saved
+        for name in _SHARED_HOOKS:  # a hook registered on `linear`, before or after, runs here too
+            object.__setattr__(self, name, getattr(linear, name))
 
     def _packed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.weight, self.bias
@@ -165,8 +171,9 @@ class PackedLinear(nn.Module):
 def fast_cpu(module: nn.Module, enabled: bool = True, matmul_dtype: torch.dtype | None = None) -> nn.Module:
     """`module` with every `nn.Linear` running oneDNN's prepacked GEMM on the CPU.
 
-    The returned module is a copy of the module tree sharing every parameter and buffer with
-    `module` (no weights are copied; `module` itself is left as it was), with the same
+    The returned module is a copy of the module tree sharing every parameter, buffer and hook
+    table with `module` (no weights are copied; `module` itself is left as it was; a forward
+    hook registered on a module of `module`, even later, runs in the copy too), with the same
     `state_dict` keys and values. Each packed weight costs one more copy of that weight
     while the module lives. It is meant for inference on fixed weights (extraction, pictures):
     after editing weights through `.data` or a fused optimizer, build it again (`PackedLinear`).
