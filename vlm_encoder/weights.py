@@ -116,12 +116,25 @@ def check_safetensors_header(path: str | os.PathLike) -> None:
         )
 
 
+ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every tensor
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied into torch's own (64-byte aligned) memory when it is not aligned."""
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
+
+
 def read_safetensors(
     path: str | os.PathLike, keep: Callable[[str], bool] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors of a safetensors file (those whose names pass `keep`) and all its names.
 
     Tensors not kept are never read. The header is checked first (`check_safetensors_header`).
+    Each tensor is 64-byte aligned, as one torch allocates: safetensors' buffers are only
+    8-byte aligned, and MKL's small-row GEMMs on AMD CPUs give other float32 bits on such
+    weights, so a saved and reloaded model would differ from the original in the last bit
+    (`tests/test_encoder.py`'s round trips). A misaligned tensor is copied as it is read, one
+    at a time, so loading still holds one copy of the weights.
 
     Raises:
         FileNotFoundError: No such file.
@@ -137,7 +150,7 @@ def read_safetensors(
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             names = list(handle.keys())
-            tensors = {k: handle.get_tensor(k) for k in names if keep is None or keep(k)}
+            tensors = {k: _aligned(handle.get_tensor(k)) for k in names if keep is None or keep(k)}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         raise WeightsError(
             f"{path}: not a valid safetensors file, it is truncated or corrupt ({_one_line(err)})"

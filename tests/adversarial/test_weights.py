@@ -767,3 +767,18 @@ def test_interrupted_save_leaves_nothing_half_written(existing, tmp_path, monkey
     new.save_pretrained(target)
     same_weights(VisionEncoder.from_pretrained(target), new)
     assert target.stat().st_mode & 0o755 == 0o755  # not left private like a temporary directory
+
+
+def test_safetensors_tensors_are_read_aligned_as_torch_allocates(tmp_path):
+    # safetensors hands out 8-byte aligned buffers; MKL's small-row GEMMs on AMD CPUs give other
+    # bits on them, so a reloaded model would not equal the saved one bit for bit.
+    from vlm_encoder.weights import ALIGNMENT, read_safetensors
+
+    torch.manual_seed(0)
+    tensors = {f"t{i}": torch.randn(3, 5 + i) for i in range(6)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    read, names = read_safetensors(tmp_path / "w.safetensors")
+    assert sorted(names) == sorted(tensors)
+    for name, value in read.items():
+        assert value.data_ptr() % ALIGNMENT == 0, name
+        assert torch.equal(value, tensors[name])
