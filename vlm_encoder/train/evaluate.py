@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..contrastive import ContrastiveModel
 from ..contrastive.distributed import gather_features, world
+from ..cpu_speed import fast_cpu
 from ..determinism import batch_invariance
 from ..processing import ImageProcessor
 from ..specs.data import check_class_names
@@ -178,15 +179,21 @@ def evaluate(
         `zero_shot_top1`, `zero_shot_top5` (if labelled; top-5 with more than 5 classes), `i2t_R@k`, `t2i_R@k` for k in 1, 5,
         10, and `num_images`, `num_captions`, `skipped_images`.
     """
+    from torch.distributed.tensor import DTensor
+
     was_training = model.training
     model.eval()
     try:
-        embeds = embed_source(model, source, processor, tokenizer, batch_size, device, progress)
+        # On the CPU the oneDNN GEMM route (`fast_cpu`: float32 to the order of the sums; not
+        # on FSDP shards); the copy shares `model`'s weights and is dropped after this evaluation.
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        fast = fast_cpu(model, enabled=torch.device(device).type == "cpu" and not sharded)
+        embeds = embed_source(fast, source, processor, tokenizer, batch_size, device, progress)
         metrics: dict[str, float] = {}
         labels, names = getattr(source, "labels", None), getattr(source, "class_names", None)
         if labels is not None and names and templates:
             check_class_names(list(labels), tuple(names), getattr(source, "name", "the evaluation source"))
-            logits = zero_shot_logits(model, embeds.image_embeds, names, templates, tokenizer)
+            logits = zero_shot_logits(fast, embeds.image_embeds, names, templates, tokenizer)
             target = torch.tensor(labels, device=logits.device)[embeds.image_index]
             top = logits.topk(min(5, len(names)), dim=1).indices
             metrics["zero_shot_top1"] = (top[:, 0] == target).float().mean().item()
