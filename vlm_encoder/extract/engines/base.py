@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -57,13 +58,14 @@ def drive(config: ExtractConfig, map_shards: Callable[[ExtractPlan], list[ShardR
         ValueError: Arguments that differ from those of the store in `config.out`.
     """
     from ...locks import hold_directory
-    from ..shards import remove_stale_temporaries
+    from ..shards import remove_stale_temporaries, sidecar_path
     from ..tasks import LOCK_HINT, _finalize, _plan_locked
 
     started = time.perf_counter()
     with hold_directory(config.out, None, what="extraction", hint=LOCK_HINT, wait=config.wait_lock):
         remove_stale_temporaries(config.out)  # of killed runs' writers
         plan = _plan_locked(config)  # plan_extraction's body: this driver holds the lock throughout
+        before = _sidecar_stamps(plan.out)
         loop_started = time.perf_counter()
         try:
             results = map_shards(plan)
@@ -76,7 +78,14 @@ def drive(config: ExtractConfig, map_shards: Callable[[ExtractPlan], list[ShardR
             ) from err
         extract_seconds = time.perf_counter() - loop_started
         summary = _finalize(plan, started)
-    done = [r for r in results if not r.skipped]
+        after = _sidecar_stamps(plan.out)
+    # Written by this run: a shard whose sidecar is new or rewritten since the plan, even when the
+    # result came from a retry that found it committed (its first attempt was killed after the commit).
+    def written(r: ShardResult) -> bool:
+        name = sidecar_path(plan.out, r.index).name
+        return not r.skipped or (name in after and before.get(name) != after[name])
+
+    done = [r for r in results if written(r)]
     return dataclasses.replace(
         summary,
         rows_this_run=sum(r.rows + r.rows_failed for r in done),
@@ -85,6 +94,18 @@ def drive(config: ExtractConfig, map_shards: Callable[[ExtractPlan], list[ShardR
         seconds=time.perf_counter() - started,
         extract_seconds=extract_seconds,
     )
+
+
+def _sidecar_stamps(out: Path) -> dict[str, tuple[int, int]]:
+    """Each shard sidecar in `out` -> (inode, mtime): a rewrite (atomic rename) changes both."""
+    stamps = {}
+    for path in out.glob("shard-*.json"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        stamps[path.name] = (stat.st_ino, stat.st_mtime_ns)
+    return stamps
 
 
 def _last_line(err: BaseException) -> str:
