@@ -206,6 +206,28 @@ class KeyTable:
         return sorted(indices)
 
 
+def native_image_processor(config: Any, data: dict[str, Any] | None, resize_mode: str, processor_class: str) -> Any:
+    """A native-resolution tower's processor: from the checkpoint's `preprocessor_config.json`
+    (`data`), which must be `processor_class` (our `resize_mode`, or no resize) with the tower's
+    `patch_size`; without one, a resize to the native size (bicubic, torchvision), mean = std = 0.5.
+
+    Raises:
+        ValueError: Another processor class, or a `patch_size` that is not the tower's.
+    """
+    from ..processing import ImageProcessor, ProcessorConfig
+
+    if data is None:
+        return ImageProcessor(ProcessorConfig(resize_mode="exact", size=config.image_size, interpolation="bicubic",
+                                              backend="torchvision", mean=0.5, std=0.5))
+    processor = ImageProcessor.from_hf_config(data)
+    hf = processor.config
+    if hf.resize_mode not in (resize_mode, "none") or hf.crop_size is not None:
+        raise ValueError(f"the checkpoint's processor should be {processor_class}, got {data.get('image_processor_type')!r}")
+    if hf.resize_mode == resize_mode and hf.patch_size != config.patch_size:
+        raise ValueError(f"{processor_class} patch_size={hf.patch_size} is not the tower's patch_size {config.patch_size}")
+    return processor
+
+
 def _pattern(name: str) -> re.Pattern[str]:
     """`name` (with `{i}`) as a regex for the key itself or the keys under it."""
     return re.compile(re.escape(name).replace(re.escape("{i}"), r"(?P<i>\d+)") + r"(?P<rest>\..+)?")

@@ -46,7 +46,7 @@ from torch import nn
 from ..config import VisionConfig
 from ..encoder import VisionEncoder
 from ..weights import WeightsError, naming
-from .hf_common import KeyTable, Transform, activation, parse_config
+from .hf_common import KeyTable, Transform, activation, native_image_processor, parse_config
 
 if TYPE_CHECKING:
     from ..projectors import Projector
@@ -318,18 +318,12 @@ def image_processor(config: VisionConfig, data: dict[str, Any] | None = None) ->
     Raises:
         ValueError: Another processor class, or a `patch_size` that is not the tower's.
     """
-    from ..processing import ImageProcessor, ProcessorConfig
+    from ..processing import ImageProcessor
 
+    processor = native_image_processor(config, data, "gemma4", "Gemma4ImageProcessor")
     if data is None:
-        return ImageProcessor(ProcessorConfig(resize_mode="exact", size=config.image_size, interpolation="bicubic",
-                                              backend="torchvision", mean=0.5, std=0.5))
-    hf = ImageProcessor.from_hf_config(data).config
-    if hf.resize_mode not in ("gemma4", "none") or hf.crop_size is not None:
-        raise ValueError("a Gemma 4 checkpoint's processor should be Gemma4ImageProcessor, "
-                         f"got {data.get('image_processor_type')!r}")
-    if hf.resize_mode == "gemma4" and hf.patch_size != config.patch_size:
-        raise ValueError(f"Gemma4ImageProcessor patch_size={hf.patch_size} is not the tower's "
-                         f"patch_size {config.patch_size}")
+        return processor
+    hf = processor.config
     mean, std = (hf.mean, hf.std) if hf.mean is not None else ((0.0,) * 3, (1.0,) * 3)
     return ImageProcessor(hf.replace(mean=tuple(m + s / 2 for m, s in zip(mean, std)), std=tuple(s / 2 for s in std)))
 

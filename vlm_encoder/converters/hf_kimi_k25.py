@@ -46,7 +46,7 @@ import torch
 
 from ..config import VisionConfig
 from ..weights import WeightsError
-from .hf_common import KeyTable, Transform, square
+from .hf_common import KeyTable, Transform, native_image_processor, square
 
 if TYPE_CHECKING:
     from ..projectors import Projector
@@ -275,20 +275,7 @@ def image_processor(config: VisionConfig, data: dict[str, Any] | None = None) ->
     Raises:
         ValueError: Another processor class, or a `patch_size` that is not the tower's.
     """
-    from ..processing import ImageProcessor, ProcessorConfig
-
-    if data is None:
-        return ImageProcessor(ProcessorConfig(resize_mode="exact", size=config.image_size, interpolation="bicubic",
-                                              backend="torchvision", mean=0.5, std=0.5))
-    processor = ImageProcessor.from_hf_config(data)
-    cfg = processor.config
-    if cfg.resize_mode not in ("kimi_k25", "none") or cfg.crop_size is not None:
-        raise ValueError("a Kimi K2.5 checkpoint's processor should be Kimi_K25ImageProcessor, "
-                         f"got {data.get('image_processor_type')!r}")
-    if cfg.resize_mode == "kimi_k25" and cfg.patch_size != config.patch_size:
-        raise ValueError(f"Kimi_K25ImageProcessor patch_size={cfg.patch_size} is not the tower's "
-                         f"patch_size {config.patch_size}")
-    return processor
+    return native_image_processor(config, data, "kimi_k25", "Kimi_K25ImageProcessor")
 
 
 # ---------------------------------------------------------------------------- connector
