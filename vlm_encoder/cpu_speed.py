@@ -68,7 +68,7 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
 class OneDNNLinear(torch.autograd.Function):
     """`F.linear` for float32 CPU training with its three GEMMs in oneDNN: the forward
     `x W^T + b`, the input gradient `g W` and the weight gradient `g^T x` (on AMD CPUs MKL's
-    sgemm runs its AVX2 code, oneDNN AVX-512: ~2x per GEMM, `benchmarks/train_throughput.py`).
+    sgemm runs its AVX2 code, oneDNN AVX-512: 1.5-2.5x per GEMM, `benchmarks/cpu_gemm_routes.py --training`).
     Float32 throughout (differences to `F.linear`: the order of the sums). Not twice
     differentiable.
 
@@ -135,7 +135,9 @@ class PackedLinear(nn.Module):
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.matmul_dtype and x.dtype != self.weight.dtype:  # a bf16 output of a previous linear
             x = x.to(self.weight.dtype)
-        y = F.linear(x, self.weight, self.bias)
+        return self._activate(F.linear(x, self.weight, self.bias))
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,8 +157,7 @@ class PackedLinear(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             if dtype != torch.float32 or x.dtype != torch.float32:
                 return self._plain(x)
-            y = OneDNNLinear.apply(x, w, self.bias)
-            return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
+            return self._activate(OneDNNLinear.apply(x, w, self.bias))
         packed, bias = self._packed(dtype)
         if self.gelu is None:
             return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
