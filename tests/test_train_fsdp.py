@@ -1,6 +1,7 @@
 """FSDP2 (`TrainConfig.fsdp`, `train/fsdp.py`) on two real CPU/gloo processes: three optimizer
 steps of a tiny CLIP run (gather-with-grad loss, GradCache micro-batches, clipping) end with
-the same weights as the same steps under DDP, within 1e-5; and the `Trainer` through
+the same weights as the same steps under DDP, within 1e-5 (both on torch's own GEMMs: the DDP run
+would otherwise take `fast_cpu`'s oneDNN route, which FSDP shards never do); and the `Trainer` through
 `vlm-encoder train ... fsdp=true` trains, evaluates, exports and resumes exactly."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SCRIPT = textwrap.dedent(
         text_overrides={"width": 32, "depth": 2, "num_heads": 2, "context_length": 12},
         embed_dim=16, batch_size=4, accum_steps=2, lr=1e-2, warmup_steps=1, grad_clip=0.5, max_steps=3,
         cpu=True, fsdp=fsdp, progress=False,
+        fast_cpu=False,  # FSDP shards never take the oneDNN route: compare the same GEMMs
     )
     parts = set_up(config)
     rank = parts.accelerator.process_index
