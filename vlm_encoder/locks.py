@@ -6,9 +6,14 @@
 The lock is `fcntl.flock` on `DIR/.lock`, a file kept open for the run. The kernel releases it
 when the holder's process ends, however it ends (SIGKILL, OOM killer), so taking over the lock
 of a dead run is the same race-free system call as taking a free one: there is no stale-lock
-heuristic, no pid check, no deletion. The file is never deleted (deleting a lock file lets two
-runs lock two different inodes). Inside, the holder writes its pid, host, start time and
-command, for the message that refuses a second run.
+heuristic, no pid check. Inside, the holder writes its pid, host, start time and command, for
+the message that refuses a second run.
+
+The file stays after a run, with one exception: a run that fails having created `DIR` and
+written nothing else in it (a mistyped dataset, a bad layer index) removes `.lock` and `DIR`
+while it still holds the lock, so a refused command leaves no empty folder behind. A run that
+was waiting on that lock sees, once it has it, that its file is no longer `DIR/.lock` and starts
+over on a new one: two runs never hold two different files of one directory.
 
 Processes that `fork` (DataLoader workers) close their copy of the descriptor, so an orphaned
 worker of a killed run never keeps its lock. Under `accelerate launch` / `torchrun` the main
@@ -63,6 +68,7 @@ class DirectoryLock:
         self.what = what
         self.hint = hint
         self._fd: int | None = None
+        self._created: list[Path] = []  # the folders `acquire` made, deepest first
 
     @property
     def held(self) -> bool:
@@ -78,26 +84,29 @@ class DirectoryLock:
         """
         if self._fd is not None:
             return self
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         deadline = None if timeout is None else time.monotonic() + timeout
         announced = False
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    message = self._refusal(fd)
-                    if not wait or (deadline is not None and time.monotonic() >= deadline):
-                        raise DirectoryInUseError(f"{message}; {self.hint}" if self.hint else message) from None
-                    if not announced:
-                        print(f"{message}; waiting for it to finish", file=sys.stderr, flush=True)
-                        announced = True
-                    time.sleep(poll_s)
-        except BaseException:
+        while True:  # again when the file we locked was removed by a failed run that held it
+            fd = self._open()
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        message = self._refusal(fd)
+                        if not wait or (deadline is not None and time.monotonic() >= deadline):
+                            raise DirectoryInUseError(f"{message}; {self.hint}" if self.hint else message) from None
+                        if not announced:
+                            print(f"{message}; waiting for it to finish", file=sys.stderr, flush=True)
+                            announced = True
+                        time.sleep(poll_s)
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._is_the_lock_file(fd):
+                break
             os.close(fd)
-            raise
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
                   "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "command": " ".join(sys.argv)[:300]}
@@ -107,12 +116,42 @@ class DirectoryLock:
         _HELD.add(fd)
         return self
 
-    def release(self) -> None:
-        """Release the lock (the file stays; its holder record is cleared)."""
+    def _open(self) -> int:
+        """Open (create) `DIR/.lock`, creating `DIR` when missing (remembering the folders made)."""
+        while True:
+            missing = []
+            for folder in (self.directory, *self.directory.parents):
+                if folder.exists():
+                    break
+                missing.append(folder)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # a failed holder removed the folder in between: again
+                continue
+            self._created = missing
+            return fd
+
+    def _is_the_lock_file(self, fd: int) -> bool:
+        """Whether `fd` is still the file at `DIR/.lock` (a failed holder may have removed it)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self, remove_if_unused: bool = False) -> None:
+        """Release the lock (the file stays; its holder record is cleared).
+
+        Args:
+            remove_if_unused: When this lock created the directory and it holds nothing but the
+                lock file, remove both (and the parents it created, when empty) before releasing.
+        """
         fd, self._fd = self._fd, None
         if fd is None:
             return
         _HELD.discard(fd)
+        if remove_if_unused and self._created:
+            self._remove_created()
         try:
             os.ftruncate(fd, 0)
             # Unlock the open file description itself: a child forked a moment ago may not have
@@ -120,6 +159,18 @@ class DirectoryLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _remove_created(self) -> None:
+        """Remove `.lock` and the folders this lock created, while the lock is still held; a run
+        that was waiting on the old file starts over on a new one (`_is_the_lock_file`)."""
+        try:
+            if [p.name for p in self.directory.iterdir()] != [LOCK_NAME]:
+                return
+            self.path.unlink()
+            for folder in self._created:
+                folder.rmdir()  # deepest first; stops at a folder something else wrote into
+        except OSError:
+            return
 
     def _refusal(self, fd: int) -> str:
         holder: dict[str, Any] = {}
@@ -180,5 +231,6 @@ class hold_directory:  # noqa: N801 (used as a function / context manager)
             raise DirectoryInUseError(error if main else f"{error} (refused by the main process)")
         return self.lock
 
-    def __exit__(self, *exc: Any) -> None:
-        self.lock.release()
+    def __exit__(self, error_type: Any, *exc: Any) -> None:
+        # A failed run that created the folder and wrote nothing in it leaves nothing behind.
+        self.lock.release(remove_if_unused=error_type is not None)

@@ -9,6 +9,9 @@
 - A live holder is named; a holder killed with SIGKILL leaves its record in the lock file, and
   the next run takes over; `--wait-lock` waits for a live one to end.
 - Forked children (DataLoader workers) never keep the lock of their parent.
+- A failed run that created `--out` and wrote nothing else removes it (the user's own folder
+  and a store stay); a run waiting on that lock starts over on the new file, so two runs never
+  hold two files of one folder.
 - Two `vlm-encoder train` on one `output_dir` started together: one trains, one is refused.
 """
 
@@ -165,6 +168,49 @@ def test_forked_children_do_not_keep_the_lock(tmp_path):
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_a_failed_run_leaves_no_folder_it_created_and_nothing_else(tmp_path, images):
+    from vlm_encoder.cli import main
+
+    new = tmp_path / "new" / "out"
+    assert main(cli_args(tmp_path / "no_such_folder", new)) == 2  # a mistyped dataset: refused inside the lock
+    assert not (tmp_path / "new").exists()  # both folders it made are gone, the lock file with them
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert main(cli_args(tmp_path / "no_such_folder", existing)) == 2
+    assert existing.is_dir()  # the user's own folder stays
+    store = tmp_path / "store"
+    assert main(cli_args(images, store, "--batch-size", "4")) == 0
+    before = sorted(p.name for p in store.iterdir())
+    # refused after the lock for other layers: the store stays whole
+    assert main(cli_args(images, store, "--batch-size", "4", "--layers", "0")) == 2
+    assert sorted(p.name for p in store.iterdir()) == before and FeatureStore(store).verify() == []
+
+
+def test_a_run_waiting_on_a_failed_runs_lock_starts_over_on_a_new_file(tmp_path, capfd):
+    import threading
+
+    from vlm_encoder.locks import hold_directory
+
+    out = tmp_path / "out"
+    waiter = DirectoryLock(out, what="waiter")
+    with pytest.raises(RuntimeError, match="the run failed"):
+        with hold_directory(out, what="failing run"):
+            thread = threading.Thread(target=waiter.acquire, kwargs={"wait": True, "poll_s": 0.02})
+            thread.start()
+            deadline = time.monotonic() + 30
+            while "waiting for it to finish" not in capfd.readouterr().err:  # it opened this run's file
+                assert time.monotonic() < deadline and thread.is_alive()
+                time.sleep(0.02)
+            raise RuntimeError("the run failed")  # nothing written: this run removes its folder
+    thread.join(30)
+    assert waiter.held
+    # The waiter holds the file now at out/.lock, not the removed one: a third run is refused.
+    assert (out / LOCK_NAME).is_file()
+    with pytest.raises(DirectoryInUseError, match="is in use by waiter"):
+        DirectoryLock(out).acquire()
+    waiter.release()
 
 
 TRAIN_CONFIG = {
