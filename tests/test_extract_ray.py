@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -274,6 +273,29 @@ def test_a_store_into_a_ray_dataset_through_arrow(cluster, big, tmp_path):
     store.to_parquet(tmp_path / "feats.parquet", layers=[-1], kinds=["cls"])  # the parquet route
     read = ray.data.read_parquet(str(tmp_path / "feats.parquet")).take_batch(len(store), batch_format="numpy")
     np.testing.assert_array_equal(np.stack(read["layer2.cls"]), store[-1, "cls"][:].numpy())
+
+
+def test_a_native_resolution_store_into_a_ray_dataset_one_block_per_shard(cluster, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from test_extract_resolution import SHAPES, config
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(SHAPES):  # three sizes: ragged patches, shards of 2 and 1 rows
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+    cfg = config(tmp_path, folder, resolution="native", max_patches=24)
+    assert run_extraction(cfg).complete
+    store = FeatureStore(cfg.out)
+    dataset = ray_dataset(store, kinds=["patch", "pooled"])
+    blocks = ray.get(dataset.to_arrow_refs())
+    assert len(blocks) == 2  # one block per shard
+    rows = dataset.take_batch(len(store), batch_format="numpy")
+    assert rows["row_id"].tolist() == store.row_ids.tolist()
+    for row in range(len(store)):
+        np.testing.assert_array_equal(rows["layer1.patch"][row], store.get(row)["layer1.patch"].numpy())
+    np.testing.assert_array_equal(rows["pooled"], store["pooled"][:].numpy())
 
 
 def test_engine_options_and_a_missing_ray_are_one_line(tmp_path, images, capsys):

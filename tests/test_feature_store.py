@@ -81,6 +81,22 @@ def test_export_to_datasets_and_parquet(store, tmp_path):
     assert len(loaded) == 10 and "layer1.patch" in loaded.column_names
 
 
+def test_parquet_export_is_written_one_shard_at_a_time(store, tmp_path):
+    import pyarrow.parquet as pq
+
+    path = store.to_parquet(tmp_path / "all.parquet")
+    file = pq.ParquetFile(path)
+    assert file.num_row_groups == len([r for r in store.shard_ranges() if r[1] > r[0]]) > 1  # one per shard
+    assert file.read().equals(store.to_hf_dataset().data.table)  # the same columns, types and values
+    assert [p.name for p in tmp_path.iterdir()] == ["all.parquet"]  # no partial file left beside it
+    assert store.shard_ranges()[0][0] == 0 and store.shard_ranges()[-1][1] == len(store)
+    part = store.to_hf_dataset(kinds=["cls"], start=3, stop=7)
+    assert part["row_id"] == store.row_ids[3:7].tolist()
+    np.testing.assert_array_equal(np.asarray(part["layer1.cls"], dtype=np.float32), store[-2, "cls"][3:7].numpy())
+    with pytest.raises(ValueError, match="not within the store's 10 rows"):
+        store.to_hf_dataset(start=5, stop=11)
+
+
 def test_verify_and_incomplete_store(store, tmp_path):
     assert store.verify() == []
     import shutil

@@ -291,8 +291,10 @@ class FeatureStore:
         """
         return CachedFeatures(self.column(layer, kind), labels, transform)
 
-    def to_hf_dataset(self, layers: Sequence[int] | None = None, kinds: Sequence[str] | None = None) -> Any:
-        """A `datasets.Dataset` with `row_id` and one column per feature (loads them in memory).
+    def to_hf_dataset(self, layers: Sequence[int] | None = None, kinds: Sequence[str] | None = None,
+                      start: int = 0, stop: int | None = None) -> Any:
+        """A `datasets.Dataset` with `row_id` and one column per feature, in memory (for a store
+        of any size, `to_parquet` writes one shard at a time; `start` / `stop` take a part).
 
         The patches of a variable-resolution store become `Array2D((None, D))` columns (one
         `(N_i, D)` array per row), beside its `grid` and `num_patches` columns.
@@ -300,9 +302,61 @@ class FeatureStore:
         Args:
             layers: Layers to include (default all stored).
             kinds: Kinds to include (default all stored).
-        """
-        import datasets
+            start: First position (row in row-id order) to include.
+            stop: Position after the last one to include (default: the end).
 
+        Raises:
+            ValueError: `start` / `stop` outside `0 <= start <= stop <= len(store)`.
+        """
+        stop = len(self) if stop is None else stop
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"rows [{start}, {stop}) are not within the store's {len(self)} rows "
+                             "(0 <= start <= stop <= len(store))")
+        return self._export_rows(self._export_keys(layers, kinds), start, stop)
+
+    def to_parquet(self, path: str | os.PathLike, layers: Sequence[int] | None = None,
+                   kinds: Sequence[str] | None = None) -> Path:
+        """Write the columns of `to_hf_dataset` as one parquet file, one shard at a time (one row
+        group per shard: memory holds one shard's selection, whatever the store's size). The file
+        appears complete or not at all (written beside it, then renamed).
+
+        Args:
+            path: The parquet file to write.
+            layers: Layers to include (default all stored).
+            kinds: Kinds to include (default all stored).
+
+        Returns:
+            `path`.
+        """
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        keys = self._export_keys(layers, kinds)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            writer = None
+            for start, stop in self.shard_ranges():
+                if stop == start:
+                    continue
+                table = self._export_rows(keys, start, stop).data.table  # (rows of one shard)
+                if writer is None:
+                    writer = pq.ParquetWriter(str(partial), table.schema)
+                writer.write_table(table)
+            if writer is None:  # no rows: the empty table with the columns' schema
+                self._export_rows(keys, 0, 0).to_parquet(str(partial))
+            else:
+                writer.close()
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return path
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """The positions `[start, stop)` of each shard's rows, in order (columns read per shard)."""
+        return list(zip(self._starts[:-1], self._starts[1:]))
+
+    def _export_keys(self, layers: Sequence[int] | None, kinds: Sequence[str] | None) -> list[str]:
+        """The stored keys of `layers` and `kinds` (all when `None`), in store order."""
         blocks = None if layers is None else {layer % self.manifest["num_blocks"] for layer in layers}
         chosen = []
         for key in self.keys:
@@ -312,10 +366,16 @@ class FeatureStore:
             if blocks is not None and block and int(block.removeprefix("layer")) not in blocks:
                 continue
             chosen.append(key)
-        data: dict[str, Any] = {"row_id": self.row_ids}
+        return chosen
+
+    def _export_rows(self, keys: list[str], start: int, stop: int) -> Any:
+        """Positions `[start, stop)` of `keys` as an in-memory `datasets.Dataset`."""
+        import datasets
+
+        data: dict[str, Any] = {"row_id": self.row_ids[start:stop]}
         features: dict[str, Any] = {"row_id": datasets.Value("int64")}
-        for key in chosen:
-            values = FeatureColumn(self, key).load()
+        for key in keys:
+            values = FeatureColumn(self, key)[start:stop]
             if key in self.ragged_keys:  # a list of (N_i, D)
                 rows = [_numpy(v) for v in values]
                 width = int(self.manifest["features"][key]["shape"][-1])
@@ -326,11 +386,6 @@ class FeatureStore:
                 data[key] = _numpy(values)
                 features[key] = _feature_type(data[key])
         return datasets.Dataset.from_dict(data, features=datasets.Features(features))
-
-    def to_parquet(self, path: str | os.PathLike, **kwargs: Any) -> Path:
-        """Write `to_hf_dataset(**kwargs)` as a parquet file."""
-        self.to_hf_dataset(**kwargs).to_parquet(str(path))
-        return Path(path)
 
     def verify(self) -> list[str]:
         """Recompute every shard's SHA-256; the files that are missing or do not match the

@@ -170,11 +170,12 @@ def ray_session(address: str | None = None) -> Iterator[None]:
 
 
 def ray_dataset(store: FeatureStore, layers: list[int] | None = None, kinds: list[str] | None = None) -> Any:
-    """A finished store as a `ray.data.Dataset`, from its Arrow export (`FeatureStore.to_hf_dataset`,
-    the columns `to_parquet` writes) as Ray tensor columns, never through Python lists: each
+    """A finished store as a `ray.data.Dataset`, from its Arrow export (the columns
+    `FeatureStore.to_parquet` writes) as Ray tensor columns, never through Python lists: each
     feature is read as one numpy array off the Arrow buffers and wrapped as Ray's Arrow tensor
     type, so numpy batches hold `(n, D)` / `(n, N, D)` arrays (ragged patches: one `(N_i, D)`
-    array per row).
+    array per row). One block per shard, read and put into Ray's object store one at a time, so
+    the driver holds one shard's selection, whatever the store's size.
 
     Args:
         store: The store.
@@ -187,9 +188,20 @@ def ray_dataset(store: FeatureStore, layers: list[int] | None = None, kinds: lis
     """
     ray = require_engine("ray")
     import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
+    from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorArray
 
-    columns = store.to_hf_dataset(layers=layers, kinds=kinds).with_format("numpy")[:]  # name -> np.ndarray
-    table = pa.table({name: pa.array(values) if name == "row_id" else ArrowTensorArray.from_numpy(values)
-                      for name, values in columns.items()})
-    return ray.data.from_arrow(table)
+    ragged = set(store.ragged_keys)
+
+    def block(start: int, stop: int) -> pa.Table:
+        part = store.to_hf_dataset(layers=layers, kinds=kinds, start=start, stop=stop)
+        columns = part.with_format("numpy")[:]  # name -> np.ndarray
+        table = {"row_id": pa.array(columns["row_id"])}
+        for name in part.column_names[1:]:
+            if name in ragged:  # variable-shaped in every block, even one whose images agree in size
+                table[name] = ArrowVariableShapedTensorArray.from_numpy(list(columns[name]))
+            else:
+                table[name] = ArrowTensorArray.from_numpy(columns[name])
+        return pa.table(table)
+
+    ranges = [(start, stop) for start, stop in store.shard_ranges() if stop > start] or [(0, 0)]
+    return ray.data.from_arrow_refs([ray.put(block(start, stop)) for start, stop in ranges])

@@ -220,7 +220,8 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 def spark_dataframe(store: FeatureStore, path: str | os.PathLike, spark: SparkSession | None = None,
                     layers: list[int] | None = None, kinds: list[str] | None = None) -> DataFrame:
     """A finished store as a Spark DataFrame: Spark reads the store's parquet export
-    (`FeatureStore.to_parquet`, written to `path`) itself, never through Python lists.
+    (`FeatureStore.to_parquet`, written to `path` by this driver one shard at a time) itself,
+    never through Python lists.
 
     Args:
         store: The store.
