@@ -127,8 +127,10 @@ class DirectoryLock:
             self.directory.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except FileNotFoundError:  # a failed holder removed the folder in between: again
-                continue
+            except FileNotFoundError:
+                if self.directory.is_dir():  # not a folder removed in between (a dangling link?)
+                    raise
+                continue  # a failed holder removed the folder in between: again
             self._created = missing
             return fd
 
