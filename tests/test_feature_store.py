@@ -86,7 +86,7 @@ def test_parquet_export_is_written_one_shard_at_a_time(store, tmp_path):
 
     path = store.to_parquet(tmp_path / "all.parquet")
     file = pq.ParquetFile(path)
-    assert file.num_row_groups == len([r for r in store.shard_ranges() if r[1] > r[0]]) > 1  # one per shard
+    assert file.num_row_groups == len(store.shard_ranges()) > 1  # one per shard that holds rows
     assert file.read().equals(store.to_hf_dataset().data.table)  # the same columns, types and values
     assert [p.name for p in tmp_path.iterdir()] == ["all.parquet"]  # no partial file left beside it
     assert store.shard_ranges()[0][0] == 0 and store.shard_ranges()[-1][1] == len(store)

@@ -89,18 +89,7 @@ class DirectoryLock:
         while True:  # again when the file we locked was removed by a failed run that held it
             fd = self._open()
             try:
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        message = self._refusal(fd)
-                        if not wait or (deadline is not None and time.monotonic() >= deadline):
-                            raise DirectoryInUseError(f"{message}; {self.hint}" if self.hint else message) from None
-                        if not announced:
-                            print(f"{message}; waiting for it to finish", file=sys.stderr, flush=True)
-                            announced = True
-                        time.sleep(poll_s)
+                announced = self._flock(fd, wait, deadline, poll_s, announced)
             except BaseException:
                 os.close(fd)
                 raise
@@ -115,6 +104,22 @@ class DirectoryLock:
         self._fd = fd
         _HELD.add(fd)
         return self
+
+    def _flock(self, fd: int, wait: bool, deadline: float | None, poll_s: float, announced: bool) -> bool:
+        """Lock `fd`, waiting for the holder with `wait` (saying so once: returns whether it has),
+        or raise `DirectoryInUseError` naming the holder."""
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return announced
+            except BlockingIOError:
+                message = self._refusal(fd)
+                if not wait or (deadline is not None and time.monotonic() >= deadline):
+                    raise DirectoryInUseError(f"{message}; {self.hint}" if self.hint else message) from None
+                if not announced:
+                    print(f"{message}; waiting for it to finish", file=sys.stderr, flush=True)
+                    announced = True
+                time.sleep(poll_s)
 
     def _open(self) -> int:
         """Open (create) `DIR/.lock`, creating `DIR` when missing (remembering the folders made)."""

@@ -336,8 +336,6 @@ class FeatureStore:
         try:
             writer = None
             for start, stop in self.shard_ranges():
-                if stop == start:
-                    continue
                 table = self._export_rows(keys, start, stop).data.table  # (rows of one shard)
                 if writer is None:
                     writer = pq.ParquetWriter(str(partial), table.schema)
@@ -352,8 +350,9 @@ class FeatureStore:
         return path
 
     def shard_ranges(self) -> list[tuple[int, int]]:
-        """The positions `[start, stop)` of each shard's rows, in order (columns read per shard)."""
-        return list(zip(self._starts[:-1], self._starts[1:]))
+        """The positions `[start, stop)` of each shard that holds rows, in order (columns read
+        per shard)."""
+        return [(start, stop) for start, stop in zip(self._starts[:-1], self._starts[1:]) if stop > start]
 
     def _export_keys(self, layers: Sequence[int] | None, kinds: Sequence[str] | None) -> list[str]:
         """The stored keys of `layers` and `kinds` (all when `None`), in store order."""

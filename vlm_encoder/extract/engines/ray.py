@@ -203,5 +203,5 @@ def ray_dataset(store: FeatureStore, layers: list[int] | None = None, kinds: lis
                 table[name] = ArrowTensorArray.from_numpy(columns[name])
         return pa.table(table)
 
-    ranges = [(start, stop) for start, stop in store.shard_ranges() if stop > start] or [(0, 0)]
+    ranges = store.shard_ranges() or [(0, 0)]  # no rows: one empty block
     return ray.data.from_arrow_refs([ray.put(block(start, stop)) for start, stop in ranges])
